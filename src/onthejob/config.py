@@ -1,0 +1,31 @@
+"""Where onthejob keeps its files. Owns paths and environment variables; imports nothing of ours."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The root of onthejob's files: ONTHEJOB_HOME, else ~/.cache/onthejob."""
+    root = os.environ.get("ONTHEJOB_HOME") or os.path.join(Path.home(), ".cache", "onthejob")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    path = Path(os.environ.get("ONTHEJOB_MODELS") or home() / "models")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def adapters_dir() -> Path:
+    path = home() / "adapters"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url() -> str:
+    """ONTHEJOB_DB (any SQLAlchemy URL), else an SQLite file under home()."""
+    return os.environ.get("ONTHEJOB_DB") or f"sqlite:///{home() / 'onthejob.db'}"

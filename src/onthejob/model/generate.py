@@ -1,0 +1,199 @@
+"""The one generation path: batched, KV-cached decoding that returns token ids and their
+log-probabilities. Greedy when temperature is 0, else temperature / top-p sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from onthejob.model.chat import end_of_turn_ids
+from onthejob.model.load import LoadedModel
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's context."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: Sequence[str] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be at most 4 non-empty strings")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token) under the model's untempered distribution
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+def check_fits(lm: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
+    limit = lm.context_length
+    if prompt_tokens + max_tokens > limit:
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, "
+            f"but the model's context is {limit} tokens: shorten the prompt or lower max_tokens "
+            f"(at most {max(limit - prompt_tokens, 0)} tokens can be generated after this prompt)"
+        )
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < params.top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs, 1, generator=gen).squeeze(-1)
+        return order.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (tokens, logprobs, alive) for each step of batched decoding.
+
+    Prompts are left-padded; finished rows keep decoding padding until all are done
+    (the caller decides when a row is done by setting `alive` entries to False).
+    """
+    params.validate()
+    for p in prompts:
+        if not p:
+            raise ValueError("a prompt has no tokens")
+        check_fits(lm, len(p), params.max_tokens)
+    model, tok = lm.model, lm.tokenizer
+    device = lm.device
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p))
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    gen = None
+    if params.seed is not None and params.temperature > 0:
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1, :].float()
+    next_pos = positions[:, -1:] + 1
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(params.max_tokens):
+        token = _pick(logits, params, gen)
+        logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad))
+        yield token, logprob, alive
+        if not bool(alive.any()):
+            return
+        mask = torch.cat([mask, alive[:, None].long()], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+
+def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
+             params: SamplingParams | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) in one batch."""
+    params = params or SamplingParams()
+    tok = lm.tokenizer
+    stops = end_of_turn_ids(tok)
+    n = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    texts: list[str | None] = [None] * n
+    for step_tokens, step_logprobs, alive in decode_steps(lm, prompts, params):
+        for row in range(n):
+            if not alive[row]:
+                continue
+            t = int(step_tokens[row])
+            if t in stops:
+                reasons[row] = "stop"
+                alive[row] = False
+                continue
+            tokens[row].append(t)
+            logprobs[row].append(float(step_logprobs[row]))
+            if params.stop:
+                text = tok.decode(tokens[row], skip_special_tokens=True)
+                cut = _first_stop(text, params.stop)
+                if cut is not None:
+                    texts[row], reasons[row] = text[:cut], "stop"
+                    alive[row] = False
+    return [
+        Completion(
+            prompt_ids=list(prompts[row]),
+            token_ids=tokens[row],
+            logprobs=logprobs[row],
+            text=texts[row] if texts[row] is not None
+            else tok.decode(tokens[row], skip_special_tokens=True),
+            finish_reason=reasons[row],
+        )
+        for row in range(n)
+    ]
+
+
+def stream(lm: LoadedModel, prompt: Sequence[int],
+           params: SamplingParams | None = None) -> Iterator[str | Completion]:
+    """Yield text pieces as they are decoded, then the final Completion."""
+    params = params or SamplingParams()
+    tok = lm.tokenizer
+    stops = end_of_turn_ids(tok)
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    sent = ""
+    reason = "length"
+    for step_tokens, step_logprobs, alive in decode_steps(lm, [prompt], params):
+        t = int(step_tokens[0])
+        if t in stops:
+            reason = "stop"
+            alive[0] = False
+            break
+        tokens.append(t)
+        logprobs.append(float(step_logprobs[0]))
+        text = tok.decode(tokens, skip_special_tokens=True)
+        cut = _first_stop(text, params.stop) if params.stop else None
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        # Hold back a piece that ends inside a multi-byte character.
+        if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+        if cut is not None:
+            alive[0] = False
+            break
+    final = tok.decode(tokens, skip_special_tokens=True)
+    cut = _first_stop(final, params.stop) if params.stop else None
+    if cut is not None:
+        final = final[:cut]
+    if final.startswith(sent) and len(final) > len(sent):
+        yield final[len(sent):]
+    yield Completion(list(prompt), tokens, logprobs, final, reason)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random model with the real tokenizer, and a private ONTHEJOB_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The converted default model is shared across runs; everything else goes to a temporary home.
+os.environ.setdefault("ONTHEJOB_MODELS", str(Path.home() / ".cache" / "onthejob" / "models"))
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ONTHEJOB_DB", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from onthejob.model import tiny_model
+
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    from onthejob.model import load_model
+
+    return load_model()
