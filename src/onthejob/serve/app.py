@@ -1,0 +1,179 @@
+"""The OpenAI-compatible HTTP server. `create_app(lm, store)` builds it (tests use the tiny
+model in-process); `onthejob serve` runs it under uvicorn on loopback.
+
+Endpoints (all but /health need `Authorization: Bearer <key>`):
+  GET  /health                       liveness, no key
+  GET  /v1/models                    the served model
+  POST /v1/chat/completions          OpenAI chat completions, streaming (SSE) or not
+  GET  /v1/sessions                  the caller's sessions (?status=open|ended&limit&offset)
+  POST /v1/sessions                  start a session explicitly ({"title": ...})
+  GET  /v1/sessions/{id}             one session with its messages and review
+  POST /v1/sessions/{id}/review      {"verdict": "up"|"down", "text": "..."}
+  POST /v1/sessions/{id}/end         end the session
+  POST /v1/sessions/{id}/compact     the model summarizes the session; later turns build on it
+  GET  /v1/admin/tenants             admin key only
+  POST /v1/admin/tenants             admin key only: {"name", "allow_shared"} -> a new key
+  POST /v1/admin/tenants/{name}/keys admin key only: {"admin": false} -> a new key
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+
+from onthejob.model import ContextLengthError, LoadedModel
+from onthejob.serve import errors
+from onthejob.serve.completions import SESSION_HEADER, chat_completions
+from onthejob.serve.engine import Engine
+from onthejob.serve.errors import APIError
+from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
+from onthejob.serve.schemas import KeyCreate, ReviewRequest, SessionCreate, TenantCreate
+from onthejob.serve.turns import AdapterResolver, compact
+from onthejob.store import Conflict, NotFound, Session, Store
+
+
+def _json(value: Any) -> Any:
+    """Dataclasses to JSON-ready dicts (datetimes as ISO strings)."""
+    data = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    if isinstance(data, dict):
+        return {k: _json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_json(v) for v in data]
+    return data.isoformat() if hasattr(data, "isoformat") else data
+
+
+def _session_json(session: Session) -> dict:
+    return {"object": "session", **_json(session)}
+
+
+def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
+               engine: Engine | None = None) -> FastAPI:
+    """The server app. It owns (and closes on shutdown) an Engine unless one is given."""
+    own_engine = engine is None
+    ctx = ServerContext(lm=lm, store=store, engine=engine or Engine(lm),
+                        adapters=AdapterResolver(store), limits=limits or Limits())
+    app = FastAPI(title="onthejob", version="0.1.0",
+                  description="OpenAI-compatible chat over co-work sessions that the model "
+                  f"learns from. Group requests into a session with the {SESSION_HEADER} "
+                  "header or metadata.session_id.")
+    app.state.ctx = ctx
+    errors.install(app)
+    if own_engine:
+        app.router.on_shutdown.append(ctx.engine.close)
+
+    def principal(request: Request) -> Principal:
+        return authenticate(ctx, request)
+
+    def admin(request: Request) -> Principal:
+        who = authenticate(ctx, request)
+        if not who.is_admin:
+            raise APIError(403, "this endpoint needs an admin key "
+                           "(`onthejob keys add --tenant NAME --admin`)", "admin_required")
+        return who
+
+    def not_found(session_id: str) -> APIError:
+        return APIError(404, f"no session {session_id!r} for this API key", "session_not_found")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": lm.name}
+
+    @app.get("/v1/models")
+    def models(_who: Principal = Depends(principal)) -> dict:
+        data = [{"id": lm.name, "object": "model", "created": int(time.time()),
+                 "owned_by": "onthejob", "context_length": lm.context_length}]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request, who: Principal = Depends(principal)):
+        return await chat_completions(ctx, request, who)
+
+    @app.get("/v1/sessions")
+    def list_sessions(status: str | None = Query(None, pattern="^(open|ended)$"),
+                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                      who: Principal = Depends(principal)) -> dict:
+        found = store.list_sessions(who.tenant, status=status, limit=limit, offset=offset)
+        return {"object": "list", "data": [_session_json(s) for s in found]}
+
+    @app.post("/v1/sessions")
+    async def create_session(request: Request, who: Principal = Depends(principal)) -> dict:
+        body = await read_json(request, SessionCreate, ctx.limits.max_body_bytes)
+        session = await asyncio.to_thread(store.create_session, who.tenant, body.title)
+        return _session_json(session)
+
+    @app.get("/v1/sessions/{session_id}")
+    def get_session(session_id: str, who: Principal = Depends(principal)) -> dict:
+        try:
+            session = store.get_session(who.tenant, session_id)
+            messages = store.messages(who.tenant, session_id)
+            review = store.get_review(who.tenant, session_id)
+        except NotFound:
+            raise not_found(session_id) from None
+        return {**_session_json(session), "messages": _json(messages),
+                "review": _json(review) if review else None}
+
+    @app.post("/v1/sessions/{session_id}/review")
+    async def review(session_id: str, request: Request,
+                     who: Principal = Depends(principal)) -> dict:
+        body = await read_json(request, ReviewRequest, ctx.limits.max_body_bytes)
+        try:
+            saved = await asyncio.to_thread(store.set_review, who.tenant, session_id,
+                                            body.verdict, body.text)
+        except NotFound:
+            raise not_found(session_id) from None
+        except Conflict as exc:
+            raise APIError(409, str(exc), "session_consolidated") from None
+        return {"object": "review", **_json(saved)}
+
+    @app.post("/v1/sessions/{session_id}/end")
+    def end(session_id: str, who: Principal = Depends(principal)) -> dict:
+        try:
+            return _session_json(store.end_session(who.tenant, session_id))
+        except NotFound:
+            raise not_found(session_id) from None
+
+    @app.post("/v1/sessions/{session_id}/compact")
+    def compact_session(session_id: str, who: Principal = Depends(principal)) -> dict:
+        try:
+            adapters = ctx.adapters.paths(who.tenant)
+            message = compact(ctx.engine, store, who.tenant, session_id, adapters)
+        except NotFound:
+            raise not_found(session_id) from None
+        except Conflict as exc:
+            raise APIError(409, str(exc), "session_ended") from None
+        except ContextLengthError as exc:
+            raise APIError(400, str(exc), "context_length_exceeded") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_value") from None
+        return {"object": "message", **_json(message)}
+
+    @app.get("/v1/admin/tenants")
+    def tenants(_who: Principal = Depends(admin)) -> dict:
+        return {"object": "list", "data": [_json(t) for t in store.list_tenants()]}
+
+    @app.post("/v1/admin/tenants")
+    async def add_tenant(request: Request, _who: Principal = Depends(admin)) -> dict:
+        body = await read_json(request, TenantCreate, ctx.limits.max_body_bytes)
+        try:
+            tenant = await asyncio.to_thread(store.create_tenant, body.name, body.allow_shared)
+        except Conflict as exc:
+            raise APIError(409, str(exc), "tenant_exists") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_value", "name") from None
+        key = await asyncio.to_thread(store.create_key, tenant)
+        return {"tenant": _json(tenant), "api_key": key}
+
+    @app.post("/v1/admin/tenants/{name}/keys")
+    async def add_key(name: str, request: Request, _who: Principal = Depends(admin)) -> dict:
+        body = await read_json(request, KeyCreate, ctx.limits.max_body_bytes)
+        try:
+            key = await asyncio.to_thread(store.create_key, name, body.admin)
+        except NotFound as exc:
+            raise APIError(404, str(exc), "tenant_not_found") from None
+        return {"tenant": name, "api_key": key, "admin": body.admin}
+
+    return app

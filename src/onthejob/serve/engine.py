@@ -1,0 +1,154 @@
+"""The generation engine: one worker thread owns the model. Requests queue up; concurrent
+non-streaming requests with the same adapters and sampling parameters are decoded together
+in one batched `generate` call. Streaming requests run one at a time, cancellably.
+
+Each job may carry `then`, a function run on the worker right after generation (the server
+stores the answer there), so an answer is stored even if its client has gone away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from onthejob.model import Completion, LoadedModel, SamplingParams, generate, stream
+from onthejob.model.adapters import use_adapter
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    params: SamplingParams
+    adapters: tuple[str, ...]
+    then: Callable[[Completion], Any] | None
+    on_piece: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
+    future: Future = field(default_factory=Future)
+
+    @property
+    def streaming(self) -> bool:
+        return self.on_piece is not None
+
+    def batch_key(self) -> tuple:
+        p = self.params
+        return (self.adapters, p.max_tokens, p.temperature, p.top_p, tuple(p.stop), p.seed)
+
+
+class Engine:
+    """Serializes all use of one model. `lock` is held while the model runs; hold it too if
+    you touch the model (e.g. switch adapters) outside the engine."""
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64) -> None:
+        self.lm = lm
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.lock = threading.RLock()
+        self._jobs: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.batches_run = 0  # for tests and metrics: how many generate calls were made
+        self._thread = threading.Thread(target=self._loop, name="onthejob-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               adapters: Sequence[str] = (), then: Callable[[Completion], Any] | None = None
+               ) -> Future:
+        """Queue a completion; the future's result is `then(completion)`, or the completion."""
+        return self._put(_Job(list(prompt), params, tuple(adapters), then))
+
+    def submit_stream(self, prompt: Sequence[int], params: SamplingParams,
+                      adapters: Sequence[str], on_piece: Callable[[str], None],
+                      cancel: threading.Event,
+                      then: Callable[[Completion], Any] | None = None) -> Future:
+        """Queue a streamed completion: `on_piece` gets each text piece on the worker thread.
+        Setting `cancel` stops it; the completion then has finish_reason 'cancelled'."""
+        return self._put(_Job(list(prompt), params, tuple(adapters), then, on_piece, cancel))
+
+    def complete(self, prompt: Sequence[int], params: SamplingParams,
+                 adapters: Sequence[str] = ()) -> Completion:
+        return self.submit(prompt, params, adapters).result()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def _put(self, job: _Job) -> Future:
+        params = job.params
+        params.validate()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._jobs) >= self.max_queue:
+                raise Overloaded(f"{len(self._jobs)} requests are waiting; retry shortly")
+            self._jobs.append(job)
+            self._cv.notify()
+        return job.future
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._jobs and not self._closed:
+                self._cv.wait()
+            if not self._jobs:
+                return None
+            first = self._jobs.popleft()
+            batch = [first]
+            if not first.streaming:
+                key = first.batch_key()
+                for job in list(self._jobs):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if not job.streaming and job.batch_key() == key:
+                        self._jobs.remove(job)
+                        batch.append(job)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                with self.lock:
+                    use_adapter(self.lm, list(live[0].adapters) or None)
+                    if live[0].streaming:
+                        completions = [self._stream(live[0])]
+                    else:
+                        completions = generate(self.lm, [j.prompt for j in live], live[0].params)
+                    self.batches_run += 1
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+                log.exception("generation failed")
+                for job in live:
+                    job.future.set_exception(exc)
+                continue
+            for job, completion in zip(live, completions, strict=True):
+                try:
+                    result = job.then(completion) if job.then else completion
+                except Exception as exc:  # noqa: BLE001 - reported to the caller
+                    log.exception("storing a completion failed")
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(result)
+
+    def _stream(self, job: _Job) -> Completion:
+        text = []
+        for item in stream(self.lm, job.prompt, job.params):
+            if isinstance(item, Completion):
+                return item
+            text.append(item)
+            job.on_piece(item)
+            if job.cancel is not None and job.cancel.is_set():
+                break
+        return Completion(job.prompt, [], [], "".join(text), "cancelled")
