@@ -79,6 +79,12 @@ class Engine:
                  adapters: Sequence[str] = ()) -> Completion:
         return self.submit(prompt, params, adapters).result()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the model (not counting the batch running now)."""
+        with self._cv:
+            return len(self._jobs)
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
