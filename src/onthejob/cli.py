@@ -10,6 +10,8 @@ import sys
 # Modules that define subcommands, lowest layer first. Each has `register(subparsers)`.
 COMMAND_MODULES = (
     "onthejob.model.cli",
+    "onthejob.store.cli",
+    "onthejob.serve.cli",
 )
 
 

@@ -1,0 +1,121 @@
+"""`onthejob serve` (the HTTP server) and `onthejob chat` (a terminal co-work session)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from onthejob.store import NotFound, Store
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve POST /v1/chat/completions (OpenAI-compatible, streaming or not), "
+        "/v1/models and /v1/sessions on loopback. Clients authenticate with "
+        "'Authorization: Bearer <key>' (`onthejob tenants add NAME` prints one) and group "
+        "requests into a session with the X-Session-Id header or metadata.session_id.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", metavar="PATH", help="a local Hugging Face model directory "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--db", metavar="URL", help="database URL (default: ONTHEJOB_DB, else SQLite)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                       help="larger request bodies get 413 (default: 1 MiB)")
+    serve.add_argument("--default-max-tokens", type=int, default=256,
+                       help="answer length when a request gives no max_tokens")
+    serve.set_defaults(func=_serve)
+
+    chat = sub.add_parser(
+        "chat", help="a terminal co-work session with the model",
+        description="Chat with the model in the terminal; answers stream as they are written. "
+        "Commands: /review up|down [words], /compact, /end, /help. Ctrl-D leaves and keeps "
+        "the session open. Everything said is stored as it is said.")
+    chat.add_argument("--tenant", required=True, metavar="NAME")
+    chat.add_argument("--session", metavar="ID", help="resume this open session")
+    chat.add_argument("--model", metavar="PATH", help="a local Hugging Face model directory")
+    chat.add_argument("--db", metavar="URL", help="database URL (default: ONTHEJOB_DB, else SQLite)")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--seed", type=int)
+    chat.set_defaults(func=_chat)
+
+
+def _open_store(url: str | None) -> Store | None:
+    try:
+        return Store(url)
+    except Exception as exc:  # noqa: BLE001 - said plainly, with what to do
+        print(f"error: cannot open the database {url or '(default)'}: {exc}; check --db or "
+              "ONTHEJOB_DB", file=sys.stderr)
+        return None
+
+
+def _load(path: str | None):
+    from onthejob.model import ModelError, load_model
+
+    try:
+        return load_model(path)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from onthejob.serve.app import create_app
+    from onthejob.serve.http import Limits
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        log.warning("listening on %s, beyond loopback: API keys travel in clear text unless a "
+                    "TLS proxy sits in front", args.host)
+    store = _open_store(args.db)
+    if store is None:
+        return 1
+    lm = _load(args.model)
+    if lm is None:
+        return 1
+    app = create_app(lm, store, limits=Limits(max_body_bytes=args.max_body_bytes,
+                                             default_max_tokens=args.default_max_tokens))
+    print(f"serving {lm.name} on http://{args.host}:{args.port}/v1 (database: {store.url})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    store.close()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from onthejob.serve.chat import ChatError, ChatSettings, run_chat
+    from onthejob.serve.engine import Engine
+
+    store = _open_store(args.db)
+    if store is None:
+        return 1
+    try:
+        store.get_tenant(args.tenant)  # fail fast, before the model loads
+    except NotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    lm = _load(args.model)
+    if lm is None:
+        return 1
+    engine = Engine(lm)
+    settings = ChatSettings(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed)
+    try:
+        run_chat(engine, store, args.tenant, args.session, stdin=sys.stdin, stdout=sys.stdout,
+                 settings=settings)
+    except ChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+        store.close()
+    return 0

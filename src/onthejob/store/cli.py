@@ -1,0 +1,182 @@
+"""`onthejob tenants|keys|sessions ...`: manage tenants and keys, inspect stored sessions."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from onthejob.store import Store, StoreError
+
+
+def _db_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--db", metavar="URL",
+                        help="database URL (default: ONTHEJOB_DB, else SQLite under ONTHEJOB_HOME)")
+    return parent
+
+
+def _plain(value: Any) -> Any:
+    data = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_plain(v) for v in data]
+    return data.isoformat() if hasattr(data, "isoformat") else data
+
+
+def _command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Open the store, run, and turn store errors into one clear line on stderr."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            store = Store(args.db)
+        except Exception as exc:  # noqa: BLE001 - any connection problem, said plainly
+            print(f"error: cannot open the database {args.db or '(default)'}: {exc}",
+                  file=sys.stderr)
+            return 1
+        try:
+            return func(store, args)
+        except (StoreError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    db = _db_option()
+    tenants = sub.add_parser("tenants", help="add or list tenants",
+                             description="Tenants own sessions, keys and adapters.")
+    tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    add = tsub.add_parser("add", parents=[db], help="add a tenant and print its first API key",
+                          description="Add a tenant and print a new API key (shown once).")
+    add.add_argument("name", help="lowercase letters, digits, '.', '_', '-'")
+    add.add_argument("--allow-shared", action="store_true",
+                     help="let its approved sessions feed the shared adapter")
+    add.set_defaults(func=_command(_tenants_add))
+    lst = tsub.add_parser("list", parents=[db], help="list tenants", description="List tenants.")
+    lst.set_defaults(func=_command(_tenants_list))
+
+    keys = sub.add_parser("keys", help="add, list or revoke API keys",
+                          description="API keys are stored hashed; a new key is shown once.")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    kadd = ksub.add_parser("add", parents=[db], help="print a new key for a tenant",
+                           description="Create an API key for a tenant and print it once.")
+    kadd.add_argument("--tenant", required=True, metavar="NAME")
+    kadd.add_argument("--admin", action="store_true",
+                      help="an admin key (may create tenants and keys over HTTP)")
+    kadd.set_defaults(func=_command(_keys_add))
+    klist = ksub.add_parser("list", parents=[db], help="list a tenant's keys (prefixes only)",
+                            description="List a tenant's keys by prefix.")
+    klist.add_argument("--tenant", required=True, metavar="NAME")
+    klist.set_defaults(func=_command(_keys_list))
+    krev = ksub.add_parser("revoke", parents=[db], help="revoke a key by its prefix",
+                           description="Revoke a tenant's key, named by the prefix `keys list` shows.")
+    krev.add_argument("--tenant", required=True, metavar="NAME")
+    krev.add_argument("prefix", help="the key's first 12 characters")
+    krev.set_defaults(func=_command(_keys_revoke))
+
+    sessions = sub.add_parser("sessions", help="list, show or export a tenant's sessions",
+                              description="Inspect what was stored: sessions, messages, reviews.")
+    ssub = sessions.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
+    slist = ssub.add_parser("list", parents=[db], help="list sessions, newest first",
+                            description="List a tenant's sessions, most recently active first.")
+    slist.add_argument("--tenant", required=True, metavar="NAME")
+    slist.add_argument("--status", choices=("open", "ended"))
+    slist.add_argument("--limit", type=int, default=50)
+    slist.set_defaults(func=_command(_sessions_list))
+    show = ssub.add_parser("show", parents=[db], help="print one session's transcript",
+                           description="Print one session: its messages and review.")
+    show.add_argument("session_id", metavar="ID")
+    show.add_argument("--tenant", required=True, metavar="NAME")
+    show.set_defaults(func=_command(_sessions_show))
+    export = ssub.add_parser("export", parents=[db], help="write sessions as JSON lines",
+                             description="Write the tenant's sessions (or one) as JSON lines: "
+                             "one session per line with its messages and review.")
+    export.add_argument("--tenant", required=True, metavar="NAME")
+    export.add_argument("--session", metavar="ID", help="only this session")
+    export.add_argument("--out", metavar="PATH", help="file to write (default: stdout)")
+    export.set_defaults(func=_command(_sessions_export))
+
+
+def _tenants_add(store: Store, args: argparse.Namespace) -> int:
+    tenant = store.create_tenant(args.name, allow_shared=args.allow_shared)
+    key = store.create_key(tenant)
+    print(f"tenant {tenant.name} added (shared learning: {'yes' if tenant.allow_shared else 'no'})")
+    print(f"API key (shown once, store it now): {key}")
+    return 0
+
+
+def _tenants_list(store: Store, args: argparse.Namespace) -> int:
+    for tenant in store.list_tenants():
+        shared = "shared" if tenant.allow_shared else "private"
+        print(f"{tenant.name}\t{shared}\t{tenant.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def _keys_add(store: Store, args: argparse.Namespace) -> int:
+    key = store.create_key(args.tenant, admin=args.admin)
+    kind = "admin key" if args.admin else "API key"
+    print(f"{kind} for {args.tenant} (shown once, store it now): {key}")
+    return 0
+
+
+def _keys_list(store: Store, args: argparse.Namespace) -> int:
+    for key in store.list_keys(args.tenant):
+        flags = ", ".join(f for f, on in (("admin", key.is_admin), ("revoked", key.revoked)) if on)
+        print(f"{key.prefix}...\t{key.created_at:%Y-%m-%d %H:%M}\t{flags}")
+    return 0
+
+
+def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
+    n = store.revoke_key(args.tenant, args.prefix)
+    print(f"revoked {n} key(s)")
+    return 0
+
+
+def _sessions_list(store: Store, args: argparse.Namespace) -> int:
+    for s in store.list_sessions(args.tenant, status=args.status, limit=args.limit):
+        review = store.get_review(args.tenant, s.id)
+        verdict = review.verdict if review else "-"
+        print(f"{s.id}\t{s.status}\t{s.message_count} msgs\treview {verdict}\t"
+              f"{s.updated_at:%Y-%m-%d %H:%M}\t{s.title or ''}")
+    return 0
+
+
+def _sessions_show(store: Store, args: argparse.Namespace) -> int:
+    s = store.get_session(args.tenant, args.session_id)
+    print(f"session {s.id} ({s.status}) of {s.tenant}: {s.title or ''}")
+    for m in store.messages(args.tenant, s.id):
+        label = m.role if m.kind == "message" else f"{m.role}/{m.kind}"
+        print(f"[{m.seq}] {label}: {m.content}")
+    review = store.get_review(args.tenant, s.id)
+    print(f"review: {review.verdict} {review.text}" if review else "review: none")
+    return 0
+
+
+def export_record(store: Store, tenant: str, session_id: str) -> dict:
+    """One session as a JSON-ready dict: the session, its messages, its review."""
+    review = store.get_review(tenant, session_id)
+    return {**_plain(store.get_session(tenant, session_id)),
+            "messages": _plain(store.messages(tenant, session_id)),
+            "review": _plain(review) if review else None}
+
+
+def _sessions_export(store: Store, args: argparse.Namespace) -> int:
+    ids = [args.session] if args.session else \
+        [s.id for s in reversed(store.list_sessions(args.tenant, limit=10_000))]
+    records = [export_record(store, args.tenant, sid) for sid in ids]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write(lines)
+        print(f"wrote {len(records)} session(s) to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
