@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure and write their figures to files (not timed tests)."""

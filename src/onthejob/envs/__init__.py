@@ -1,0 +1,14 @@
+"""Grindable environments: deterministic, replayable, forkable task worlds with checkable rewards.
+
+Owns the environment contract (`base`), the registry (`registry`), the built-in worlds
+(`arith`, `coding`, `shop`), the sandbox for untrusted code (`sandbox`), policies and
+parallel group rollouts with their logs (`policies`, `rollout`, `workers`), replay
+(`replay`), a Gymnasium wrapper (`gym_wrapper`) and the `onthejob envs` / `onthejob replay`
+commands (`cli`). May import onthejob.config and onthejob.model only (the model lazily,
+inside `ModelPolicy`, so that workers stay light).
+"""
+
+from onthejob.envs.base import Env, EnvError, StepResult, canonical_hash
+from onthejob.envs.registry import list_envs, make, register
+
+__all__ = ["Env", "EnvError", "StepResult", "canonical_hash", "list_envs", "make", "register"]

@@ -1,0 +1,84 @@
+"""Find environments by name: the built-ins, ones registered at run time, and ones that other
+installed packages declare in the entry-point group `onthejob.envs`.
+
+A package adds an environment with, in its pyproject.toml:
+
+    [project.entry-points."onthejob.envs"]
+    mail = "my_package.mail:MailEnv"
+
+where the object is an `Env` subclass or a zero-argument-or-options factory returning an Env.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from onthejob.envs.base import Env, EnvError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "onthejob.envs"
+_BUILTINS = {
+    "arith": "onthejob.envs.arith:ArithEnv",
+    "code": "onthejob.envs.coding:CodeEnv",
+    "shop": "onthejob.envs.shop:ShopEnv",
+}
+_registry: dict[str, Callable[..., Env]] = {}
+_discovered = False
+
+
+def register(name: str, factory: Callable[..., Env]) -> None:
+    """Make `factory(**options)` available as `make(name, **options)`."""
+    if not name or not isinstance(name, str):
+        raise EnvError("an environment name must be a non-empty string")
+    _registry[name] = factory
+
+
+def _load(target: str) -> Callable[..., Env]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for name, target in _BUILTINS.items():
+        _registry.setdefault(name, _lazy(target))
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _registry:
+            log.warning("entry point %s=%s ignored: the name is taken", ep.name, ep.value)
+            continue
+        _registry[ep.name] = _lazy(ep.value)
+
+
+def _lazy(target: str) -> Callable[..., Env]:
+    def factory(**options: Any) -> Env:
+        return _load(target)(**options)
+
+    factory.target = target  # type: ignore[attr-defined]
+    return factory
+
+
+def list_envs() -> list[str]:
+    _discover()
+    return sorted(_registry)
+
+
+def make(name: str, **options: Any) -> Env:
+    """A fresh environment (call `reset(seed)` before stepping it)."""
+    _discover()
+    if name not in _registry:
+        raise EnvError(
+            f"unknown environment {name!r}: known are {', '.join(sorted(_registry))} "
+            f"(others come from packages declaring the entry-point group {ENTRY_POINT_GROUP!r})"
+        )
+    env = _registry[name](**options)
+    if not isinstance(env, Env):
+        raise EnvError(f"the factory for {name!r} returned {type(env).__name__}, not an Env")
+    return env
