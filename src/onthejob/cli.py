@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "onthejob.model.cli",
     "onthejob.store.cli",
+    "onthejob.envs.cli",
     "onthejob.serve.cli",
 )
 
