@@ -239,3 +239,16 @@ def test_admin_endpoints_need_an_admin_key(server):
     assert names == ["acme", "globex", "initech"]
     r = client.post("/v1/admin/tenants/initech/keys", json={}, headers=auth(keys["admin"]))
     assert store.tenant_for_key(r.json()["api_key"]).name == "initech"
+
+
+def test_openapi_document_describes_bodies_auth_and_session_header(server):
+    client, *_ = server
+    doc = client.get("/openapi.json").json()
+    op = doc["paths"]["/v1/chat/completions"]["post"]
+    ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatRequest"
+    assert "messages" in doc["components"]["schemas"]["ChatRequest"]["properties"]
+    assert "ChatMessage" in doc["components"]["schemas"]
+    assert any(p["name"] == "X-Session-Id" for p in op["parameters"])
+    assert op["security"] == [{"bearer": []}]
+    assert "ReviewRequest" in doc["components"]["schemas"]

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Query, Request
 
 from onthejob.model import ContextLengthError, LoadedModel
-from onthejob.serve import errors
+from onthejob.serve import errors, openapi
 from onthejob.serve.completions import SESSION_HEADER, chat_completions
 from onthejob.serve.engine import Engine
 from onthejob.serve.errors import APIError
@@ -62,6 +62,7 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
                   "header or metadata.session_id.")
     app.state.ctx = ctx
     errors.install(app)
+    openapi.install(app, SESSION_HEADER)
     if own_engine:
         app.router.on_shutdown.append(ctx.engine.close)
 
