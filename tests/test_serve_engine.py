@@ -129,3 +129,25 @@ def test_tenant_adapter_applies_to_its_requests_only(tmp_path):
             handle.write(b"\x00\x01\x02\x03")
         assert answer("acme") == tuned
     store.close()
+
+
+def test_full_queue_is_503_and_stores_nothing(tiny_lm, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'q.db'}")
+    store.create_tenant("acme")
+    key = store.create_key("acme")
+    engine = Engine(tiny_lm, max_queue=1)
+    body = {"model": tiny_lm.name, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with TestClient(create_app(tiny_lm, store, engine=engine)) as client, engine.lock:
+            engine.submit(_prompt(tiny_lm, "a"), SamplingParams(max_tokens=1))
+            while engine.queued:
+                time.sleep(0.01)
+            engine.submit(_prompt(tiny_lm, "b"), SamplingParams(max_tokens=1))  # queue full
+            r = client.post("/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+            assert store.list_sessions("acme") == []
+    finally:
+        engine.close()
+        store.close()

@@ -118,6 +118,9 @@ async def chat_completions(ctx: ServerContext, request: Request, principal: Prin
     if defaulted:  # no max_tokens given: as much as fits, up to the default
         params.max_tokens = min(params.max_tokens, ctx.lm.context_length - len(ids))
     adapters = await asyncio.to_thread(ctx.adapters.paths, principal.tenant)
+    if ctx.engine.queued >= ctx.engine.max_queue:  # refuse before storing anything
+        raise APIError(503, f"{ctx.engine.queued} requests are waiting; retry shortly",
+                       "server_overloaded")
     session_id = await asyncio.to_thread(_store_request, ctx, principal, session_id, new)
 
     def store_answer(completion: Completion):
