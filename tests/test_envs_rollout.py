@@ -134,3 +134,27 @@ def test_gymnasium_wrapper_passes_the_env_checker():
             obs, reward, terminated, truncated, info = env.step(policy.act([obs])[0].text)
             total += reward
         assert total == 1.0 and terminated
+
+
+def test_cli_lists_and_plays_environments(monkeypatch, capsys):
+    import io
+
+    assert cli_main(["envs", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("arith", "code", "shop"))
+
+    from onthejob.envs.arith import generate_problem
+
+    _, answer = generate_problem(3, 1)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"#### {answer}\n"))
+    assert cli_main(["envs", "try", "arith", "--seed", "3", "--option", "difficulty=1"]) == 0
+    assert "correct" in capsys.readouterr().out
+
+    path, text = __import__("onthejob.envs.code_tasks", fromlist=["SOLUTIONS"]).SOLUTIONS["count"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"write {path}\n{text}.\nsubmit\n"))
+    assert cli_main(["envs", "try", "code", "--option", "variant=count"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote textkit/count.py" in out and "reward 1.0" in out
+
+    assert cli_main(["envs", "try", "nope"]) == 2
+    assert "unknown environment" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def steps_per_s(env: str, backend, episodes: int, repeats: int) -> float:
 
 def throughput(quick: bool, ray: bool) -> tuple[list[tuple], list[str]]:
     episodes = 400 if quick else 4000
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     rows, notes = [], []
     for env in ("shop", "arith"):
         n = episodes if env == "shop" else episodes * 5
@@ -78,11 +78,11 @@ def throughput(quick: bool, ray: bool) -> tuple[list[tuple], list[str]]:
         try:
             from onthejob.envs.workers import RayBackend
 
-            backend = RayBackend()
-            steps_per_s("shop", backend, 4, 1)  # start the workers
-            rows.append(("shop", f"ray, {backend.workers} CPU(s)",
-                         steps_per_s("shop", backend, episodes, repeats)))
-            notes += ray_overhead(backend, quick)
+            with RayBackend() as backend:  # a local Ray is shut down again, RAY_ADDRESS's stays
+                steps_per_s("shop", backend, 4, 1)  # start the workers
+                rows.append(("shop", f"ray, {backend.workers} CPU(s)",
+                             steps_per_s("shop", backend, episodes, repeats)))
+                notes += ray_overhead(backend, quick)
         except ImportError as exc:
             notes.append(f"Ray not measured: {exc}")
     return rows, notes
@@ -143,8 +143,8 @@ def main(out: str = "docs/results/envs.md", quick: bool = False, ray: bool = Tru
          model: str = "tiny") -> int:
     started = time.time()
     shop = shop_timings(quick)
-    rows, notes = throughput(quick, ray)
     code_ms = sandbox_ms(quick)
+    rows, notes = throughput(quick, ray)
     shares = model_share(model, quick)
     lines = [
         "# Environment benchmark",
@@ -175,7 +175,7 @@ def main(out: str = "docs/results/envs.md", quick: bool = False, ray: bool = Tru
         "",
         "| env | steps | env s | model s | env share |",
         "|---|---|---|---|---|",
-        *[f"| {e} | {n} | {a:.4f} | {b:.3f} | {s:.2%} |" for e, n, a, b, s in shares],
+        *[f"| {e} | {n} | {a:.4f} | {b:.3f} | {s:.4%} |" for e, n, a, b, s in shares],
         "",
     ]
     Path(out).parent.mkdir(parents=True, exist_ok=True)

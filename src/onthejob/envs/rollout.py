@@ -31,6 +31,7 @@ from onthejob.envs.workers import (
     EpisodeJob,
     append_step,
     make_backend,
+    paused_gc,
     run_episodes,
     step_env,
 )
@@ -100,16 +101,19 @@ def run_group(env_name: str, seed: int, n: int, policy: Policy,
     engine = make_backend(backend)
     started = time.perf_counter()
     try:
-        if getattr(policy, "lockstep", False):
-            records = _lockstep(env_name, options, seed, n, policy, engine, max_steps)
-        else:
-            records = _episodes(env_name, options, seed, n, policy, engine, max_steps, chunks)
+        with paused_gc():
+            if getattr(policy, "lockstep", False):
+                records = _lockstep(env_name, options, seed, n, policy, engine, max_steps)
+            else:
+                records = _episodes(env_name, options, seed, n, policy, engine, max_steps,
+                                    chunks)
+            rollouts = [Rollout(run_id=run_id, group=group, env=env_name,
+                                version=probe.version, options=options, seed=seed, **record)
+                        for record in records]
     finally:
         if own:
             engine.close()
     wall = time.perf_counter() - started
-    rollouts = [Rollout(run_id=run_id, group=group, env=env_name, version=probe.version,
-                        options=options, seed=seed, **record) for record in records]
     if log:
         write_rollouts(run_id, rollouts)
     steps = sum(len(r.actions) for r in rollouts)
