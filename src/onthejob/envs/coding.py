@@ -12,6 +12,11 @@ Reward: 1 when every original test passes at `submit` (the repository's test fil
 back first, so editing the tests does not help), else 0. Every test run happens in
 `onthejob.envs.sandbox`; when the sandbox stops a run (timeout, memory, ...) the step's
 `info["fault"]` names it and the episode ends: the rollout is a fault, not a reward of 0.
+
+Known gap: the tests run in the same process as the code under test, so code written to
+fool the runner (print a fake "passed" line and `os._exit(0)` at import) would be graded a
+pass. Nothing a small model writes by accident does this; a stronger grader would run
+each test in its own sandboxed process and compare results computed outside it.
 """
 
 from __future__ import annotations

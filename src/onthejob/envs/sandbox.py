@@ -12,7 +12,10 @@ Isolation, strongest first (`SandboxResult.isolation` says which one a run got):
   /home is visible; outside /sandbox and /tmp the tree is read-only.
 - "rlimits" (elsewhere): the same limits and temporary directory, the current user, and
   for Python code an audit hook that refuses socket connects, binds and DNS look-ups. A
-  command (not Python) then has network access and can read what the user can read.
+  command (not Python) then has network access and can read what the user can read;
+  RLIMIT_NPROC counts all of the user's processes (and root ignores it), and processes
+  that leave the process group are not swept up. Python code that uses ctypes can get past
+  the audit hook: only the jail is a boundary.
 
 A `fault` (timeout, memory, filesize, processes, crash, sandbox) is the sandbox stopping the
 code or failing itself; it is not the program's verdict, and trainers leave it out.
