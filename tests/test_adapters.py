@@ -68,3 +68,16 @@ def test_stacked_adapters_differ_from_each_alone(tmp_path):
     use_adapter(lm, a)
     assert torch.allclose(_logits(lm, ids), only_a, atol=1e-5)
     assert not torch.allclose(both, only_a, atol=1e-4)
+
+
+def test_detaching_the_last_adapter_restores_the_base(tmp_path):
+    from onthejob.model import SamplingParams, generate
+    from onthejob.model.adapters import detach
+
+    lm = tiny_model(seed=0)
+    base = _logits(lm, [1, 2, 3])
+    attach(lm, "x", LoraSpec(rank=2))
+    detach(lm, "x")
+    use_adapter(lm, None)
+    assert torch.allclose(_logits(lm, [1, 2, 3]), base, atol=1e-6)
+    assert generate(lm, [[1, 2, 3]], SamplingParams(max_tokens=2))[0].token_ids

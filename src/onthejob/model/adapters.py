@@ -136,12 +136,21 @@ def attach(lm: LoadedModel, name: str, spec: LoraSpec | None = None,
 
 
 def detach(lm: LoadedModel, name: str) -> None:
-    if isinstance(lm.model, PeftModel) and name in lm.model.peft_config:
-        lm.model.delete_adapter(name)
+    """Remove adapter `name`; removing the last one returns lm.model to the plain base."""
+    if not (isinstance(lm.model, PeftModel) and name in lm.model.peft_config):
+        return
+    others = [n for n in lm.model.peft_config if n != name]
+    if not others:
+        lm.model = lm.model.unload()
+        return
+    if name in lm.model.active_adapters:
+        lm.model.base_model.set_adapter(others[0])
+    lm.model.delete_adapter(name)
 
 
-def activate(lm: LoadedModel, names: Sequence[str] | None) -> None:
-    """Make exactly `names` the active adapters (stacked); None or [] means the base model."""
+def activate(lm: LoadedModel, names: Sequence[str] | None, trainable: str | None = None) -> None:
+    """Make exactly `names` the active adapters (stacked); None or [] means the base model.
+    Only the adapter named `trainable` (if any) keeps requires_grad."""
     if not isinstance(lm.model, PeftModel):
         if names:
             raise AdapterError(f"adapters {list(names)} are not loaded")
@@ -149,13 +158,12 @@ def activate(lm: LoadedModel, names: Sequence[str] | None) -> None:
     lora = lm.model.base_model
     if not names:
         lora.disable_adapter_layers()
-        return
-    lora.enable_adapter_layers()
-    lora.set_adapter(list(names) if len(names) > 1 else names[0])
-    # set_adapter marks active adapters trainable; serving and scoring never train.
+    else:
+        lora.enable_adapter_layers()
+        lora.set_adapter(list(names) if len(names) > 1 else names[0])
+    # set_adapter marks active adapters trainable; only `trainable` may be.
     for pname, param in lm.model.named_parameters():
-        if "lora_" in pname and param.requires_grad and not any(f".{n}." in pname for n in names):
-            param.requires_grad = False
+        param.requires_grad = bool(trainable) and "lora_" in pname and f".{trainable}." in pname
 
 
 def use_adapter(lm: LoadedModel, paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
@@ -175,8 +183,6 @@ def use_adapter(lm: LoadedModel, paths: str | os.PathLike | Sequence[str | os.Pa
             attach(lm, name, init_from=path, trainable=False)
         names.append(name)
     activate(lm, names)
-    for param in lm.model.parameters():
-        param.requires_grad = False
     _evict(lm, keep=set(names), max_loaded=max_loaded)
 
 

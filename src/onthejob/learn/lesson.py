@@ -1,0 +1,66 @@
+"""A lesson: what one approved session teaches, in the form every learning rule consumes.
+
+The teacher's context is the session (its compaction, when it has one, replaces the turns
+it summarized) followed by the reviewer's words. Student prompts never see that context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from onthejob.model import LoadedModel, render_ids
+from onthejob.model.chat import Message
+
+
+class ContextTooLongError(ValueError):
+    """A session does not fit the teacher's context; compact it or leave it out."""
+
+
+@dataclass
+class Lesson:
+    session_id: str
+    context: list[Message]
+    probes: list[str] = field(default_factory=list)  # student prompts (replayed + self-written)
+    held_out: list[str] = field(default_factory=list)  # probes kept back for the gate
+    title: str = ""
+
+
+def context_messages(messages: Sequence[Message], review_text: str = "") -> list[Message]:
+    """Teacher context from stored messages: the latest compaction replaces what came before it."""
+    start = 0
+    for i, m in enumerate(messages):
+        if m.get("kind") == "compaction":
+            start = i
+    out: list[Message] = []
+    for m in messages[start:]:
+        if m.get("kind") == "compaction":
+            out.append({"role": "user", "content": f"Summary of our conversation so far:\n{m['content']}"})
+            out.append({"role": "assistant", "content": "Understood."})
+        elif m.get("role") in ("user", "assistant", "tool", "system") and m.get("content"):
+            out.append({"role": m["role"], "content": m["content"]})
+    if review_text.strip():
+        out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
+        out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
+    return out
+
+
+def replay_prompts(messages: Sequence[Message], max_chars: int = 400) -> list[str]:
+    """The session's own user turns, to replay without the session. Turns that carry the
+    material themselves (long pastes) are skipped: replayed, they would put it in context."""
+    return [m["content"] for m in messages
+            if m.get("role") == "user" and m.get("kind", "message") == "message"
+            and 0 < len(m["content"]) <= max_chars]
+
+
+def check_fits(lm: LoadedModel, lesson: Lesson, room: int = 256) -> int:
+    """Tokens of the lesson's context; refuse (never truncate) when the context plus a probe
+    turn and an answer (`room`) would not fit."""
+    n = len(render_ids(lm.tokenizer, lesson.context, add_generation_prompt=False))
+    if n + room > lm.context_length:
+        raise ContextTooLongError(
+            f"session {lesson.session_id} is {n} tokens; with {room} tokens for a probe and its "
+            f"answer it exceeds the model's context of {lm.context_length}. Run /compact in the "
+            "session (or `--compact-long` to compact it now), or leave it out with --sessions"
+        )
+    return n

@@ -1,0 +1,213 @@
+"""The one training loop every learning rule runs on (opsd, sft, notes, grpo).
+
+A rule is an object with `prepare(trainer)` and `step(trainer, step) -> (loss, metrics)`;
+the loop owns the adapter, the optimizer, gradient clipping, data parallelism under torchrun,
+progress lines with rates and ETA, the anchor-KL drift check and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from onthejob.model import LoadedModel
+from onthejob.model.adapters import LoraSpec, activate, attach
+
+log = logging.getLogger(__name__)
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    log_every: int = 1
+    # bf16 autocast for the training passes (2.4x faster fwd+bwd on AVX512-BF16 CPUs here).
+    bf16: bool = True
+
+
+class Rule(Protocol):
+    name: str
+
+    def prepare(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class Trainer:
+    """Holds the model with its adapters and the views learning rules switch between:
+    `teacher()` (frozen: parent adapters or the base), `student()` (trainable) and `base()`."""
+
+    def __init__(self, lm: LoadedModel, cfg: TrainConfig, parent: str | os.PathLike | None = None,
+                 stack_below: Sequence[str | os.PathLike] = ()):
+        self.lm, self.cfg = lm, cfg
+        self.rng = random.Random(cfg.seed + rank())
+        torch.manual_seed(cfg.seed)
+        # Adapters stacked below (the shared adapter) stay frozen in every view but the base.
+        self.below: list[str] = []
+        for i, path in enumerate(stack_below):
+            attach(lm, f"below{i}", init_from=path, trainable=False)
+            self.below.append(f"below{i}")
+        self.teacher_names = list(self.below)
+        if parent is not None:
+            attach(lm, TEACHER, init_from=parent, trainable=False)
+            self.teacher_names.append(TEACHER)
+        # The student starts as a copy of its parent, so a new version refines the old one.
+        attach(lm, STUDENT, spec=cfg.lora, init_from=parent, trainable=True)
+        self.student()
+        self.params = [p for p in lm.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise RuntimeError("no trainable adapter parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.history: list[dict[str, float]] = []
+
+    def student(self) -> None:
+        activate(self.lm, [*self.below, STUDENT], trainable=STUDENT)
+        self.lm.model.train()
+
+    @contextmanager
+    def teacher(self):
+        """Teacher view: frozen adapters, eval mode (no dropout), no grad."""
+        activate(self.lm, self.teacher_names or None)
+        self.lm.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.student()
+
+    @contextmanager
+    def base(self):
+        activate(self.lm, None)
+        self.lm.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.student()
+
+    @contextmanager
+    def frozen_student(self):
+        """The student as it is now, for sampling and evaluation: eval mode, no grad."""
+        activate(self.lm, [*self.below, STUDENT])
+        self.lm.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.student()
+
+    def run(self, rule: Rule, progress: Callable[[dict], None] | None = None,
+            checkpoint: str | os.PathLike | None = None,
+            drift: Callable[[Trainer], float] | None = None) -> list[dict[str, float]]:
+        rule.prepare(self)
+        start_step = self._resume(checkpoint)
+        started = time.time()
+        for step in range(start_step, self.cfg.steps):
+            self.student()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                loss, metrics = rule.step(self, step)
+            loss.backward()
+            _all_reduce_grads(self.params)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            metrics = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(norm),
+                       **metrics}
+            if drift is not None:
+                metrics["kl_to_base"] = drift(self)
+            done = step + 1 - start_step
+            rate = (time.time() - started) / done
+            metrics["s_per_step"] = rate
+            metrics["eta_s"] = rate * (self.cfg.steps - step - 1)
+            self.history.append(metrics)
+            if progress and rank() == 0 and ((step + 1) % self.cfg.log_every == 0
+                                             or step + 1 == self.cfg.steps):
+                progress(metrics)
+            if checkpoint is not None and rank() == 0:
+                self._save_checkpoint(checkpoint, step + 1)
+        self.student()
+        return self.history
+
+    def _save_checkpoint(self, path: str | os.PathLike, step: int) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().clone() for n, p in self.lm.model.named_parameters() if p.requires_grad}
+        tmp = path / "state.pt.tmp"
+        torch.save({"step": step, "params": state, "optimizer": self.optimizer.state_dict(),
+                    "history": self.history}, tmp)
+        os.replace(tmp, path / "state.pt")
+        (path / "progress.json").write_text(json.dumps({"step": step, "of": self.cfg.steps}))
+
+    def _resume(self, path: str | os.PathLike | None) -> int:
+        if path is None or not (Path(path) / "state.pt").exists():
+            return 0
+        saved = torch.load(Path(path) / "state.pt", weights_only=False)
+        named = dict(self.lm.model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved["params"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.history = saved["history"]
+        log.info("resumed from step %d", saved["step"])
+        return int(saved["step"])
+
+
+def print_progress(prefix: str = "") -> Callable[[dict], None]:
+    def show(m: dict) -> None:
+        extras = " ".join(f"{k}={v:.4g}" for k, v in m.items()
+                          if k not in {"step", "s_per_step", "eta_s"} and isinstance(v, float))
+        print(f"{prefix}step {m['step']} {extras} | {m['s_per_step']:.1f} s/step, "
+              f"ETA {m['eta_s']:.0f} s", file=sys.stderr, flush=True)
+    return show
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPU); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _all_reduce_grads(params: Sequence[torch.Tensor]) -> None:
+    if world() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    out = asdict(cfg)
+    out["lora"]["targets"] = list(out["lora"]["targets"])
+    return out

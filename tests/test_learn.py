@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from onthejob.learn.divergence import per_token
+from onthejob.learn.drift import AnchorDrift
+from onthejob.learn.evaluate import contains, f1, normalize
+from onthejob.learn.lesson import ContextTooLongError, Lesson, context_messages, replay_prompts
+from onthejob.learn.loop import TrainConfig, Trainer
+from onthejob.learn.notes import Notes
+from onthejob.learn.opsd import Opsd, OpsdConfig
+from onthejob.learn.probes import cloze_probes, probe_quality, sentences
+from onthejob.learn.scoring import encode_prefix, response_logits
+from onthejob.learn.sft import Sft
+from onthejob.model import render_ids, tiny_model
+
+CONTEXT = [
+    {"role": "user", "content": "Our project codename is Bluefin. It ships on March 3."},
+    {"role": "assistant", "content": "Noted: Bluefin ships on March 3."},
+]
+
+
+def _lesson():
+    return Lesson("s1", CONTEXT, ["What is the codename?", "When does it ship?"], title="Bluefin")
+
+
+def test_divergences_are_zero_on_equal_and_positive_otherwise():
+    a, b = torch.randn(5, 50), torch.randn(5, 50)
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        assert per_token(a, a, kind).abs().max() < 1e-5
+        assert (per_token(a, b, kind) > 0).all()
+    rev, fwd = per_token(a, b, "reverse_kl"), per_token(a, b, "forward_kl")
+    assert not torch.allclose(rev, fwd)
+    assert per_token(a, b, "reverse_kl", top_k=5).shape == (5,)
+    with pytest.raises(ValueError):
+        per_token(a, b, "bogus")
+
+
+def test_prefix_cache_scoring_equals_full_forward():
+    lm = tiny_model(seed=1)
+    tok = lm.tokenizer
+    ctx = render_ids(tok, CONTEXT, add_generation_prompt=False)
+    full_a = render_ids(tok, [*CONTEXT, {"role": "user", "content": "When?"}])
+    full_b = render_ids(tok, [*CONTEXT, {"role": "user", "content": "What is the codename again?"}])
+    responses = [[300, 301, 302], [400, 401]]
+    with torch.no_grad():
+        want = response_logits(lm, [full_a, full_b], responses)
+        prefix = encode_prefix(lm, ctx)
+        got = response_logits(lm, [full_a[len(ctx):], full_b[len(ctx):]], responses, prefix=prefix)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_context_uses_latest_compaction_and_review_words():
+    msgs = [{"role": "user", "content": "old"}, {"role": "assistant", "content": "old answer"},
+            {"role": "assistant", "content": "SUMMARY", "kind": "compaction"},
+            {"role": "user", "content": "new"}]
+    ctx = context_messages(msgs, "remember the date")
+    text = " ".join(m["content"] for m in ctx)
+    assert "old" not in text and "SUMMARY" in text and "new" in text and "remember the date" in text
+    assert replay_prompts([{"role": "user", "content": "x" * 1000}, {"role": "user", "content": "q?"}]) == ["q?"]
+
+
+def test_opsd_trains_only_the_adapter_and_lowers_the_loss():
+    lm = tiny_model(seed=2)
+    base_params = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    trainer = Trainer(lm, TrainConfig(steps=12, lr=5e-3, bf16=False))
+    rule = Opsd([_lesson()], ["Say hi."], OpsdConfig(prompts_per_step=2, samples_per_prompt=2,
+                                                     max_new_tokens=6, teacher_mix=0.5))
+    history = trainer.run(rule, drift=AnchorDrift(["Say hi."], max_new_tokens=4))
+    assert len(history) == 12 and all("kl_to_base" in h for h in history)
+    assert sum(h["loss"] for h in history[-4:]) < sum(h["loss"] for h in history[:4])
+    assert history[-1]["kl_to_base"] > 0
+    for name, p in lm.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            clean = name.replace(".base_layer", "")
+            assert torch.equal(p, base_params[clean]), name
+    assert rule.tokens_teacher > 0 and rule.tokens_student > 0
+
+
+def test_opsd_refuses_a_session_longer_than_the_context():
+    lm = tiny_model(seed=3)
+    long = Lesson("s2", [{"role": "user", "content": "word " * 2000}], ["q?"])
+    with pytest.raises(ContextTooLongError, match="compact"):
+        Trainer(lm, TrainConfig(steps=1, bf16=False)).run(Opsd([long], []))
+
+
+def test_sft_and_notes_run_on_the_same_loop():
+    lm = tiny_model(seed=4)
+    history = Trainer(lm, TrainConfig(steps=3, lr=1e-2, bf16=False)).run(Sft([_lesson()], lm.tokenizer))
+    assert history[-1]["nll"] < history[0]["nll"]
+    lm = tiny_model(seed=5)
+    notes = Notes([_lesson()], notes_per_session=2, max_new_tokens=8)
+    Trainer(lm, TrainConfig(steps=2, bf16=False)).run(notes)
+    assert notes.notes and all(n.startswith("Bluefin") for n in notes.notes)
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    lm = tiny_model(seed=6)
+    rule = Sft([_lesson()], lm.tokenizer)
+    Trainer(lm, TrainConfig(steps=2, bf16=False)).run(rule, checkpoint=tmp_path)
+    lm2 = tiny_model(seed=6)
+    history = Trainer(lm2, TrainConfig(steps=4, bf16=False)).run(rule, checkpoint=tmp_path)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+
+def test_answer_matching_and_probes():
+    assert normalize("The Denver Broncos!") == "denver broncos"
+    assert contains("It was the Denver Broncos.", "Denver Broncos")
+    assert f1("Denver Broncos won", "Denver Broncos") == pytest.approx(0.8)
+    text = "Super Bowl 50 was played in Santa Clara. The Denver Broncos won the game easily."
+    assert len(sentences(text)) == 2
+    probes = cloze_probes(text, "Super Bowl 50")
+    assert all(p.startswith("Complete this sentence about Super Bowl 50") for p in probes)
+    assert probe_quality(probes, text).grounded == 1.0
