@@ -1,3 +1,5 @@
+from datetime import UTC
+
 import pytest
 import torch
 
@@ -49,14 +51,21 @@ def test_prefix_cache_scoring_equals_full_forward():
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def _stored(seq, role, content, kind="message"):
+    from datetime import datetime
+
+    from onthejob.store.types import Message
+
+    return Message(seq, "s", seq, role, content, kind, {}, datetime.now(UTC))
+
+
 def test_context_uses_latest_compaction_and_review_words():
-    msgs = [{"role": "user", "content": "old"}, {"role": "assistant", "content": "old answer"},
-            {"role": "assistant", "content": "SUMMARY", "kind": "compaction"},
-            {"role": "user", "content": "new"}]
+    msgs = [_stored(1, "user", "old"), _stored(2, "assistant", "old answer"),
+            _stored(3, "assistant", "SUMMARY", "compaction"), _stored(4, "user", "new")]
     ctx = context_messages(msgs, "remember the date")
     text = " ".join(m["content"] for m in ctx)
     assert "old" not in text and "SUMMARY" in text and "new" in text and "remember the date" in text
-    assert replay_prompts([{"role": "user", "content": "x" * 1000}, {"role": "user", "content": "q?"}]) == ["q?"]
+    assert replay_prompts([_stored(1, "user", "x" * 1000), _stored(2, "user", "q?")]) == ["q?"]
 
 
 def test_opsd_trains_only_the_adapter_and_lowers_the_loss():

@@ -26,6 +26,18 @@ DEFAULT_ANCHORS = (
     "Suggest a name for a pet cat.",
 )
 
+# Ordinary prompts mixed into OPSD training; disjoint from DEFAULT_ANCHORS, which measure drift.
+TRAINING_ANCHORS = (
+    "What is the largest planet in our solar system?",
+    "Write a short greeting for a friend.",
+    "What is 12 plus 15?",
+    "Name three colors.",
+    "What is the opposite of cold?",
+    "How many legs does a spider have?",
+    "What language is spoken in Brazil?",
+    "Give one tip for sleeping well.",
+)
+
 
 class AnchorDrift:
     def __init__(self, anchors: Sequence[str] = DEFAULT_ANCHORS, max_new_tokens: int = 24):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from onthejob.model import LoadedModel, render_ids
 from onthejob.model.chat import Message
+from onthejob.store.context import context_messages as store_context
+from onthejob.store.types import Message as StoredMessage
 
 
 class ContextTooLongError(ValueError):
@@ -26,31 +28,21 @@ class Lesson:
     title: str = ""
 
 
-def context_messages(messages: Sequence[Message], review_text: str = "") -> list[Message]:
-    """Teacher context from stored messages: the latest compaction replaces what came before it."""
-    start = 0
-    for i, m in enumerate(messages):
-        if m.get("kind") == "compaction":
-            start = i
-    out: list[Message] = []
-    for m in messages[start:]:
-        if m.get("kind") == "compaction":
-            out.append({"role": "user", "content": f"Summary of our conversation so far:\n{m['content']}"})
-            out.append({"role": "assistant", "content": "Understood."})
-        elif m.get("role") in ("user", "assistant", "tool", "system") and m.get("content"):
-            out.append({"role": m["role"], "content": m["content"]})
+def context_messages(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
+    """Teacher context: the store's one context rule (a compaction replaces what came before
+    it), then the reviewer's words."""
+    out = store_context(messages)
     if review_text.strip():
         out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
         out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
     return out
 
 
-def replay_prompts(messages: Sequence[Message], max_chars: int = 400) -> list[str]:
+def replay_prompts(messages: Sequence[StoredMessage], max_chars: int = 400) -> list[str]:
     """The session's own user turns, to replay without the session. Turns that carry the
     material themselves (long pastes) are skipped: replayed, they would put it in context."""
-    return [m["content"] for m in messages
-            if m.get("role") == "user" and m.get("kind", "message") == "message"
-            and 0 < len(m["content"]) <= max_chars]
+    return [m.content for m in messages
+            if m.role == "user" and m.kind == "message" and 0 < len(m.content) <= max_chars]
 
 
 def check_fits(lm: LoadedModel, lesson: Lesson, room: int = 256) -> int:

@@ -1,0 +1,231 @@
+"""Consolidation: a tenant's approved, unconsolidated sessions -> a candidate adapter -> the gate
+-> active (sessions marked consolidated) or rejected (with the reason; sessions stay eligible).
+
+A crash leaves the active adapter untouched: the candidate is written atomically and
+registered before it is activated in one transaction, and the run row says how far it got.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from onthejob import config
+from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
+from onthejob.learn.gate import GateConfig, Verdict, decide, probe_f1, reading_accuracy, references
+from onthejob.learn.lesson import Lesson, check_fits, context_messages, replay_prompts
+from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
+from onthejob.learn.notes import Notes
+from onthejob.learn.opsd import Opsd, OpsdConfig
+from onthejob.learn.probes import make_probes
+from onthejob.learn.sft import Sft
+from onthejob.model import LoadedModel
+from onthejob.model.adapters import activate, detach, save
+from onthejob.store import Store
+from onthejob.store.types import Adapter, Session
+
+log = logging.getLogger(__name__)
+METHODS = ("opsd", "sft", "notes")
+
+
+@dataclass
+class ConsolidateOptions:
+    method: str = "opsd"
+    scope: str = "tenant"
+    session_ids: Sequence[str] = ()
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=30, lr=1e-3))
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    probe_kinds: Sequence[str] = ("question", "cloze", "topic")
+    held_out_share: float = 0.25
+    dry_run: bool = False
+
+
+@dataclass
+class Outcome:
+    status: str  # "nothing", "planned", "promoted", "rejected", "failed"
+    message: str
+    adapter: Adapter | None = None
+    run_id: int | None = None
+    sessions: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def _material(lesson: Lesson) -> str:
+    return "\n".join(m["content"] for m in lesson.context if m["role"] in ("user", "assistant"))
+
+
+def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
+                  opts: ConsolidateOptions) -> list[Lesson]:
+    lessons = []
+    rng = random.Random(opts.train.seed)
+    for s in sessions:
+        messages = store.messages(s.tenant, s.id)
+        review = store.get_review(s.tenant, s.id)
+        lesson = Lesson(s.id, context_messages(messages, review.text if review else ""),
+                        title=s.title or "")
+        check_fits(lm, lesson)
+        written = make_probes(lm, _material(lesson), lesson.title, opts.probe_kinds)
+        rng.shuffle(written)
+        n_held = max(1, round(len(written) * opts.held_out_share)) if len(written) > 2 else 0
+        lesson.held_out = written[:n_held]
+        lesson.probes = replay_prompts(messages) + written[n_held:]
+        lessons.append(lesson)
+    return lessons
+
+
+def rule_for(opts: ConsolidateOptions, lessons: Sequence[Lesson], lm: LoadedModel):
+    if opts.method == "opsd":
+        return Opsd(lessons, list(TRAINING_ANCHORS), opts.opsd)
+    if opts.method == "sft":
+        return Sft(lessons, lm.tokenizer)
+    if opts.method == "notes":
+        return Notes(lessons)
+    raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _eligible(store: Store, tenant: str, opts: ConsolidateOptions) -> list[Session]:
+    if opts.scope == "shared":
+        sessions = [s for t in store.shared_tenants() for s in store.sessions_to_consolidate(t)]
+    else:
+        sessions = store.sessions_to_consolidate(tenant)
+    if opts.session_ids:
+        wanted = set(opts.session_ids)
+        unknown = wanted - {s.id for s in sessions}
+        if unknown:
+            raise ValueError(f"not eligible (unknown, foreign, not approved or already "
+                             f"consolidated): {', '.join(sorted(unknown))}")
+        sessions = [s for s in sessions if s.id in wanted]
+    return sessions
+
+
+def _earlier_probes(store: Store, parent: Adapter | None) -> list[dict]:
+    out, seen = [], 0
+    while parent is not None and seen < 20:
+        out += parent.metrics.get("held_out", [])
+        seen += 1
+        parent = store.get_adapter(parent.parent_id) if parent.parent_id else None
+    return out[:24]
+
+
+def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOptions,
+                say: Callable[[str], None] = print) -> Outcome:
+    if opts.method not in METHODS:
+        raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    store.get_tenant(tenant)  # a clear NotFound for an unknown tenant
+    sessions = _eligible(store, tenant, opts)
+    if not sessions:
+        return Outcome("nothing", "no approved, unconsolidated sessions: review sessions with "
+                       "/review up (or POST /v1/sessions/{id}/review) first")
+    owner = None if opts.scope == "shared" else tenant
+    parent = store.active_adapter(owner, scope=opts.scope)
+    below = [] if opts.scope == "shared" else _shared_below(store, tenant)
+    say(f"consolidating {len(sessions)} session(s) of {tenant if owner else 'shared'} with "
+        f"{opts.method}; parent adapter: {f'v{parent.version}' if parent else 'none (base)'}")
+    lessons = build_lessons(lm, store, sessions, opts)
+    n_probes = sum(len(x.probes) for x in lessons)
+    say(f"probes: {n_probes} for training, {sum(len(x.held_out) for x in lessons)} held back")
+    if opts.dry_run:
+        per_step = opts.opsd.prompts_per_step * opts.opsd.samples_per_prompt
+        msg = (f"plan: {opts.train.steps} steps of {per_step} samples x {opts.opsd.max_new_tokens} "
+               f"tokens, lr {opts.train.lr}; about {opts.train.steps * 9} s on 2 CPU cores "
+               "(measured ~9 s/step for opsd with bf16). Nothing was trained.")
+        say(msg)
+        return Outcome("planned", msg, sessions=[s.id for s in sessions])
+
+    run = store.create_run("consolidate", owner, params={
+        "method": opts.method, "scope": opts.scope, "sessions": [s.id for s in sessions],
+        "train": config_dict(opts.train), "opsd": asdict(opts.opsd), "gate": asdict(opts.gate)})
+    try:
+        return _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below,
+                               run.id, say)
+    except BaseException as exc:
+        store.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}\n"
+                         + traceback.format_exc(limit=5))
+        raise
+
+
+def _shared_below(store: Store, tenant: str) -> list[str]:
+    shared = store.active_adapter(None, scope="shared")
+    allowed = any(t.name == tenant for t in store.shared_tenants())
+    return [shared.path] if shared is not None and allowed else []
+
+
+def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below, run_id,
+                    say) -> Outcome:
+    started = time.time()
+    trainer = Trainer(lm, opts.train, parent=parent.path if parent else None, stack_below=below)
+    held = [(lesson.context, q) for lesson in lessons for q in lesson.held_out]
+    earlier = _earlier_probes(store, parent)
+    with trainer.teacher():
+        refs = references(lm, held)
+        before_probe = probe_f1(lm, [q for _, q in held], refs)
+        before_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
+        before_reading = reading_accuracy(lm)
+    rule = rule_for(opts, lessons, lm)
+    drift = AnchorDrift()
+    show = print_progress(f"[{opts.method}] ")
+
+    def progress(m: dict) -> None:
+        show(m)
+        store.update_run(run_id, progress={k: v for k, v in m.items() if isinstance(v, (int, float))})
+
+    trainer.run(rule, progress=progress, drift=drift,
+                checkpoint=config.home() / "runs" / f"consolidate-{run_id}")
+    with trainer.frozen_student():
+        after_probe = probe_f1(lm, [q for _, q in held], refs)
+        after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
+        after_reading = reading_accuracy(lm)
+    kl = trainer.history[-1].get("kl_to_base", 0.0)
+    verdict: Verdict = decide(
+        opts.gate, gain=after_probe - before_probe, kl=kl,
+        retention_drop=before_reading - after_reading,
+        earlier_drop=(before_earlier - after_earlier) if earlier else 0.0,
+        extra={"probe_f1_before": before_probe, "probe_f1_after": after_probe,
+               "reading_before": before_reading, "reading_after": after_reading,
+               "seconds": time.time() - started,
+               "peak_rss_mb": _peak_rss_mb(),
+               "tokens_student": getattr(rule, "tokens_student", 0),
+               "tokens_teacher": getattr(rule, "tokens_teacher", 0),
+               "held_out": [{"q": q, "ref": r} for (_, q), r in zip(held, refs, strict=True)],
+               "steps": opts.train.steps, "lr": opts.train.lr})
+    version = store.next_adapter_version(opts.scope, owner)
+    where = config.adapters_dir() / opts.scope / (owner or "shared") / f"v{version}"
+    digest = save(lm.model, STUDENT, where, meta={"method": opts.method, "run": run_id,
+                                                   "sessions": [s.id for s in sessions]})
+    adapter = store.add_adapter(opts.scope, owner, method=opts.method, path=str(where),
+                                checksum=digest, parent_id=parent.id if parent else None,
+                                version=version, metrics=verdict.metrics,
+                                status="candidate", reason=verdict.reason)
+    if verdict.promote:
+        adapter = store.activate_adapter(adapter.id, reason=verdict.reason)
+        by_tenant: dict[str, list[str]] = {}
+        for s in sessions:
+            by_tenant.setdefault(s.tenant, []).append(s.id)
+        for name, ids in by_tenant.items():
+            store.mark_consolidated(name, ids, adapter.id)
+        status = "promoted"
+    else:
+        adapter = store.set_adapter_status(adapter.id, "rejected", verdict.reason)
+        status = "rejected"
+    store.update_run(run_id, status="done", progress={"outcome": status, "adapter": adapter.id})
+    # Leave the model as the server would serve it: training adapters removed.
+    for name in (STUDENT, "teacher", *[f"below{i}" for i in range(len(below))]):
+        detach(lm, name)
+    activate(lm, None)
+    torch.set_grad_enabled(True)
+    say(f"{status}: adapter v{adapter.version} ({verdict.reason})")
+    return Outcome(status, verdict.reason, adapter, run_id, [s.id for s in sessions],
+                   verdict.metrics)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

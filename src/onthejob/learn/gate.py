@@ -1,0 +1,89 @@
+"""The promotion gate: a candidate adapter becomes active only if it learned and did not forget.
+
+- learned: on probes held back from training, the student's answer *without* the session is
+  compared (token F1) with the teacher's answer *with* it; the gain over the parent must
+  reach `min_gain`;
+- forgot: (a) KL to the base on anchor prompts at most `max_kl`; (b) in-context reading
+  comprehension on passages never trained on (shipped with the package) drops at most
+  `max_retention_drop`; (c) earlier sessions' held-back probes, recorded in the parent
+  chain's metrics, lose at most `max_earlier_drop` of F1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+from onthejob.learn.evaluate import ANSWER_HINT, answer, f1
+from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
+from onthejob.model.chat import Message
+
+
+@dataclass
+class GateConfig:
+    min_gain: float = 0.02
+    max_kl: float = 0.5
+    max_retention_drop: float = 0.15
+    max_earlier_drop: float = 0.10
+
+
+@dataclass
+class Verdict:
+    promote: bool
+    reason: str
+    metrics: dict
+
+
+def retention_set() -> list[dict]:
+    text = resources.files("onthejob").joinpath("data/retention.json").read_text()
+    return json.loads(text)["items"]
+
+
+def reading_accuracy(lm: LoadedModel, items: Sequence[dict] | None = None) -> float:
+    """In-context reading comprehension: the passage and its question in one user turn."""
+    items = list(items or retention_set())
+    questions = [f"{it['context']}\n\nQuestion: {it['question']}" for it in items]
+    return answer(lm, questions, [it["answer"] for it in items]).accuracy
+
+
+def references(lm: LoadedModel, probes: Sequence[tuple[Sequence[Message], str]],
+               max_new_tokens: int = 24) -> list[str]:
+    """The teacher's greedy answers to probes, each with its session in context."""
+    prompts = [render_ids(lm.tokenizer, [*ctx, {"role": "user", "content": q + ANSWER_HINT}])
+               for ctx, q in probes]
+    out: list[str] = []
+    for start in range(0, len(prompts), 8):
+        out += [o.text for o in generate(lm, prompts[start:start + 8],
+                                         SamplingParams(max_tokens=max_new_tokens))]
+    return out
+
+
+def probe_f1(lm: LoadedModel, questions: Sequence[str], refs: Sequence[str]) -> float:
+    """Mean token F1 of answers without context against the teacher's references."""
+    if not questions:
+        return 0.0
+    result = answer(lm, questions, refs)
+    return sum(f1(a, r) for a, r in zip(result.answers, refs, strict=True)) / len(refs)
+
+
+def decide(cfg: GateConfig, *, gain: float, kl: float, retention_drop: float,
+           earlier_drop: float, extra: dict | None = None) -> Verdict:
+    metrics = {"gain": gain, "kl_to_base": kl, "retention_drop": retention_drop,
+               "earlier_drop": earlier_drop, "thresholds": asdict(cfg), **(extra or {})}
+    problems = []
+    if gain < cfg.min_gain:
+        problems.append(f"did not learn: held-back probe F1 gain {gain:+.3f} < {cfg.min_gain}")
+    if kl > cfg.max_kl:
+        problems.append(f"moved too far: KL to base {kl:.3f} > {cfg.max_kl}")
+    if retention_drop > cfg.max_retention_drop:
+        problems.append(f"forgot reading: retention dropped {retention_drop:.3f} > "
+                        f"{cfg.max_retention_drop}")
+    if earlier_drop > cfg.max_earlier_drop:
+        problems.append(f"forgot earlier sessions: probe F1 dropped {earlier_drop:.3f} > "
+                        f"{cfg.max_earlier_drop}")
+    if problems:
+        return Verdict(False, "; ".join(problems), metrics)
+    return Verdict(True, f"learned (gain {gain:+.3f}) and did not forget "
+                         f"(KL {kl:.3f}, retention drop {retention_drop:+.3f})", metrics)

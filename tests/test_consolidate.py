@@ -1,0 +1,92 @@
+import pytest
+
+from onthejob.learn.consolidate import ConsolidateOptions, consolidate
+from onthejob.learn.gate import GateConfig
+from onthejob.learn.loop import TrainConfig
+from onthejob.learn.opsd import OpsdConfig
+from onthejob.model import tiny_model
+from onthejob.model.adapters import verify
+from onthejob.store import Store
+
+PASSAGE = ("The Bluefin project ships on March 3 in Oslo. Its lead engineer is Ada Lind. "
+           "The team chose Rust for the storage engine because of memory safety.")
+
+
+def _store_with_sessions(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_tenant("acme")
+    store.create_tenant("other")
+    sessions = {}
+    for name, verdict in (("up", "up"), ("down", "down"), ("unreviewed", None)):
+        s = store.create_session("acme", title="Bluefin")
+        store.add_message("acme", s.id, "user", f"Please remember this: {PASSAGE}")
+        store.add_message("acme", s.id, "assistant", "I will remember it.")
+        store.add_message("acme", s.id, "user", "Who leads Bluefin?")
+        store.add_message("acme", s.id, "assistant", "Ada Lind leads it.")
+        if verdict:
+            store.set_review("acme", s.id, verdict, "good" if verdict == "up" else "wrong")
+        sessions[name] = s.id
+    return store, sessions
+
+
+def _opts(**kw):
+    base = dict(train=TrainConfig(steps=2, lr=1e-3, bf16=False),
+                opsd=OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
+                                teacher_pool=1),
+                gate=GateConfig(min_gain=-1.0, max_kl=100, max_retention_drop=1.0,
+                                max_earlier_drop=1.0))
+    base.update(kw)
+    return ConsolidateOptions(**base)
+
+
+@pytest.mark.parametrize("method", ["opsd", "sft", "notes"])
+def test_consolidate_promotes_only_approved_sessions_once(tmp_path, method):
+    store, ids = _store_with_sessions(tmp_path)
+    lm = tiny_model(seed=0)
+    out = consolidate(store, lm, "acme", _opts(method=method), say=lambda s: None)
+    assert out.status == "promoted", out.message
+    assert out.sessions == [ids["up"]]
+    verify(out.adapter.path)
+    assert store.active_adapter("acme").id == out.adapter.id
+    assert store.get_session("acme", ids["up"]).consolidated_adapter_id == out.adapter.id
+    assert store.get_session("acme", ids["down"]).consolidated_adapter_id is None
+    for key in ("gain", "kl_to_base", "retention_drop", "held_out", "tokens_student"):
+        assert key in out.adapter.metrics
+    # Idempotent: nothing left to learn; the run row says done.
+    again = consolidate(store, lm, "acme", _opts(method=method), say=lambda s: None)
+    assert again.status == "nothing"
+    assert store.get_run(out.run_id).status == "done"
+
+
+def test_gate_rejects_and_keeps_sessions_eligible(tmp_path):
+    store, ids = _store_with_sessions(tmp_path)
+    lm = tiny_model(seed=0)
+    strict = GateConfig(min_gain=10.0)
+    out = consolidate(store, lm, "acme", _opts(gate=strict), say=lambda s: None)
+    assert out.status == "rejected" and "did not learn" in out.message
+    assert store.active_adapter("acme") is None
+    assert store.get_adapter(out.adapter.id).status == "rejected"
+    assert [s.id for s in store.sessions_to_consolidate("acme")] == [ids["up"]]
+
+
+def test_second_version_has_the_first_as_parent(tmp_path):
+    store, ids = _store_with_sessions(tmp_path)
+    lm = tiny_model(seed=0)
+    first = consolidate(store, lm, "acme", _opts(), say=lambda s: None)
+    s = store.create_session("acme", title="More")
+    store.add_message("acme", s.id, "user", f"Also: {PASSAGE}")
+    store.set_review("acme", s.id, "up", "")
+    second = consolidate(store, lm, "acme", _opts(), say=lambda s: None)
+    assert second.adapter.parent_id == first.adapter.id and second.adapter.version == 2
+    assert "earlier_drop" in second.adapter.metrics
+
+
+def test_dry_run_trains_nothing_and_foreign_sessions_are_refused(tmp_path):
+    store, ids = _store_with_sessions(tmp_path)
+    lm = tiny_model(seed=0)
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True), say=lambda s: None)
+    assert plan.status == "planned" and store.list_adapters("tenant", "acme") == []
+    with pytest.raises(ValueError, match="not eligible"):
+        consolidate(store, lm, "other", _opts(session_ids=[ids["up"]]), say=lambda s: None)
+    with pytest.raises(ValueError, match="not eligible"):
+        consolidate(store, lm, "acme", _opts(session_ids=[ids["down"]]), say=lambda s: None)
