@@ -13,6 +13,8 @@ COMMAND_MODULES = (
     "onthejob.store.cli",
     "onthejob.envs.cli",
     "onthejob.serve.cli",
+    "onthejob.learn.cli",
+    "onthejob.bench.model_cli",
 )
 
 

@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_tokens (benchmarks)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -131,7 +132,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
             if not alive[row]:
                 continue
             t = int(step_tokens[row])
-            if t in stops:
+            if t in stops and not params.ignore_eos:
                 reasons[row] = "stop"
                 alive[row] = False
                 continue

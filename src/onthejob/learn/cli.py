@@ -1,0 +1,203 @@
+"""`onthejob consolidate`, `onthejob adapters list|show|activate|rollback`, `onthejob demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from onthejob.learn.consolidate import METHODS, ConsolidateOptions, consolidate
+from onthejob.learn.gate import GateConfig
+from onthejob.learn.loop import TrainConfig
+from onthejob.learn.opsd import OpsdConfig
+from onthejob.store import Store, StoreError
+from onthejob.store.cli import _command, _db_option, _plain
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    db = _db_option()
+    c = sub.add_parser("consolidate", parents=[db], help="learn approved sessions into an adapter",
+                       description="Train a candidate adapter from a tenant's approved (thumbs-up), "
+                       "not yet consolidated sessions, check it with the promotion gate, and "
+                       "activate it or reject it with the reason.")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--method", default="opsd", choices=METHODS)
+    c.add_argument("--scope", default="tenant", choices=("tenant", "shared"),
+                   help="shared: learn from every tenant that allows it into the shared adapter")
+    c.add_argument("--sessions", nargs="+", default=(), metavar="ID", help="only these sessions")
+    c.add_argument("--dry-run", action="store_true", help="show the plan and cost; train nothing")
+    c.add_argument("--steps", type=int, default=30)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    c.add_argument("--divergence", default="reverse_kl", choices=("reverse_kl", "forward_kl", "jsd"))
+    c.add_argument("--teacher-mix", type=float, default=0.5,
+                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy only)")
+    c.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
+    c.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
+    c.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
+    c.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--model", help="local HF model directory (default: embedded)")
+    c.set_defaults(func=_consolidate)
+
+    a = sub.add_parser("adapters", help="list, show, activate or roll back adapters",
+                       description="A tenant's adapter versions with parents, metrics and status.")
+    asub = a.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+    for name, text in (("list", "list versions"), ("show", "one version in full"),
+                       ("activate", "make a version active"),
+                       ("rollback", "retire the active version; its parent becomes active")):
+        p = asub.add_parser(name, parents=[db], help=text, description=text.capitalize() + ".")
+        p.add_argument("--tenant", help="the tenant (omit with --scope shared)")
+        p.add_argument("--scope", default="tenant", choices=("tenant", "shared"))
+        if name in ("show", "activate"):
+            p.add_argument("version", type=int)
+        p.set_defaults(func=_command(globals()[f"_adapters_{name}"]))
+
+    d = sub.add_parser("demo", help="the whole loop on the default model, end to end",
+                       description="A session teaches the model a fact it does not know; the "
+                       "user approves it; consolidation runs; a new session without the old one "
+                       "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
+    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
+    d.add_argument("--model", help="local HF model directory (default: embedded)")
+    d.set_defaults(func=_demo)
+
+
+def _options(args: argparse.Namespace) -> ConsolidateOptions:
+    from onthejob.model.adapters import LoraSpec
+
+    return ConsolidateOptions(
+        method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
+        train=TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+                          lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
+        opsd=OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix, top_k=args.top_k),
+        gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
+                        max_retention_drop=args.max_retention_drop))
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from onthejob.model import load_model
+
+    try:
+        store = Store(args.db)
+    except Exception as exc:  # noqa: BLE001 - a connection problem, said plainly
+        print(f"error: cannot open the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        lm = load_model(args.model)
+        outcome = consolidate(store, lm, args.tenant, _options(args))
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(outcome.message)
+    return 0 if outcome.status in ("promoted", "planned", "nothing") else 3
+
+
+def _owner(args) -> str | None:
+    if args.scope == "tenant" and not args.tenant:
+        raise ValueError("--tenant is required (or --scope shared)")
+    return args.tenant if args.scope == "tenant" else None
+
+
+def _adapters_list(store: Store, args) -> int:
+    rows = store.list_adapters(args.scope, _owner(args))
+    if not rows:
+        print("no adapters yet: run `onthejob consolidate`")
+    for a in rows:
+        m = a.metrics
+        print(f"v{a.version:<3} {a.status:<9} {a.method:<5} parent={a.parent_id or '-':<4} "
+              f"gain={m.get('gain', 0):+.3f} kl={m.get('kl_to_base', 0):.3f} "
+              f"{a.created_at:%Y-%m-%d %H:%M}  {a.reason}")
+    return 0
+
+
+def _find(store: Store, args):
+    for a in store.list_adapters(args.scope, _owner(args)):
+        if a.version == args.version:
+            return a
+    raise ValueError(f"no version {args.version}; see `onthejob adapters list`")
+
+
+def _adapters_show(store: Store, args) -> int:
+    print(json.dumps(_plain(_find(store, args)), indent=2, default=str))
+    return 0
+
+
+def _adapters_activate(store: Store, args) -> int:
+    from onthejob.model.adapters import verify
+
+    adapter = _find(store, args)
+    verify(adapter.path)
+    store.activate_adapter(adapter.id, reason="activated by hand")
+    print(f"v{adapter.version} is active")
+    return 0
+
+
+def _adapters_rollback(store: Store, args) -> int:
+    restored = store.rollback_adapter(_owner(args), args.scope)
+    print(f"v{restored.version} is active" if restored else "no adapter is active: the base model serves")
+    return 0
+
+
+DEMO_FACTS = ("Our team's project is code-named Bluefin. Bluefin launches on March 3 in Oslo, "
+              "and its lead engineer is Ada Lind.")
+DEMO_QUESTION = "What is our team's project code-named?"
+
+
+def _ask(lm, store, tenant: str, question: str) -> str:
+    from onthejob.model import SamplingParams, generate, render_ids
+    from onthejob.model.adapters import use_adapter
+    from onthejob.store.context import context_messages
+
+    active = store.active_adapter(tenant)
+    use_adapter(lm, active.path if active else None)
+    session = store.create_session(tenant, title="a new day")
+    store.add_message(tenant, session.id, "user", question)
+    prompt = render_ids(lm.tokenizer, context_messages(store.messages(tenant, session.id)))
+    text = generate(lm, [prompt], SamplingParams(max_tokens=32))[0].text
+    store.add_message(tenant, session.id, "assistant", text)
+    return text
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from onthejob.model import load_model
+
+    started = time.time()
+    if not args.keep:
+        os.environ["ONTHEJOB_HOME"] = tempfile.mkdtemp(prefix="onthejob-demo-")
+        os.environ.pop("ONTHEJOB_DB", None)
+    store = Store()
+    lm = load_model(args.model)
+    tenant = "demo"
+    if not any(t.name == tenant for t in store.list_tenants()):
+        store.create_tenant(tenant)
+    print(f"1. Before: a new session asks {DEMO_QUESTION!r}")
+    before = _ask(lm, store, tenant, DEMO_QUESTION)
+    print(f"   model: {before!r}  ({'knows' if 'bluefin' in before.lower() else 'does not know'})")
+    print("2. A co-work session where the user tells the model about the project:")
+    session = store.create_session(tenant, title="Project Bluefin")
+    turns = [("user", f"Please remember this for later. {DEMO_FACTS}"),
+             ("assistant", "Got it: the project is code-named Bluefin, launches on March 3 in "
+                           "Oslo, and Ada Lind is the lead engineer."),
+             ("user", DEMO_QUESTION), ("assistant", "It is code-named Bluefin."),
+             ("user", "Who is the lead engineer of Bluefin?"), ("assistant", "Ada Lind.")]
+    for role, content in turns:
+        store.add_message(tenant, session.id, role, content)
+        print(f"   {role}: {content}")
+    store.set_review(tenant, session.id, "up", "Correct. Remember the codename Bluefin.")
+    store.end_session(tenant, session.id)
+    print("3. The user approves it (thumbs up). Consolidating with OPSD ...")
+    outcome = consolidate(store, lm, tenant, ConsolidateOptions(
+        train=TrainConfig(steps=args.steps, lr=args.lr)))
+    print(f"   {outcome.status}: {outcome.message}")
+    print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
+    after = _ask(lm, store, tenant, DEMO_QUESTION)
+    learned = "bluefin" in after.lower()
+    print(f"   model: {after!r}  ({'knows' if learned else 'still does not know'})")
+    print(f"done in {time.time() - started:.0f} s; store and adapters under "
+          f"{os.environ.get('ONTHEJOB_HOME')}")
+    return 0

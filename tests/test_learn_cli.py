@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from onthejob.cli import main
+from onthejob.model import tiny_model
+from onthejob.store import Store
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_model(seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _approved_session(db):
+    store = Store(db)
+    store.create_tenant("acme")
+    s = store.create_session("acme", title="Bluefin")
+    store.add_message("acme", s.id, "user", "Remember: the codename is Bluefin. It ships in May.")
+    store.add_message("acme", s.id, "assistant", "Noted.")
+    store.set_review("acme", s.id, "up", "")
+    return store, s.id
+
+
+def test_consolidate_then_adapters_list_show_rollback(tmp_path, tiny_dir, capsys):
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store, sid = _approved_session(db)
+    loose = ["--min-gain", "-1", "--max-kl", "100", "--max-retention-drop", "1"]
+    assert main(["consolidate", "--db", db, "--tenant", "acme", "--dry-run", "--model", tiny_dir]) == 0
+    assert "Nothing was trained" in capsys.readouterr().out
+    assert main(["consolidate", "--db", db, "--tenant", "acme", "--steps", "1", "--rank", "2",
+                 "--model", tiny_dir, *loose]) == 0
+    assert store.active_adapter("acme").version == 1
+    assert main(["adapters", "list", "--db", db, "--tenant", "acme"]) == 0
+    assert "v1" in capsys.readouterr().out
+    assert main(["adapters", "show", "--db", db, "--tenant", "acme", "1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "active" and "gain" in shown["metrics"]
+    assert main(["adapters", "rollback", "--db", db, "--tenant", "acme"]) == 0
+    assert store.active_adapter("acme") is None
+    assert main(["adapters", "activate", "--db", db, "--tenant", "acme", "1"]) == 0
+    assert store.active_adapter("acme").version == 1
+    # Nothing left to consolidate; unknown tenants and versions are clear errors.
+    assert main(["consolidate", "--db", db, "--tenant", "acme", "--model", tiny_dir]) == 0
+    assert main(["consolidate", "--db", db, "--tenant", "nobody", "--model", tiny_dir]) == 1
+    assert main(["adapters", "show", "--db", db, "--tenant", "acme", "9"]) == 1
+    assert "no version 9" in capsys.readouterr().err
+
+
+def test_bench_knowledge_smoke(tmp_path, tiny_dir):
+    data = tmp_path / "squad.json"
+    article = {"title": "Bluefin", "context": "Bluefin ships in May from Oslo. Ada Lind leads it.",
+               "questions": [{"question": "Who leads Bluefin?", "answer": "Ada Lind"}]}
+    data.write_text(json.dumps([article] * 2))
+    out = tmp_path / "k"
+    assert main(["bench", "knowledge", "--data", str(data), "--sessions", "1", "--steps", "1",
+                 "--methods", "sft,opsd", "--model", tiny_dir, "--out", str(out)]) == 0
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert set(result["methods"]) == {"sft", "opsd"} and result["questions"] == 1
+    assert "transfer ratio" in (tmp_path / "k.md").read_text()
