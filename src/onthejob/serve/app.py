@@ -95,7 +95,7 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
 
     @app.get("/v1/sessions")
     def list_sessions(status: str | None = Query(None, pattern="^(open|ended)$"),
-                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1),
                       who: Principal = Depends(principal)) -> dict:
         found = store.list_sessions(who.tenant, status=status, limit=limit, offset=offset)
         return {"object": "list", "data": [_session_json(s) for s in found]}
