@@ -2,12 +2,17 @@
 -> active (sessions marked consolidated) or rejected (with the reason; sessions stay eligible).
 
 A crash leaves the active adapter untouched: the candidate is written atomically and
-registered before it is activated in one transaction, and the run row says how far it got.
+registered before it is promoted (activated, and its sessions marked consolidated) in one
+transaction, and the run row says how far it got. A run whose process died is marked
+interrupted by the next consolidation, which resumes its training from the last step's
+checkpoint when it is asked for the same work. tests/test_faults.py kills it at each point.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import time
 import traceback
@@ -16,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from onthejob import config
+from onthejob import config, faults
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.gate import GateConfig, Verdict, decide, probe_f1, reading_accuracy, references
 from onthejob.learn.lesson import Lesson, check_fits, context_messages, replay_prompts
@@ -27,7 +32,7 @@ from onthejob.learn.probes import make_probes
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import activate, detach, save
-from onthejob.store import Store
+from onthejob.store import Conflict, Store
 from onthejob.store.types import Adapter, Session
 
 log = logging.getLogger(__name__)
@@ -119,6 +124,8 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
     if opts.method not in METHODS:
         raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
     store.get_tenant(tenant)  # a clear NotFound for an unknown tenant
+    for dead in store.interrupt_dead_runs():
+        say(f"run {dead.id} ({dead.kind}) had stopped mid-way; marked interrupted")
     sessions = _eligible(store, tenant, opts)
     if not sessions:
         return Outcome("nothing", "no approved, unconsolidated sessions: review sessions with "
@@ -139,9 +146,16 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
         say(msg)
         return Outcome("planned", msg, sessions=[s.id for s in sessions])
 
-    run = store.create_run("consolidate", owner, params={
-        "method": opts.method, "scope": opts.scope, "sessions": [s.id for s in sessions],
-        "train": config_dict(opts.train), "opsd": asdict(opts.opsd), "gate": asdict(opts.gate)})
+    params = {"method": opts.method, "scope": opts.scope, "sessions": [s.id for s in sessions],
+              "parent": parent.id if parent else None, "train": config_dict(opts.train),
+              "opsd": asdict(opts.opsd), "gate": asdict(opts.gate)}
+    resumed = _resumable(store, owner, params)
+    run = store.create_run("consolidate", owner,
+                           params={**params, "resumed_from": resumed.id if resumed else None})
+    if resumed is not None:
+        os.replace(checkpoint_dir(resumed.id), checkpoint_dir(run.id))
+        store.update_run(resumed.id, progress={"resumed_by": run.id})
+        say(f"resuming the training of interrupted run {resumed.id} from its last checkpoint")
     try:
         return _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below,
                                run.id, say)
@@ -149,6 +163,20 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
         store.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}\n"
                          + traceback.format_exc(limit=5))
         raise
+
+
+def checkpoint_dir(run_id: int):
+    return config.home() / "runs" / f"consolidate-{run_id}"
+
+
+def _resumable(store: Store, owner: str | None, params: dict):
+    """The latest interrupted run that did the same work and left a training checkpoint."""
+    wanted = json.loads(json.dumps(params, default=str))  # as stored: tuples become lists
+    for run in store.list_runs("consolidate", owner, status="interrupted", limit=5):
+        same = {k: v for k, v in run.params.items() if k not in ("process", "resumed_from")}
+        if same == wanted and (checkpoint_dir(run.id) / "state.pt").exists():
+            return run
+    return None
 
 
 def _shared_below(store: Store, tenant: str) -> list[str]:
@@ -177,7 +205,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         store.update_run(run_id, progress={k: v for k, v in m.items() if isinstance(v, (int, float))})
 
     trainer.run(rule, progress=progress, drift=drift,
-                checkpoint=config.home() / "runs" / f"consolidate-{run_id}")
+                checkpoint=checkpoint_dir(run_id))
     with trainer.frozen_student():
         after_probe = probe_f1(lm, [q for _, q in held], refs)
         after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
@@ -197,31 +225,36 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
                "steps": opts.train.steps, "lr": opts.train.lr})
     version = store.next_adapter_version(opts.scope, owner)
     where = config.adapters_dir() / opts.scope / (owner or "shared") / f"v{version}"
+    if where.exists():  # written by a run killed before registering it: never served, set aside
+        os.replace(where, where.with_name(f"{where.name}.unregistered-{int(time.time())}"))
     digest = save(lm.model, STUDENT, where, meta={"method": opts.method, "run": run_id,
                                                    "sessions": [s.id for s in sessions]})
+    faults.point("adapter-saved")
     adapter = store.add_adapter(opts.scope, owner, method=opts.method, path=str(where),
                                 checksum=digest, parent_id=parent.id if parent else None,
                                 version=version, metrics=verdict.metrics,
                                 status="candidate", reason=verdict.reason)
+    faults.point("candidate-registered")
+    status, reason = ("promoted", verdict.reason) if verdict.promote else ("rejected", verdict.reason)
     if verdict.promote:
-        adapter = store.activate_adapter(adapter.id, reason=verdict.reason)
         by_tenant: dict[str, list[str]] = {}
         for s in sessions:
             by_tenant.setdefault(s.tenant, []).append(s.id)
-        for name, ids in by_tenant.items():
-            store.mark_consolidated(name, ids, adapter.id)
-        status = "promoted"
-    else:
-        adapter = store.set_adapter_status(adapter.id, "rejected", verdict.reason)
-        status = "rejected"
+        try:
+            adapter = store.promote_adapter(adapter.id, by_tenant, reason=verdict.reason)
+            faults.point("promoted")
+        except Conflict as exc:  # e.g. a review turned thumbs-down while it trained
+            status, reason = "rejected", f"not promoted: {exc}"
+    if status == "rejected":
+        adapter = store.set_adapter_status(adapter.id, "rejected", reason)
     store.update_run(run_id, status="done", progress={"outcome": status, "adapter": adapter.id})
     # Leave the model as the server would serve it: training adapters removed.
     for name in (STUDENT, "teacher", *[f"below{i}" for i in range(len(below))]):
         detach(lm, name)
     activate(lm, None)
     torch.set_grad_enabled(True)
-    say(f"{status}: adapter v{adapter.version} ({verdict.reason})")
-    return Outcome(status, verdict.reason, adapter, run_id, [s.id for s in sessions],
+    say(f"{status}: adapter v{adapter.version} ({reason})")
+    return Outcome(status, reason, adapter, run_id, [s.id for s in sessions],
                    verdict.metrics)
 
 

@@ -3,6 +3,7 @@ status, and exactly one active adapter per scope (a partial unique index guarant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -110,21 +111,35 @@ class AdapterStore(StoreBase):
         """Make this adapter its scope's active one; the previous active one is retired in the
         same transaction. Rolling back is activating an earlier version."""
         with self.tx() as orm:
-            row = self._adapter_row(orm, adapter_id, None, lock=True)
-            if row.status == "active":
-                return self._convert(orm, row)
-            current = orm.scalar(select(AdapterRow).where(AdapterRow.owner_key == row.owner_key,
-                                                          AdapterRow.status == "active")
-                                 .with_for_update())
-            if current is not None:
-                current.status = "retired"
-                current.reason = f"replaced by version {row.version}"
-                orm.flush()  # the partial unique index must see the retirement first
-            row.status = "active"
-            if reason:
-                row.reason = reason
-            orm.flush()
+            return self._activate(orm, adapter_id, reason)
+
+    def promote_adapter(self, adapter_id: int, sessions: dict[str, Sequence[str]],
+                        reason: str = "") -> Adapter:
+        """Activate a candidate and mark the sessions it learned (per tenant) consolidated, in
+        one transaction: a crash or a refusal leaves neither. Refused (Conflict) if any session
+        is no longer approved, e.g. its review was changed to thumbs-down during training."""
+        with self.tx() as orm:
+            adapter = self._activate(orm, adapter_id, reason)
+            for tenant, ids in sessions.items():
+                self._mark_consolidated(orm, tenant, ids, adapter_id)
+            return adapter
+
+    def _activate(self, orm: OrmSession, adapter_id: int, reason: str) -> Adapter:
+        row = self._adapter_row(orm, adapter_id, None, lock=True)
+        if row.status == "active":
             return self._convert(orm, row)
+        current = orm.scalar(select(AdapterRow).where(AdapterRow.owner_key == row.owner_key,
+                                                      AdapterRow.status == "active")
+                             .with_for_update())
+        if current is not None:
+            current.status = "retired"
+            current.reason = f"replaced by version {row.version}"
+            orm.flush()  # the partial unique index must see the retirement first
+        row.status = "active"
+        if reason:
+            row.reason = reason
+        orm.flush()
+        return self._convert(orm, row)
 
     def rollback_adapter(self, tenant: TenantRef | None, scope: str = "tenant",
                          reason: str = "rolled back") -> Adapter | None:

@@ -3,6 +3,8 @@ whose process died can be found and marked interrupted, then resumed or failed."
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +13,30 @@ from sqlalchemy import select
 from onthejob.store.base import StoreBase, TenantRef, aware
 from onthejob.store.schema import RunRow, TenantRow, utcnow
 from onthejob.store.types import RUN_STATUSES, NotFound, Run
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_process() -> dict[str, Any]:
+    """Who runs a run: recorded in its params so a later process can tell if it died."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def process_alive(owner: dict[str, Any]) -> bool | None:
+    """True/False for a run owned by a process on this host; None when that cannot be known."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return None
+    start = _process_start(owner["pid"])
+    if start is None:
+        return False if os.path.isdir("/proc") else None
+    return owner.get("start") in (None, start)
 
 
 class RunStore(StoreBase):
@@ -26,7 +52,8 @@ class RunStore(StoreBase):
                    params: dict[str, Any] | None = None) -> Run:
         with self.tx() as orm:
             tenant_id = self._tenant_row(orm, tenant).id if tenant is not None else None
-            row = RunRow(kind=kind, tenant_id=tenant_id, params=dict(params or {}))
+            row = RunRow(kind=kind, tenant_id=tenant_id,
+                         params={**(params or {}), "process": this_process()})
             orm.add(row)
             orm.flush()
             return self._run_of(orm, row)
@@ -85,3 +112,21 @@ class RunStore(StoreBase):
                 row.error = row.error or "no heartbeat: the process running it stopped"
             orm.flush()
             return [self._run_of(orm, r) for r in stale]
+
+    def interrupt_dead_runs(self, stale_after: timedelta = timedelta(minutes=30)) -> list[Run]:
+        """Mark as interrupted the running runs whose process is gone: on this host, a run whose
+        recorded process no longer exists (killed, crashed); elsewhere, a run without a
+        heartbeat for `stale_after`. Call it before starting work that a dead run may block."""
+        cutoff = utcnow() - stale_after
+        with self.tx() as orm:
+            rows = list(orm.scalars(select(RunRow).where(RunRow.status == "running")
+                                    .with_for_update()))
+            dead = []
+            for row in rows:
+                alive = process_alive((row.params or {}).get("process") or {})
+                if alive is False or (alive is None and aware(row.heartbeat_at) < cutoff):
+                    row.status, row.ended_at = "interrupted", utcnow()
+                    row.error = row.error or "its process stopped (killed or crashed) mid-run"
+                    dead.append(row)
+            orm.flush()
+            return [self._run_of(orm, r) for r in dead]

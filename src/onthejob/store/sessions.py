@@ -212,20 +212,24 @@ class SessionStore(StoreBase):
         another tenant, one not approved, or one already marked with another adapter is refused.
         """
         with self.tx() as orm:
-            owner = self._tenant_row(orm, tenant)
-            adapter = orm.get(AdapterRow, adapter_id)
-            if adapter is None or adapter.tenant_id not in (owner.id, None):
-                raise NotFound(f"no adapter {adapter_id}")
-            for session_id in session_ids:
-                row = self._session_row(orm, owner.id, session_id, lock=True)
-                if row.consolidated_adapter_id == adapter_id:
-                    continue
-                if row.consolidated_adapter_id is not None:
-                    raise Conflict(f"session {row.id} is already consolidated into adapter "
-                                   f"{row.consolidated_adapter_id}")
-                verdict = orm.scalar(select(ReviewRow.verdict)
-                                     .where(ReviewRow.session_id == row.id))
-                if verdict != "up":
-                    raise Conflict(f"session {row.id} is not approved (review: {verdict}); "
-                                   "only thumbs-up sessions are consolidated")
-                row.consolidated_adapter_id = adapter_id
+            self._mark_consolidated(orm, tenant, session_ids, adapter_id)
+
+    def _mark_consolidated(self, orm: OrmSession, tenant: TenantRef,
+                           session_ids: Sequence[str], adapter_id: int) -> None:
+        owner = self._tenant_row(orm, tenant)
+        adapter = orm.get(AdapterRow, adapter_id)
+        if adapter is None or adapter.tenant_id not in (owner.id, None):
+            raise NotFound(f"no adapter {adapter_id}")
+        for session_id in session_ids:
+            row = self._session_row(orm, owner.id, session_id, lock=True)
+            if row.consolidated_adapter_id == adapter_id:
+                continue
+            if row.consolidated_adapter_id is not None:
+                raise Conflict(f"session {row.id} is already consolidated into adapter "
+                               f"{row.consolidated_adapter_id}")
+            verdict = orm.scalar(select(ReviewRow.verdict)
+                                 .where(ReviewRow.session_id == row.id))
+            if verdict != "up":
+                raise Conflict(f"session {row.id} is not approved (review: {verdict}); "
+                               "only thumbs-up sessions are consolidated")
+            row.consolidated_adapter_id = adapter_id
