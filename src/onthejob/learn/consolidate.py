@@ -185,8 +185,14 @@ def _shared_below(store: Store, tenant: str) -> list[str]:
     return [shared.path] if shared is not None and allowed else []
 
 
+class StopTraining(Exception):  # noqa: N818 - a signal, not an error
+    """A rule raises it from `step()` to end training early (its compute budget is spent)."""
+
+
 def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below, run_id,
-                    say) -> Outcome:
+                    say, rule=None, mark: bool = True) -> Outcome:
+    """Train (with `rule`, default: the method's), gate, register; shared by dreaming.
+    `mark=False` leaves the sessions unmarked (dreams of sessions nobody approved)."""
     started = time.time()
     trainer = Trainer(lm, opts.train, parent=parent.path if parent else None, stack_below=below)
     held = [(lesson.context, q) for lesson in lessons for q in lesson.held_out]
@@ -196,7 +202,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         before_probe = probe_f1(lm, [q for _, q in held], refs)
         before_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
         before_reading = reading_accuracy(lm)
-    rule = rule_for(opts, lessons, lm)
+    rule = rule if rule is not None else rule_for(opts, lessons, lm)
     drift = AnchorDrift()
     show = print_progress(f"[{opts.method}] ")
 
@@ -204,8 +210,12 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         show(m)
         store.update_run(run_id, progress={k: v for k, v in m.items() if isinstance(v, (int, float))})
 
-    trainer.run(rule, progress=progress, drift=drift,
-                checkpoint=checkpoint_dir(run_id))
+    try:
+        trainer.run(rule, progress=progress, drift=drift, checkpoint=checkpoint_dir(run_id))
+    except StopTraining as stop:
+        say(f"stopped after {len(trainer.history)} steps: {stop}")
+        if not trainer.history:
+            raise ValueError("the budget ended training before its first step") from None
     with trainer.frozen_student():
         after_probe = probe_f1(lm, [q for _, q in held], refs)
         after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
@@ -222,7 +232,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
                "tokens_student": getattr(rule, "tokens_student", 0),
                "tokens_teacher": getattr(rule, "tokens_teacher", 0),
                "held_out": [{"q": q, "ref": r} for (_, q), r in zip(held, refs, strict=True)],
-               "steps": opts.train.steps, "lr": opts.train.lr})
+               "steps": len(trainer.history), "lr": opts.train.lr})
     version = store.next_adapter_version(opts.scope, owner)
     where = config.adapters_dir() / opts.scope / (owner or "shared") / f"v{version}"
     if where.exists():  # written by a run killed before registering it: never served, set aside
@@ -238,7 +248,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
     status, reason = ("promoted", verdict.reason) if verdict.promote else ("rejected", verdict.reason)
     if verdict.promote:
         by_tenant: dict[str, list[str]] = {}
-        for s in sessions:
+        for s in sessions if mark else ():
             by_tenant.setdefault(s.tenant, []).append(s.id)
         try:
             adapter = store.promote_adapter(adapter.id, by_tenant, reason=verdict.reason)
