@@ -14,6 +14,8 @@ COMMAND_MODULES = (
     "onthejob.envs.cli",
     "onthejob.serve.cli",
     "onthejob.learn.cli",
+    "onthejob.dream.cli",
+    "onthejob.learn.grind_cli",
     "onthejob.bench.model_cli",
 )
 

@@ -1,0 +1,265 @@
+"""`onthejob grind`: train a LoRA adapter with GRPO in a grindable environment.
+
+Writes to --out (default $ONTHEJOB_HOME/runs/<run id>/): curve.json (config, every step's
+metrics, the held-out evaluation before and after), curve.png (the reward curve), and the
+adapter (`adapter/`) unless --tenant is given: then the adapter goes to the adapter store
+as the tenant's next version, registered as a candidate with its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from onthejob.envs.base import EnvError
+from onthejob.envs.model_policy import SYSTEM
+from onthejob.learn.grpo import GrpoConfig, eval_seeds
+
+# The action language, told to the model for environments whose actions are not free text.
+SYSTEMS = {
+    "shop": "You are shopping on a web site. Reply with exactly one action: search QUERY, "
+            "click ID, type FIELD TEXT or select FIELD VALUE. IDs are the id attributes on the "
+            "page, for example: click continue",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from onthejob.store.cli import _db_option
+
+    g = sub.add_parser(
+        "grind", parents=[_db_option()], help="train an adapter with GRPO in an environment",
+        description="RLVR: sample groups of rollouts of the model in an environment, reward them "
+        "with its checker, and train a LoRA adapter with GRPO (group-relative advantages, "
+        "clipped ratio, optional KL to the base). Prints progress with ETA; writes the reward "
+        "curve (JSON and PNG) and the adapter; with --tenant the adapter is registered as a "
+        "candidate version of that tenant. Every rollout is logged (`onthejob replay RUN_ID`).")
+    g.add_argument("--env", default="arith", help="environment name (see `onthejob envs list`)")
+    g.add_argument("--group", type=int, default=8, help="rollouts per start state (G)")
+    g.add_argument("--starts", type=int, default=2, help="start states (groups) per step")
+    g.add_argument("--steps", type=int, default=20, help="GRPO steps (one batch of groups each)")
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    g.add_argument("--difficulty", type=int, help="shortcut for --option difficulty=N (arith)")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment option, e.g. start=review for shop (repeatable; JSON values)")
+    g.add_argument("--max-turns", type=int, default=None,
+                   help="environment steps per episode at most (default: 1 for arith, 6 otherwise)")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens per reply")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--clip-eps-high", type=float, default=None,
+                   help="upper clip (default: --clip-eps)")
+    g.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the base")
+    g.add_argument("--kl-every", type=int, default=1,
+                   help="with --beta 0, measure the KL to the base every k steps (0: never)")
+    g.add_argument("--epochs", type=int, default=1, help="inner updates per batch of rollouts")
+    g.add_argument("--no-std", action="store_true", help="advantages r - mean, not divided by std")
+    g.add_argument("--agg", default="token", choices=("token", "rollout"),
+                   help="average the loss over all tokens, or per rollout first")
+    g.add_argument("--system", default=None,
+                   help="system prompt of the policy (default: one per environment)")
+    g.add_argument("--eval-seeds", type=int, default=64,
+                   help="held-out seeds evaluated before and after (0: skip)")
+    g.add_argument("--eval-temperature", type=float, default=0.0,
+                   help="temperature of the held-out evaluation (0: greedy)")
+    g.add_argument("--backend", default="inline", choices=("inline", "process", "ray"),
+                   help="where environment steps run")
+    g.add_argument("--no-log", action="store_true", help="do not log the rollouts")
+    g.add_argument("--tenant", help="register the adapter as a candidate version of this tenant")
+    g.add_argument("--out", help="output folder (default: $ONTHEJOB_HOME/runs/<run id>)")
+    g.add_argument("--plot", help="PNG of the reward curve (default: OUT/curve.png)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", help="local HF model directory (default: embedded)")
+    g.set_defaults(func=_grind)
+
+
+def _config(args: argparse.Namespace) -> GrpoConfig:
+    from onthejob.envs.cli import _options
+
+    options = _options(args.option)
+    if args.difficulty is not None:
+        options["difficulty"] = args.difficulty
+    max_turns = args.max_turns or (1 if args.env == "arith" else 6)
+    return GrpoConfig(
+        env=args.env, options=options, group=args.group, starts=args.starts,
+        max_turns=max_turns, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        system=args.system if args.system is not None else SYSTEMS.get(args.env, SYSTEM),
+        clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high, beta=args.beta,
+        kl_every=args.kl_every, scale_std=not args.no_std, epochs=args.epochs, agg=args.agg,
+        backend=args.backend, log_rollouts=not args.no_log)
+
+
+def _grind(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args)
+        from onthejob.learn.grpo import Grpo
+
+        rule = Grpo(cfg)
+    except (EnvError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = None
+    if args.tenant:
+        from onthejob.store import Store, StoreError
+
+        try:
+            store = Store(args.db)
+            store.get_tenant(args.tenant)
+        except StoreError as exc:
+            print(f"error: {exc} (create it with `onthejob tenants add {args.tenant}`)",
+                  file=sys.stderr)
+            return 1
+    return run_grind(args, cfg, rule, store)
+
+
+def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
+    from onthejob import config
+    from onthejob.learn.grpo import evaluate
+    from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
+    from onthejob.model import load_model
+    from onthejob.model.adapters import LoraSpec, save
+
+    started = time.time()
+    out = Path(args.out) if args.out else config.home() / "runs" / rule.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    plot = Path(args.plot) if args.plot else out / "curve.png"
+    lm = load_model(args.model)
+    train = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+                        lora=LoraSpec(rank=args.rank, alpha=2 * args.rank))
+    seeds = eval_seeds(args.eval_seeds)
+
+    def held_out() -> dict | None:
+        if not seeds:
+            return None
+        t = time.time()
+        result = evaluate(lm, cfg.env, cfg.options, seeds, cfg.max_turns, cfg.max_new_tokens,
+                          temperature=args.eval_temperature, system=cfg.system,
+                          solved_at=cfg.solved_at)
+        result["seconds"] = time.time() - t
+        return result
+
+    print(f"grind {cfg.env} {cfg.options}: {args.steps} steps x {cfg.starts} groups x "
+          f"{cfg.group} rollouts, lr {args.lr}, run {rule.run_id}", file=sys.stderr, flush=True)
+    before = held_out()
+    if before:
+        print(f"held-out before: reward {before['reward']:.3f} solved {before['solved']:.3f} "
+              f"on {len(seeds)} seeds ({before['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    run_row = store.create_run("grind", args.tenant, params={
+        "env": cfg.env, "options": cfg.options, "train": config_dict(train),
+        "grpo": _plain_cfg(cfg), "run_id": rule.run_id}) if store else None
+    trainer = Trainer(lm, train)
+    show = print_progress(f"[grpo {cfg.env}] ")
+    record = {"command": "onthejob " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+              "run_id": rule.run_id, "env": cfg.env, "options": cfg.options,
+              "grpo": _plain_cfg(cfg), "train": config_dict(train), "eval_before": before}
+
+    def progress(m: dict) -> None:
+        show(m)
+        record["history"] = trainer.history
+        _write(out / "curve.json", record)
+        if store:
+            store.update_run(run_row.id, progress={k: v for k, v in m.items()
+                                                   if isinstance(v, (int, float)) and math.isfinite(v)})
+
+    try:
+        trainer.run(rule, progress=progress)
+    except BaseException as exc:
+        if store:
+            store.update_run(run_row.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    with trainer.frozen_student():
+        after = held_out()
+    if after:
+        print(f"held-out after: reward {after['reward']:.3f} solved {after['solved']:.3f}",
+              file=sys.stderr, flush=True)
+    history = trainer.history
+    k = max(1, len(history) // 4)
+    summary = {"reward_first": _mean([h["reward"] for h in history[:k]]),
+               "reward_last": _mean([h["reward"] for h in history[-k:]]),
+               "window": k, "steps": len(history), "seconds": time.time() - started,
+               "rollouts": rule.rollouts, "faults": rule.faults, "tokens": rule.tokens_trained,
+               "eval_before": before, "eval_after": after}
+    metrics = {"env": cfg.env, "options": cfg.options, "run_id": rule.run_id, **summary,
+               "gain": (after["reward"] - before["reward"]) if before and after else None,
+               "kl_to_base": _last_finite(history, "kl")}
+    meta = {"method": "grpo", "env": cfg.env, "options": cfg.options, "run": rule.run_id}
+    if store:
+        version = store.next_adapter_version("tenant", args.tenant)
+        where = config.adapters_dir() / "tenant" / args.tenant / f"v{version}"
+        digest = save(lm.model, STUDENT, where, meta=meta)
+        adapter = store.add_adapter("tenant", args.tenant, method="grpo", path=str(where),
+                                    checksum=digest, version=version, metrics=metrics,
+                                    status="candidate", reason=f"grpo on {cfg.env}")
+        store.update_run(run_row.id, status="done", progress={"adapter": adapter.id})
+        where_text = f"candidate v{version} of tenant {args.tenant} ({where})"
+    else:
+        where = out / "adapter"
+        save(lm.model, STUDENT, where, meta=meta)
+        where_text = str(where)
+    record.update(history=history, eval_after=after, summary=summary, adapter=str(where))
+    _write(out / "curve.json", record)
+    write_plot(record, plot)
+    print(f"reward {summary['reward_first']:.3f} (first {k} steps) -> "
+          f"{summary['reward_last']:.3f} (last {k}); adapter: {where_text}; "
+          f"curve: {out / 'curve.json'}, {plot}; {summary['seconds']:.0f} s")
+    return 0
+
+
+def _plain_cfg(cfg: GrpoConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if isinstance(x, float) and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _last_finite(history: list[dict], key: str) -> float | None:
+    for h in reversed(history):
+        v = h.get(key)
+        if isinstance(v, float) and math.isfinite(v):
+            return v
+    return None
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str, allow_nan=True))
+    tmp.replace(path)
+
+
+def write_plot(record: dict, path: str | Path) -> None:
+    """Per-step mean reward, its moving average, and the held-out reward before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = record.get("history") or []
+    steps = [h["step"] for h in history]
+    reward = [h["reward"] for h in history]
+    w = max(1, len(reward) // 8)
+    smooth = [_mean(reward[max(0, i - w + 1): i + 1]) for i in range(len(reward))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, reward, ".", alpha=0.4, label="mean reward of the step's rollouts")
+    ax.plot(steps, smooth, "-", label=f"moving average ({w} steps)")
+    for key, style, name in (("eval_before", "--", "held-out before"),
+                             ("eval_after", ":", "held-out after")):
+        if record.get(key):
+            ax.axhline(record[key]["reward"], linestyle=style, color="gray",
+                       label=f"{name}: {record[key]['reward']:.2f}")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"onthejob grind {record.get('env')} {record.get('options') or ''}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
