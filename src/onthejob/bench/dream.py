@@ -1,0 +1,261 @@
+"""The dreaming benchmark: four ways to spend compute on a session, on the knowledge
+benchmark's sessions (SQuAD passages; data loading and sessions from bench/knowledge.py).
+
+- compact: the model summarizes the session (the server's /compact instruction); the
+  questions are asked with only the summary in context (the store's context rule). No
+  weights change; the compute is the summary's generation.
+- opsd: OPSD with the session as teacher on consolidation's probes (make_probes).
+- dream: the model with the session writes tasks (dream/tasks.py), the environment gate
+  keeps those that pass (dream/gate.py), OPSD trains on the dreamed questions.
+- dream+opsd: OPSD on the probes and the dreamed questions together.
+Each training method is evaluated without context at every budget in `budgets` (steps of
+one run, evaluation time excluded): pooled no-context accuracy, transfer ratio =
+(after - base) / (in context - base), KL to base on anchor prompts, in-context reading
+accuracy on unseen passages (forgetting), seconds and tokens spent (writing and gating
+the dreams included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+
+import torch
+
+from onthejob.bench.knowledge import load_articles, machine, session_for
+from onthejob.dream.gate import DreamGateConfig
+from onthejob.dream.run import DreamOptions, dream_session
+from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
+from onthejob.learn.evaluate import answer
+from onthejob.learn.gate import reading_accuracy
+from onthejob.learn.lesson import Lesson
+from onthejob.learn.loop import TrainConfig, Trainer
+from onthejob.learn.opsd import Opsd, OpsdConfig
+from onthejob.learn.probes import make_probes
+from onthejob.model import SamplingParams, generate, load_model, render_ids
+from onthejob.serve.turns import COMPACT_INSTRUCTION
+from onthejob.store.context import SUMMARY_HEADER
+
+METHODS = ("compact", "opsd", "dream", "dream+opsd")
+
+
+@dataclass
+class DreamBenchConfig:
+    data: str
+    split: str = "test"
+    sessions: int = 2
+    methods: Sequence[str] = METHODS
+    budgets: Sequence[int] = (5, 15)
+    lr: float = 1e-3
+    seed: int = 0
+    group: int = 6
+    max_questions: int = 15
+    model: str | None = None
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+
+
+def _compact(lm, context, questions, golds) -> dict:
+    started = time.time()
+    prompt = render_ids(lm.tokenizer, [*context, {"role": "user", "content": COMPACT_INSTRUCTION}])
+    summary = generate(lm, [prompt], SamplingParams(max_tokens=256))[0]
+    seconds = time.time() - started
+    after = answer(lm, questions, golds,
+                   context=[{"role": "system", "content": SUMMARY_HEADER + summary.text.strip()}])
+    return {"points": [{"budget": 0, "after": sum(after.correct), "after_f1": after.mean_f1,
+                        "seconds": seconds, "tokens": len(prompt) + len(summary.token_ids),
+                        "kl_to_base": 0.0, "reading": None}],
+            "summary": summary.text.strip(), "answers": after.answers}
+
+
+def _train(lm, lesson: Lesson, cfg: DreamBenchConfig, questions, golds, overhead_s: float,
+           overhead_tokens: int, log) -> list[dict]:
+    """One OPSD run to max(budgets) steps, evaluated at each budget (evaluation untimed)."""
+    trainer = Trainer(lm, TrainConfig(steps=max(cfg.budgets), lr=cfg.lr, seed=cfg.seed))
+    rule = Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+    drift = AnchorDrift()
+    drift.prepare(trainer)
+    points: list[dict] = []
+    clock = {"start": time.time(), "paused": 0.0}
+
+    def at_step(m: dict) -> None:
+        if m["step"] not in cfg.budgets:
+            return
+        paused = time.time()
+        with trainer.frozen_student():
+            after = answer(lm, questions, golds)
+            reading = reading_accuracy(lm)
+        kl = drift(trainer)
+        spent = paused - clock["start"] - clock["paused"]
+        points.append({"budget": m["step"], "after": sum(after.correct), "after_f1": after.mean_f1,
+                       "seconds": overhead_s + spent,
+                       "tokens": overhead_tokens + rule.tokens_student + rule.tokens_teacher,
+                       "kl_to_base": kl, "reading": reading, "answers": after.answers})
+        log(f"      step {m['step']}: {sum(after.correct)}/{len(questions)} right, KL {kl:.3f}, "
+            f"reading {reading:.0%}, {overhead_s + spent:.0f} s spent")
+        clock["paused"] += time.time() - paused
+
+    trainer.run(rule, progress=at_step)
+    return points
+
+
+def run(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    articles = load_articles(cfg.data, cfg.split, cfg.sessions)
+    started = time.time()
+    rows = []
+    lm = load_model(cfg.model)
+    with torch.no_grad():
+        reading_base = reading_accuracy(lm)
+    for i, article in enumerate(articles):
+        qs = article["questions"][: cfg.max_questions]
+        questions, golds = [q["question"] for q in qs], [q["answer"] for q in qs]
+        context = session_for(article)
+        lm = load_model(cfg.model)
+        base = answer(lm, questions, golds)
+        ceiling = answer(lm, questions, golds, context=context)
+        row = {"article": article["title"], "questions": len(qs), "base": sum(base.correct),
+               "in_context": sum(ceiling.correct), "methods": {}}
+        log(f"[{i + 1}/{len(articles)}] {article['title']}: base {row['base']}/{len(qs)}, "
+            f"in context {row['in_context']}/{len(qs)} ({time.time() - started:.0f} s elapsed)")
+        t0 = time.time()
+        probes = make_probes(lm, article["context"], article["title"])
+        probe_s = time.time() - t0
+        dreamed = None
+        if any(m.startswith("dream") for m in cfg.methods):
+            opts = DreamOptions(env_gate=DreamGateConfig(group=cfg.group, seed=cfg.seed))
+            writing, report, dream_s = dream_session(lm, context, article["title"], opts,
+                                                     say=lambda s: log("    " + s))
+            passed = [t for t in writing.tasks if t.id in set(report.passed)]
+            reasons: dict[str, int] = {}
+            for v in report.verdicts:
+                if not v.passed:
+                    key = v.reason.split(":")[0].split(" (")[0]
+                    reasons[key] = reasons.get(key, 0) + 1
+            dreamed = {"seconds": dream_s, "tokens": writing.tokens + report.tokens,
+                       "written": len(writing.tasks) + len(writing.dropped),
+                       "parsed": len(writing.tasks), "passed": len(passed),
+                       "rejections": reasons,
+                       "questions": [t.question for t in passed],
+                       "tasks": [{"q": t.question, "a": t.answers} for t in writing.tasks]}
+            row["dream"] = dreamed
+        for method in cfg.methods:
+            log(f"    {method}:")
+            lm = load_model(cfg.model)
+            if method == "compact":
+                row["methods"][method] = _compact(lm, context, questions, golds)
+                p = row["methods"][method]["points"][0]
+                log(f"      summary in context: {p['after']}/{len(qs)} right, {p['seconds']:.0f} s")
+                continue
+            prompts, over_s, over_tok = list(probes), probe_s, 0
+            if method.startswith("dream"):
+                prompts = dreamed["questions"] + (list(probes) if method == "dream+opsd" else [])
+                over_s += dreamed["seconds"] - (0 if method == "dream+opsd" else probe_s)
+                over_tok += dreamed["tokens"]
+            if not prompts:
+                log("      nothing to train on (no dreamed task passed the gate)")
+                row["methods"][method] = {"points": [
+                    {"budget": b, "after": row["base"], "after_f1": base.mean_f1,
+                     "seconds": over_s, "tokens": over_tok, "kl_to_base": 0.0,
+                     "reading": reading_base, "untrained": True} for b in cfg.budgets]}
+                continue
+            lesson = Lesson(f"article-{i}", context, prompts, title=article["title"])
+            row["methods"][method] = {"prompts": len(prompts), "points": _train(
+                lm, lesson, cfg, questions, golds, over_s, over_tok, log)}
+        rows.append(row)
+    return summarize(cfg, rows, reading_base, time.time() - started)
+
+
+def summarize(cfg: DreamBenchConfig, rows: list[dict], reading_base: float, seconds: float) -> dict:
+    total = sum(r["questions"] for r in rows)
+    base = sum(r["base"] for r in rows) / total
+    ceiling = sum(r["in_context"] for r in rows) / total
+    gap = ceiling - base
+    table = []
+    for m in cfg.methods:
+        n_points = len(rows[0]["methods"][m]["points"])
+        for k in range(n_points):
+            pts = [r["methods"][m]["points"][k] for r in rows]
+            after = sum(p["after"] for p in pts) / total
+            readings = [p["reading"] for p in pts if p["reading"] is not None]
+            table.append({
+                "method": m, "budget_steps": pts[0]["budget"], "after": after,
+                "gain_pts": 100 * (after - base),
+                "transfer_ratio": (after - base) / gap if gap > 0 else float("nan"),
+                "kl_to_base": sum(p["kl_to_base"] for p in pts) / len(pts),
+                "reading_drop_pts": 100 * (reading_base - sum(readings) / len(readings))
+                if readings else 0.0,
+                "seconds_per_session": sum(p["seconds"] for p in pts) / len(pts),
+                "tokens_per_session": sum(p["tokens"] for p in pts) / len(pts),
+            })
+    dreams = [r["dream"] for r in rows if "dream" in r]
+    return {"config": {**asdict(cfg), "methods": list(cfg.methods), "budgets": list(cfg.budgets)},
+            "questions": total, "base": base, "in_context": ceiling,
+            "reading_base": reading_base, "table": table, "rows": rows, "seconds": seconds,
+            "dream_totals": {k: sum(d[k] for d in dreams) for k in ("written", "parsed", "passed")}
+            if dreams else {},
+            "machine": machine(), "date": date.today().isoformat()}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in result["config"]["methods"]:
+        pts = [t for t in result["table"] if t["method"] == m]
+        ax.plot([t["seconds_per_session"] for t in pts], [t["gain_pts"] for t in pts],
+                marker="o", label=m)
+        for t in pts:
+            if t["budget_steps"]:
+                ax.annotate(f"{t['budget_steps']} st", (t["seconds_per_session"], t["gain_pts"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(100 * (result["in_context"] - result["base"]), color="grey", linestyle="--",
+               linewidth=1, label="session in context")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("compute per session (seconds, 2 CPU cores)")
+    ax.set_ylabel("no-context accuracy gain over base (points)")
+    ax.set_title(f"Gain vs compute ({result['config']['split']} split, "
+                 f"{len(result['rows'])} sessions, {result['questions']} questions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict, command: str, png: str) -> str:
+    d = result.get("dream_totals") or {}
+    lines = [f"# Dreaming vs compact vs OPSD ({result['config']['split']} split, "
+             f"{len(result['rows'])} sessions, {result['questions']} questions)", "",
+             f"Command: `{command}`  ",
+             f"Date: {result['date']}; machine: {result['machine']}; total "
+             f"{result['seconds'] / 60:.1f} min", "",
+             f"Base (no context): {result['base']:.1%}; session in context: "
+             f"{result['in_context']:.1%}; in-context reading on unseen passages (base): "
+             f"{result['reading_base']:.1%}."]
+    if d:
+        lines += ["", f"Dreams: {d['written']} tasks written, {d['parsed']} parsed "
+                      f"({d['parsed'] / max(d['written'], 1):.0%}), {d['passed']} passed the gate."]
+    lines += ["", "| method | budget (steps) | no-context accuracy | gain (pts) | transfer ratio "
+              "| KL to base | reading drop (pts) | s / session | tokens / session |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in result["table"]:
+        lines.append(f"| {t['method']} | {t['budget_steps'] or '-'} | {t['after']:.1%} | "
+                     f"{t['gain_pts']:+.1f} | {t['transfer_ratio']:.3f} | {t['kl_to_base']:.3f} | "
+                     f"{t['reading_drop_pts']:+.1f} | {t['seconds_per_session']:.0f} | "
+                     f"{t['tokens_per_session']:.0f} |")
+    lines += ["", f"![gain vs compute]({png})", "", "Per session:", ""]
+    for r in result["rows"]:
+        dr = r.get("dream")
+        extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['passed']} "
+                 f"passed (rejections: {dr['rejections']})" if dr else "")
+        per = ", ".join(f"{m} {'/'.join(str(p['after']) for p in v['points'])}"
+                        for m, v in r["methods"].items())
+        lines.append(f"- {r['article']}: base {r['base']}/{r['questions']}, in context "
+                     f"{r['in_context']}/{r['questions']}; after: {per}{extra}")
+    return "\n".join(lines) + "\n"

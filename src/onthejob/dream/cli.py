@@ -1,0 +1,188 @@
+"""`onthejob dream --session ID`, `onthejob dream show RUN_ID`, `onthejob bench dream`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
+from onthejob.dream.tasks import CHECKERS
+from onthejob.envs.cli import _bench_subparsers
+from onthejob.learn.gate import GateConfig
+from onthejob.learn.loop import TrainConfig
+from onthejob.learn.opsd import OpsdConfig
+from onthejob.store import Store
+from onthejob.store.cli import _command, _db_option
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    db = _db_option()
+    d = sub.add_parser(
+        "dream", parents=[db], help="write practice tasks from a session and train on them",
+        description="The model, with the session in context, writes practice tasks about it "
+        "(question, expected answer, optionally a checker run in the sandbox); each becomes an "
+        "environment that must pass a gate (deterministic reset, the teacher solves it, empty "
+        "and random answers fail, rewards spread across student samples); the model without "
+        "the session trains on those that pass within --budget; the adapter goes through the "
+        "consolidation gate. `onthejob dream show RUN_ID` lists the tasks and verdicts.")
+    d.add_argument("--session", help="the session to dream about")
+    d.add_argument("--tenant", help="the session's tenant")
+    d.add_argument("--budget", default="20steps",
+                   help="training compute cap: steps, tokens or minutes, e.g. 20, 20steps, "
+                   "50000tokens, 5min (default: %(default)s)")
+    d.add_argument("--mode", default="opsd", choices=MODES,
+                   help="opsd: the session as teacher on the dreamed questions; grpo: the "
+                   "dreamed checkers' rewards; both: alternate steps")
+    d.add_argument("--checker", default="match", choices=CHECKERS,
+                   help="match: normalized match / token F1; program: a model-written Python "
+                   "check, run only in the sandbox")
+    d.add_argument("--with-probes", action="store_true",
+                   help="also train on consolidation's probes (dream+opsd)")
+    d.add_argument("--max-tasks", type=int, default=24)
+    d.add_argument("--group", type=int, default=6, help="student samples per task (gate, GRPO)")
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    d.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
+    d.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
+    d.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model", help="local HF model directory (default: embedded)")
+    d.set_defaults(func=_dream)
+    dsub = d.add_subparsers(dest="dream_command", metavar="ACTION")
+    s = dsub.add_parser("show", parents=[db], help="a dream run's tasks and gate verdicts",
+                        description="Each dreamed task of a run: its question, expected answer, "
+                        "checker, and whether it passed the gate (and why not); then the tasks "
+                        "dropped at parsing and the run's outcome.")
+    s.add_argument("run_id", type=int)
+    s.add_argument("--tenant", help="refuse a run of another tenant")
+    s.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    s.set_defaults(func=_command(_show))
+
+    bench = _bench_subparsers(sub)
+    b = bench.add_parser(
+        "dream", help="compact vs opsd vs dream vs dream+opsd on the knowledge benchmark",
+        description="On SQuAD articles as sessions: the session's summary in context "
+        "(compact), OPSD, dreaming, and dreaming+OPSD, each evaluated at several training "
+        "budgets (steps): no-context accuracy, transfer ratio, KL to base on anchors, reading "
+        "accuracy, seconds and tokens spent. Writes a markdown table, JSON and a PNG plot.")
+    from onthejob.bench.model_cli import DEFAULT_DATA
+
+    b.add_argument("--data", default=DEFAULT_DATA, help="squad_seal_val.json (default: %(default)s)")
+    b.add_argument("--split", default="test", choices=("dev", "test"))
+    b.add_argument("--sessions", type=int, default=2, help="articles (sessions) to use")
+    b.add_argument("--methods", default="compact,opsd,dream,dream+opsd")
+    b.add_argument("--budgets", default="5,15", help="training steps at which to evaluate")
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--max-questions", type=int, default=15)
+    b.add_argument("--group", type=int, default=6, help="student samples per dreamed task (gate)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--model", help="local HF model directory (default: embedded)")
+    b.add_argument("--out", default="docs/results/dream", help="output path prefix (.md, .json, .png)")
+    b.set_defaults(func=_bench)
+
+
+def _dream(args: argparse.Namespace) -> int:
+    from onthejob.model import load_model
+    from onthejob.model.adapters import LoraSpec
+
+    if not args.session or not args.tenant:
+        print("error: give --session ID and --tenant NAME (or `onthejob dream show RUN_ID`)",
+              file=sys.stderr)
+        return 2
+    try:
+        budget = Budget.parse(args.budget)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    opts = DreamOptions(mode=args.mode, budget=budget, checker=args.checker,
+                        max_tasks=args.max_tasks, with_probes=args.with_probes,
+                        train=TrainConfig(lr=args.lr, seed=args.seed,
+                                          lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
+                        opsd=OpsdConfig(),
+                        gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
+                                        max_retention_drop=args.max_retention_drop))
+    opts.env_gate.group, opts.env_gate.seed = args.group, args.seed
+
+    def run(store: Store, args: argparse.Namespace) -> int:
+        lm = load_model(args.model)
+        out = dream(store, lm, args.tenant, args.session, opts)
+        print(f"run {out.run_id}: {out.status}: {out.message}")
+        print(f"  tasks written {out.written}, parsed {out.parsed}, passed the gate {out.passed}"
+              f"; see `onthejob dream show {out.run_id}`")
+        return 0 if out.status in ("promoted", "nothing") else 3
+
+    return _command(run)(args)
+
+
+def _show(store: Store, args: argparse.Namespace) -> int:
+    run = store.get_run(args.run_id)
+    if run.kind != "dream":
+        raise ValueError(f"run {args.run_id} is a {run.kind} run, not a dream")
+    if args.tenant and run.tenant != args.tenant:
+        raise ValueError(f"tenant {args.tenant!r} has no dream run {args.run_id}")
+    try:
+        record = load_dream(args.run_id)
+    except FileNotFoundError as exc:
+        print(f"run {run.id}: {run.status} {run.progress}\n{run.error or ''}".rstrip())
+        raise ValueError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"run": {"status": run.status, "progress": run.progress,
+                                  "error": run.error}, **record}, indent=1))
+        return 0
+    tasks = record["tasks"]
+    passed = sum(t["gate"]["passed"] for t in tasks)
+    print(f"dream run {run.id} ({run.status}) of session {record['session']} "
+          f"({record['title'] or 'untitled'}), tenant {record['tenant']}, mode {record['mode']}, "
+          f"budget {record['budget']}")
+    print(f"tasks: {len(tasks) + len(record['dropped'])} written, {len(tasks)} parsed "
+          f"({record['parse_rate']:.0%}), {passed} passed the gate")
+    for i, t in enumerate(tasks, 1):
+        g = t["gate"]
+        check = f"program: {t['program']}" if t["checker"] == "program" else \
+            f"match {' | '.join(t['answers'])}"
+        mark = "PASS" if g["passed"] else "FAIL"
+        print(f"\n{i:>2}. [{mark}] {t['question']}\n    checker: {check}\n"
+              f"    teacher: {g['teacher_answer'].strip()[:80]!r} -> {g['teacher_reward']:.2f}; "
+              f"empty {g['empty_reward']:.2f}, random {g['random_reward']:.2f}, "
+              f"decoy {g['decoy_reward']:.2f}; group {[round(x, 2) for x in g['group_rewards']]}")
+        if not g["passed"]:
+            print(f"    why not: {g['reason']}")
+    if record["dropped"]:
+        print("\ndropped at parsing:")
+        for t in record["dropped"]:
+            print(f"  - {t['problem']}: {t['raw'].strip()[:90]!r}")
+    outcome = record.get("outcome")
+    if outcome:
+        print(f"\noutcome: {outcome['status']}: {outcome['message']}")
+    elif run.error:
+        print(f"\nfailed: {run.error.splitlines()[0]}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from onthejob.bench.dream import DreamBenchConfig, markdown, plot, run
+
+    if not Path(args.data).exists():
+        print(f"error: {args.data} not found; pass --data PATH to squad_seal_val.json",
+              file=sys.stderr)
+        return 2
+    try:
+        budgets = sorted({int(x) for x in args.budgets.split(",") if x.strip()})
+    except ValueError:
+        print("error: --budgets takes comma-separated step counts, e.g. 5,15", file=sys.stderr)
+        return 2
+    cfg = DreamBenchConfig(data=args.data, split=args.split, sessions=args.sessions,
+                           methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                           budgets=budgets, lr=args.lr, seed=args.seed, group=args.group,
+                           max_questions=args.max_questions, model=args.model)
+    result = run(cfg, log=lambda s: print(s, flush=True))
+    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, args.out + ".png")
+    Path(args.out + ".md").write_text(markdown(result, command, Path(args.out + ".png").name))
+    print(f"wrote {args.out}.md, {args.out}.json and {args.out}.png")
+    return 0

@@ -1,0 +1,322 @@
+"""A dream run: one session -> dreamed tasks -> the environment gate -> training within a
+budget -> consolidation's adapter gate and registry.
+
+Every run is a row of the runs table (kind "dream", its phase and progress updated as it
+goes) and a JSON file, $ONTHEJOB_HOME/dreams/<run id>.json, holding every task written,
+every one dropped at parsing (with the problem) and every gate verdict (with the reason).
+
+Training modes: "opsd" (teacher = the model with the session, student prompts = the
+dreamed questions that passed the gate), "grpo" (onthejob.learn.grpo on a DreamEnv of
+those tasks: the checker's reward, group-relative advantages) and "both" (the two on
+alternate steps).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onthejob import config
+from onthejob.dream.gate import DreamGateConfig, GateReport, gate
+from onthejob.dream.tasks import DreamTask, DreamWriting, materials, write_tasks
+from onthejob.learn.consolidate import (
+    ConsolidateOptions,
+    Outcome,
+    StopTraining,
+    _shared_below,
+    _train_and_gate,
+)
+from onthejob.learn.drift import TRAINING_ANCHORS
+from onthejob.learn.gate import GateConfig
+from onthejob.learn.lesson import Lesson, check_fits, context_messages, replay_prompts
+from onthejob.learn.loop import TrainConfig, config_dict
+from onthejob.learn.opsd import Opsd, OpsdConfig
+from onthejob.learn.probes import make_probes
+from onthejob.model import LoadedModel
+from onthejob.model.adapters import use_adapter
+from onthejob.store import Store
+
+MODES = ("opsd", "grpo", "both")
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|tokens?|tok|k?tokens|min|mins|minutes?|m)?\s*$",
+                     re.I)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cap on training compute: steps, tokens (student + teacher) or minutes."""
+
+    kind: str
+    amount: float
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        found = _BUDGET.match(str(text))
+        if not found or float(found.group(1)) <= 0:
+            raise ValueError(f"budget {text!r}: write a positive number of steps, tokens or "
+                             "minutes, e.g. 20, 20steps, 50000tokens, 5min")
+        amount, unit = float(found.group(1)), (found.group(2) or "steps").lower()
+        if unit.startswith("step"):
+            return cls("steps", int(amount))
+        if unit.startswith("m"):
+            return cls("minutes", amount)
+        return cls("tokens", amount)
+
+    def __str__(self) -> str:
+        return f"{self.amount:g} {self.kind}"
+
+
+class Budgeted:
+    """A learning rule under a budget: it raises StopTraining at the start of the first step
+    that would exceed it (every budget allows at least one step)."""
+
+    def __init__(self, rule, budget: Budget):
+        self.rule, self.budget = rule, budget
+        self.name = rule.name
+        self.started: float | None = None
+        self.steps = 0
+
+    @property
+    def tokens_student(self) -> int:
+        return getattr(self.rule, "tokens_student", 0)
+
+    @property
+    def tokens_teacher(self) -> int:
+        return getattr(self.rule, "tokens_teacher", 0)
+
+    @property
+    def tokens_trained(self) -> int:
+        return getattr(self.rule, "tokens_trained", 0)
+
+    def spent(self) -> float:
+        if self.budget.kind == "steps":
+            return self.steps
+        if self.budget.kind == "minutes":
+            return (time.time() - self.started) / 60 if self.started else 0.0
+        return self.tokens_student + self.tokens_teacher + self.tokens_trained
+
+    def prepare(self, trainer) -> None:
+        self.rule.prepare(trainer)
+
+    def step(self, trainer, step: int):
+        if self.started is None:
+            self.started = time.time()
+        elif self.spent() >= self.budget.amount:
+            raise StopTraining(f"budget of {self.budget} spent")
+        self.steps += 1
+        return self.rule.step(trainer, step)
+
+
+@dataclass
+class DreamOptions:
+    mode: str = "opsd"
+    budget: Budget = field(default_factory=lambda: Budget("steps", 20))
+    checker: str = "match"
+    max_tasks: int = 24
+    held_out_share: float = 0.25
+    with_probes: bool = False  # dream+opsd: consolidation's own probes beside the dreams
+    grpo_starts: int = 2  # GRPO: tasks per step (each with a group of env_gate.group answers)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20, lr=1e-3))
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    env_gate: DreamGateConfig = field(default_factory=DreamGateConfig)
+
+    def max_steps(self) -> int:
+        return int(self.budget.amount) if self.budget.kind == "steps" else 10_000
+
+
+@dataclass
+class DreamOutcome:
+    run_id: int
+    status: str  # "promoted", "rejected", "nothing" (no environment passed the gate)
+    message: str
+    written: int = 0
+    parsed: int = 0
+    passed: int = 0
+    adapter_version: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def dream_file(run_id: int) -> Path:
+    return config.home() / "dreams" / f"{run_id}.json"
+
+
+def load_dream(run_id: int) -> dict:
+    path = dream_file(run_id)
+    if not path.exists():
+        raise FileNotFoundError(f"no dream file for run {run_id} at {path}: the run did not get "
+                                "as far as writing tasks (see `onthejob runs`/the run's error)")
+    return json.loads(path.read_text())
+
+
+def _save(run_id: int, record: dict) -> None:
+    path = dream_file(run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+class Alternating:
+    """`--mode both`: OPSD (session as teacher) and GRPO (dreamed rewards) on alternate steps."""
+
+    name = "dream-both"
+
+    def __init__(self, opsd, grpo):
+        self.opsd, self.grpo = opsd, grpo
+
+    @property
+    def tokens_student(self) -> int:
+        return self.opsd.tokens_student + getattr(self.grpo, "tokens_trained", 0)
+
+    @property
+    def tokens_teacher(self) -> int:
+        return self.opsd.tokens_teacher
+
+    def prepare(self, trainer) -> None:
+        self.opsd.prepare(trainer)
+        self.grpo.prepare(trainer)
+
+    def step(self, trainer, step: int):
+        loss, metrics = (self.opsd if step % 2 == 0 else self.grpo).step(trainer, step)
+        return loss, {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def grpo_rule(tasks: Sequence[DreamTask], opts: DreamOptions, run_id: str | None = None):
+    """GRPO (onthejob.learn.grpo) on a DreamEnv of the tasks: a group of student answers per
+    task, rewarded by the task's checker; no system prompt, as the gate's student samples."""
+    try:
+        from onthejob.learn.grpo import Grpo, GrpoConfig
+    except ImportError:
+        raise ValueError(f"--mode {opts.mode} needs the GRPO rule (onthejob.learn.grpo), which "
+                         "this installation does not have; use --mode opsd") from None
+    import onthejob.dream.env  # noqa: F401 - registers "dream"
+
+    cfg = GrpoConfig(env="dream", options={"tasks": [t.to_dict() for t in tasks]},
+                     group=opts.env_gate.group, starts=opts.grpo_starts,
+                     max_new_tokens=opts.env_gate.max_new_tokens, system=None)
+    return Grpo(cfg, run_id=run_id)
+
+
+def build_rule(lm: LoadedModel, lesson: Lesson, tasks: Sequence[DreamTask], opts: DreamOptions,
+               run_id: str | None = None):
+    """The training rule for `opts.mode`, under the budget."""
+    if opts.mode not in MODES:
+        raise ValueError(f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
+    if opts.mode == "opsd":
+        rule = Opsd([lesson], list(TRAINING_ANCHORS), opts.opsd)
+    elif opts.mode == "grpo":
+        rule = grpo_rule(tasks, opts, run_id)
+    else:
+        rule = Alternating(Opsd([lesson], list(TRAINING_ANCHORS), opts.opsd),
+                           grpo_rule(tasks, opts, run_id))
+    return Budgeted(rule, opts.budget)
+
+
+def dream_session(lm: LoadedModel, context: list, title: str, opts: DreamOptions,
+                  say: Callable[[str], None] = print) -> tuple[DreamWriting, GateReport, float]:
+    """Write and gate the tasks of one session's context (the model as it is served now)."""
+    started = time.time()
+    material = materials(context)
+    writing = write_tasks(lm, material, title, opts.checker, opts.max_tasks)
+    say(f"dreamed {len(writing.tasks)} tasks from {len(writing.tasks) + len(writing.dropped)} "
+        f"sentences (parse rate {writing.parse_rate:.0%}) in {time.time() - started:.0f} s")
+    report = gate(lm, context, writing.tasks, opts.env_gate)
+    say(f"gate: {len(report.passed)}/{len(writing.tasks)} environments passed "
+        f"({time.time() - started:.0f} s so far)")
+    return writing, report, time.time() - started
+
+
+def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: DreamOptions,
+          say: Callable[[str], None] = print, run_id: int | None = None) -> DreamOutcome:
+    """Dream one session of `tenant` and train on it; see the module docstring."""
+    if opts.mode not in MODES:
+        raise ValueError(f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
+    session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
+    messages = store.messages(tenant, session_id)
+    review = store.get_review(tenant, session_id)
+    context = context_messages(messages, review.text if review else "")
+    if not context:
+        raise ValueError(f"session {session_id} is empty: there is nothing to dream about")
+    lesson = Lesson(session.id, context, title=session.title or "")
+    check_fits(lm, lesson)
+    opts.train.steps = opts.max_steps()
+    params = {"session": session_id, "mode": opts.mode, "budget": str(opts.budget),
+              "checker": opts.checker, "train": config_dict(opts.train), "opsd": asdict(opts.opsd),
+              "gate": asdict(opts.gate), "env_gate": asdict(opts.env_gate)}
+    if run_id is None:
+        run_id = store.create_run("dream", tenant, params=params).id
+    store.update_run(run_id, status="running", progress={"phase": "writing"})
+    try:
+        return _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id)
+    except BaseException as exc:
+        store.update_run(run_id, status="failed", progress={"phase": "failed"},
+                         error=f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=5))
+        raise
+
+
+def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id) -> DreamOutcome:
+    parent = store.active_adapter(tenant)
+    below = _shared_below(store, tenant)
+    use_adapter(lm, [*below, parent.path] if parent else (below or None))
+    try:
+        writing, report, seconds = dream_session(lm, lesson.context, lesson.title, opts, say)
+    finally:
+        use_adapter(lm, None)
+    verdicts = {v.task: v for v in report.verdicts}
+    record = {"run": run_id, "tenant": tenant, "session": session.id, "title": lesson.title,
+              "mode": opts.mode, "budget": str(opts.budget), "checker": opts.checker,
+              "parse_rate": writing.parse_rate, "dream_seconds": seconds,
+              "tokens": {"writing": writing.tokens, "gate": report.tokens},
+              "tasks": [{**t.to_dict(), "gate": verdicts[t.id].to_dict()} for t in writing.tasks],
+              "dropped": [t.to_dict() for t in writing.dropped]}
+    _save(run_id, record)
+    passed = [t for t in writing.tasks if verdicts[t.id].passed]
+    store.update_run(run_id, progress={"phase": "gated", "written": len(writing.tasks)
+                                       + len(writing.dropped), "parsed": len(writing.tasks),
+                                       "passed": len(passed), "file": str(dream_file(run_id))})
+    counts = dict(written=len(writing.tasks) + len(writing.dropped), parsed=len(writing.tasks),
+                  passed=len(passed))
+    if not passed:
+        msg = "no dreamed environment passed the gate: nothing to train on (see `dream show`)"
+        store.update_run(run_id, status="done", progress={"phase": "done", "outcome": "nothing"})
+        record["outcome"] = {"status": "nothing", "message": msg}
+        _save(run_id, record)
+        say(msg)
+        return DreamOutcome(run_id, "nothing", msg, **counts)
+    rng = random.Random(opts.train.seed)
+    questions = [t.question for t in passed]
+    rng.shuffle(questions)
+    n_held = max(1, round(len(questions) * opts.held_out_share)) if len(questions) > 2 else 0
+    lesson.held_out = questions[:n_held]
+    lesson.probes = questions[n_held:] or questions
+    if opts.with_probes:
+        lesson.probes += replay_prompts(messages) + make_probes(lm, materials(lesson.context),
+                                                                lesson.title)
+    store.update_run(run_id, progress={"phase": "training", "train_prompts": len(lesson.probes),
+                                       "held_out": len(lesson.held_out)})
+    copts = ConsolidateOptions(method="dream", train=opts.train, opsd=opts.opsd, gate=opts.gate)
+    train_ids = set(lesson.probes)
+    rule = build_rule(lm, lesson, [t for t in passed if t.question in train_ids], opts,
+                      run_id=f"dream-{run_id}")
+    approved = (review is not None and review.verdict == "up"
+                and session.consolidated_adapter_id is None)
+    say(f"training ({opts.mode}) on {len(lesson.probes)} dreamed prompts, budget {opts.budget}; "
+        f"{len(lesson.held_out)} held back for the adapter gate")
+    outcome: Outcome = _train_and_gate(store, lm, tenant, tenant, copts, [session], [lesson],
+                                       parent, below, run_id, say, rule=rule, mark=approved)
+    metrics = {**outcome.metrics, "tokens_dream": writing.tokens + report.tokens,
+               "dream_seconds": seconds}
+    record["outcome"] = {"status": outcome.status, "message": outcome.message,
+                         "adapter_version": outcome.adapter.version if outcome.adapter else None,
+                         "metrics": metrics}
+    _save(run_id, record)
+    store.update_run(run_id, progress={"phase": "done", "outcome": outcome.status})
+    return DreamOutcome(run_id, outcome.status, outcome.message, **counts,
+                        adapter_version=outcome.adapter.version if outcome.adapter else None,
+                        metrics=metrics)
