@@ -1,0 +1,295 @@
+"""Real processes killed with SIGKILL at the worst moments, then restarted:
+
+- the server, while answers stream: every message it acknowledged is in the store;
+- `onthejob consolidate`, mid-training: the active adapter is untouched, the run is marked
+  interrupted, and the next consolidation resumes its training from the checkpoint;
+- `onthejob consolidate`, at each point of promotion (ONTHEJOB_FAULT_PAUSE, see
+  onthejob.faults): the active adapter is the old one or the new one, its checksum verifies and
+  the server loads it, and the next consolidation completes.
+
+The tiny random model is saved to a directory so the subprocesses load it like a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+import torch
+
+from onthejob.cli import main
+from onthejob.faults import POINTS
+from onthejob.model import adapters as model_adapters
+from onthejob.model import tiny_model
+from onthejob.serve.turns import AdapterResolver
+from onthejob.store import Store
+
+LOOSE_GATE = ["--min-gain", "-1", "--max-kl", "1000", "--max-retention-drop", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_model(seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _env(home) -> dict:
+    env = {**os.environ, "ONTHEJOB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("ONTHEJOB_FAULT_PAUSE", None)
+    return env
+
+
+def _spawn(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "onthejob.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the server killed while it streams ---------------------------------------------------------
+
+def _start_server(tiny_dir, db, home, port) -> subprocess.Popen:
+    proc = _spawn(["serve", "--model", tiny_dir, "--db", db, "--port", str(port)], _env(home))
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    _kill(proc)
+    raise AssertionError("the server did not start in 90 s")
+
+
+def _client(base, key, model, streaming, acked, stop):
+    """Send turns until the server dies; record (session, role, content) once acknowledged:
+    the user's message when the response starts, the answer when it is complete."""
+    sid = None
+    with httpx.Client(base_url=base, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as http:
+        for turn in range(1000):
+            if stop.is_set():
+                return
+            content = f"turn {turn} {uuid.uuid4().hex}"
+            body = {"model": model, "messages": [{"role": "user", "content": content}],
+                    "temperature": 1.0, "seed": turn, "stream": streaming,
+                    "max_tokens": 600 if streaming else 4}
+            if streaming:
+                sid = None  # a new session for each long answer, which fills the context
+            headers = {"X-Session-Id": sid} if sid else {}
+            try:
+                if not streaming:
+                    r = http.post("/v1/chat/completions", json=body, headers=headers)
+                    assert r.status_code == 200, r.text
+                    sid = r.headers["x-session-id"]
+                    acked.append((sid, "user", content))
+                    acked.append((sid, "assistant", r.json()["choices"][0]["message"]["content"]))
+                    continue
+                with http.stream("POST", "/v1/chat/completions", json=body,
+                                 headers=headers) as r:
+                    assert r.status_code == 200, r.read()
+                    sid = r.headers["x-session-id"]
+                    acked.append((sid, "user", content))
+                    pieces, done = [], False
+                    for line in r.iter_lines():
+                        if line == "data: [DONE]":
+                            done = True
+                        elif line.startswith("data: "):
+                            chunk = json.loads(line[6:])
+                            if chunk.get("choices"):
+                                pieces.append(chunk["choices"][0]["delta"].get("content", ""))
+                    if done:
+                        acked.append((sid, "assistant", "".join(pieces)))
+            except (httpx.HTTPError, OSError):
+                return  # the server is gone
+
+
+def test_server_killed_mid_stream_loses_no_acknowledged_message(tiny_dir, tmp_path):
+    db = f"sqlite:///{tmp_path / 'serve.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    key = store.create_key("acme")
+    store.close()
+    port = _free_port()
+    server = _start_server(tiny_dir, db, tmp_path / "home", port)
+    base, model = f"http://127.0.0.1:{port}", httpx.get(f"http://127.0.0.1:{port}/health").json()["model"]
+    acked: list[tuple[str, str, str]] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=_client, args=(base, key, model, i < 3, acked, stop))
+               for i in range(5)]
+    for c in clients:
+        c.start()
+    deadline = time.time() + 60
+    while sum(role == "user" for _, role, _ in acked) < 6 and time.time() < deadline:
+        time.sleep(0.05)
+    _kill(server)  # answers are mid-stream now: three clients ask for 600 tokens each
+    stop.set()
+    for c in clients:
+        c.join(timeout=60)
+    assert sum(role == "user" for _, role, _ in acked) >= 6
+
+    server = _start_server(tiny_dir, db, tmp_path / "home", port)
+    try:
+        with httpx.Client(base_url=base, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as http:
+            stored = {}
+            for sid in {sid for sid, _, _ in acked}:
+                r = http.get(f"/v1/sessions/{sid}")
+                assert r.status_code == 200, r.text
+                stored[sid] = [(m["role"], m["content"]) for m in r.json()["messages"]]
+            for sid, role, content in acked:
+                assert stored[sid].count((role, content)) == 1, (role, content)
+            # The restarted server carries on in a session the kill interrupted.
+            sid = next(sid for sid, role, _ in acked if role == "assistant")
+            r = http.post("/v1/chat/completions", headers={"X-Session-Id": sid}, json={
+                "model": model, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "still there?"}]})
+            assert r.status_code == 200 and r.headers["x-session-id"] == sid
+    finally:
+        _kill(server)
+
+
+# --- consolidation killed -----------------------------------------------------------------------
+
+def _write_adapter(target, seed: int) -> str:
+    lm = tiny_model(seed=0)
+    model_adapters.attach(lm, "fresh", model_adapters.LoraSpec(rank=2, alpha=4))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in lm.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model_adapters.save(lm.model, "fresh", target)
+
+
+def _store_with_v1(tmp_path) -> tuple[Store, str, object]:
+    """acme with an active v1 adapter and one approved, unconsolidated session."""
+    db = f"sqlite:///{tmp_path / 'learn.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    path = tmp_path / "home" / "adapters" / "tenant" / "acme" / "v1"
+    v1 = store.add_adapter("tenant", "acme", method="test", path=str(path),
+                           checksum=_write_adapter(path, seed=1))
+    store.activate_adapter(v1.id)
+    s = store.create_session("acme", title="Bluefin")
+    store.add_message("acme", s.id, "user", "Remember: the codename is Bluefin. It ships in May.")
+    store.add_message("acme", s.id, "assistant", "Noted.")
+    store.set_review("acme", s.id, "up", "")
+    return store, db, store.get_adapter(v1.id)
+
+
+def _assert_serves_a_valid_active_adapter(store: Store, allowed: set[int]) -> None:
+    active = store.active_adapter("acme")
+    assert active is not None and active.version in allowed
+    assert model_adapters.verify(active.path) == active.checksum
+    paths = AdapterResolver(store).paths(store.get_tenant("acme"))
+    assert paths == [active.path]
+    lm = tiny_model(seed=0)
+    model_adapters.use_adapter(lm, paths)  # loads, with its checksum verified
+
+
+def _consolidate_args(db, tiny_dir, steps: int) -> list[str]:
+    return ["consolidate", "--db", db, "--tenant", "acme", "--model", tiny_dir, "--method", "sft",
+            "--steps", str(steps), "--rank", "2", *LOOSE_GATE]
+
+
+def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, tmp_path,
+                                                                      monkeypatch):
+    store, db, v1 = _store_with_v1(tmp_path)
+    args = _consolidate_args(db, tiny_dir, steps=400)
+    proc = _spawn(args, _env(tmp_path / "home"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        runs = store.list_runs("consolidate")
+        if runs and runs[0].progress.get("step", 0) >= 2:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    _kill(proc)
+    dead = store.list_runs("consolidate")[0]
+    reached = dead.progress.get("step", 0)
+    assert reached >= 2, "training did not reach step 2 in 120 s"
+    assert dead.status == "running"  # as the killed process left it
+    assert store.active_adapter("acme") == v1
+    assert [a.version for a in store.list_adapters("tenant", "acme")] == [1]
+    _assert_serves_a_valid_active_adapter(store, {1})
+    # The same command again: the dead run is found, marked, and its training resumed.
+    # (400 steps would be long; the test stops the resumed run right after it resumes.)
+    from onthejob.learn import loop
+
+    seen = {}
+    original = loop.Trainer._resume
+
+    def resume_then_finish(self, path):
+        start = original(self, path)
+        seen["start"] = start
+        self.cfg.steps = start + 1  # one more step, then the gate and promotion
+        return start
+
+    monkeypatch.setattr(loop.Trainer, "_resume", resume_then_finish)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    assert seen["start"] >= reached
+    interrupted = store.get_run(dead.id)
+    assert interrupted.status == "interrupted" and "killed" in interrupted.error
+    new = store.list_runs("consolidate")[0]
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    active = store.active_adapter("acme")
+    assert active.version == 2 and active.parent_id == v1.id
+    _assert_serves_a_valid_active_adapter(store, {2})
+
+
+@pytest.mark.parametrize("point", sorted(POINTS))
+def test_consolidate_killed_during_promotion_keeps_a_valid_active_adapter(tiny_dir, tmp_path,
+                                                                          monkeypatch, point):
+    store, db, v1 = _store_with_v1(tmp_path)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": point}
+    proc = _spawn(_consolidate_args(db, tiny_dir, steps=1), env)
+    output = []
+    for line in proc.stdout:  # wait for the process to reach the named point
+        output.append(line)
+        if line.startswith(f"fault-pause: {point}"):
+            break
+    assert output and output[-1].startswith("fault-pause"), "".join(output)
+    _kill(proc)
+    _assert_serves_a_valid_active_adapter(store, {1, 2})
+    expected = 2 if point == "promoted" else 1
+    assert store.active_adapter("acme").version == expected
+    sessions = store.sessions_to_consolidate("acme")
+    assert (sessions == []) == (point == "promoted")  # promotion and marking are one step
+
+    # Restart: the dead run is marked and the work completes (or there is none left).
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(_consolidate_args(db, tiny_dir, steps=1)) == 0
+    runs = store.list_runs("consolidate")
+    assert runs[-1].status == "interrupted"
+    assert store.sessions_to_consolidate("acme") == []
+    # A registered candidate keeps its version number, so the retry is v3; files written but
+    # never registered are set aside and v2 is written afresh.
+    final = store.active_adapter("acme")
+    assert final.version == (3 if point == "candidate-registered" else 2)
+    assert final.parent_id == v1.id
+    _assert_serves_a_valid_active_adapter(store, {final.version})
