@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "onthejob.dream.cli",
     "onthejob.learn.grind_cli",
     "onthejob.bench.model_cli",
+    "onthejob.bench.load_cli",
 )
 
 

@@ -1,0 +1,58 @@
+"""`onthejob bench load`: concurrent clients against a real server process; counts every
+acknowledged message in the store. Writes a markdown report (and JSON beside it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from onthejob.envs.cli import _bench_subparsers
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bsub = _bench_subparsers(sub)
+    p = bsub.add_parser(
+        "load", help="concurrent clients against a real server; nothing acknowledged is lost",
+        description="Start `onthejob serve` on a loopback port, run N concurrent clients that "
+        "each send M chat turns in sessions (a share streamed), stop by itself, then count "
+        "acknowledged messages against the store (each must be stored exactly once), 5xx "
+        "responses, p50/p99 latency and throughput.")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    p.add_argument("--requests", type=int, default=10, help="requests per client (default: 10)")
+    p.add_argument("--db", metavar="URL", help="database URL, e.g. postgresql+psycopg2://... "
+                   "(default: a fresh SQLite file in a temporary directory)")
+    p.add_argument("--model", default="tiny", help="'tiny' (random weights, real tokenizer: "
+                   "measures the service, not the model), 'default', or a local model directory")
+    p.add_argument("--max-tokens", type=int, default=8, help="answer length per request")
+    p.add_argument("--stream-share", type=float, default=0.5,
+                   help="share of requests sent with stream=true (default: 0.5)")
+    p.add_argument("--out", default="docs/results/load.md", help="markdown file to write")
+    p.set_defaults(func=_load)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from onthejob.bench.load import LoadConfig, markdown, run
+
+    if args.clients < 1 or args.requests < 1 or not 0 <= args.stream_share <= 1:
+        print("error: --clients and --requests must be at least 1 and --stream-share in [0, 1]",
+              file=sys.stderr)
+        return 2
+    cfg = LoadConfig(clients=args.clients, requests=args.requests, db=args.db, model=args.model,
+                     max_tokens=args.max_tokens, stream_share=args.stream_share)
+    try:
+        result = run(cfg, say=lambda s: print(s, flush=True))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = markdown(result, command)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(result.summary(), indent=1, default=str))
+    print(text)
+    print(f"wrote {out}")
+    return 0 if result.lost == 0 and result.server_errors == 0 else 3
