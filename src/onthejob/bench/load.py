@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -215,6 +216,7 @@ def _count(store: Store, tenant: str, acked: list, result: Result) -> None:
 
 def run(cfg: LoadConfig, say=print) -> Result:
     result = Result(config=asdict(cfg))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory(prefix="onthejob-load-") as scratch_dir:
         scratch = Path(scratch_dir)
         db = cfg.db or f"sqlite:///{scratch / 'load.db'}"

@@ -1,0 +1,39 @@
+"""The load benchmark at a tiny size: a real server process, concurrent clients, streamed and
+not; nothing acknowledged is lost, nothing is stored twice, no 5xx. On PostgreSQL too when
+ONTHEJOB_TEST_PG_URL is set."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from onthejob.bench.load import LoadConfig, run
+from onthejob.cli import main
+
+PG_URL = os.environ.get("ONTHEJOB_TEST_PG_URL")
+
+
+def _check(result) -> None:
+    assert result.statuses == {"200": result.config["clients"] * result.config["requests"]}
+    assert result.server_errors == 0
+    assert result.acknowledged == 2 * sum(result.statuses.values())
+    assert result.lost == 0 and result.duplicated == 0
+    assert result.stored == result.acknowledged
+    assert 0 < result.percentile(50) <= result.percentile(99)
+
+
+def test_load_bench_loses_nothing_on_sqlite(tmp_path, capsys):
+    out = tmp_path / "load.md"
+    assert main(["bench", "load", "--clients", "3", "--requests", "3", "--max-tokens", "3",
+                 "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["lost"] == 0 and summary["server_errors"] == 0
+    assert summary["acknowledged"] == summary["stored"] == 18
+    assert "acknowledged but lost | 0" in out.read_text()
+
+
+@pytest.mark.skipif(not PG_URL, reason="ONTHEJOB_TEST_PG_URL is unset (.ci/run starts a PostgreSQL)")
+def test_load_bench_loses_nothing_on_postgresql():
+    _check(run(LoadConfig(clients=3, requests=3, max_tokens=3, db=PG_URL), say=lambda s: None))
