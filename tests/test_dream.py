@@ -239,6 +239,22 @@ def test_dream_budget_in_tokens_and_nothing_to_train(tmp_path, tiny_lm, monkeypa
     assert out.run_id != none.run_id
 
 
+@pytest.mark.parametrize("mode", ["grpo", "both"])
+def test_dream_grpo_and_both_modes_train_on_dreamed_rewards(tmp_path, tiny_lm, monkeypatch, mode):
+    store, sid = _store(tmp_path)
+    _fake_dreams(monkeypatch)
+    opts = _loose(mode=mode, grpo_starts=1)
+    out = dream(store, tiny_lm, "acme", sid, opts, say=lambda s: None)
+    assert out.status == "promoted" and out.metrics["steps"] == 2
+    # GRPO rolled out groups on the dreamed environments, logged and rewarded by their checker.
+    from onthejob import config
+
+    lines = (config.home() / "runs" / f"dream-{out.run_id}" / "rollouts.jsonl").read_text()
+    rollouts = [json.loads(x) for x in lines.splitlines()]
+    assert rollouts and {r["env"] for r in rollouts} == {"dream"}
+    assert all(r["rewards"] and 0.0 <= r["rewards"][0] <= 1.0 for r in rollouts)
+
+
 def test_dream_refuses_foreign_sessions_and_unwired_modes(tmp_path, tiny_lm):
     from onthejob.store import NotFound
 

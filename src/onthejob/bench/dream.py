@@ -17,6 +17,8 @@ the dreams included).
 
 from __future__ import annotations
 
+import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from datetime import date
 
 import torch
 
-from onthejob.bench.knowledge import load_articles, machine, session_for
+from onthejob.bench.knowledge import load_articles, session_for
 from onthejob.dream.gate import DreamGateConfig
 from onthejob.dream.run import DreamOptions, dream_session
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
@@ -198,6 +200,11 @@ def summarize(cfg: DreamBenchConfig, rows: list[dict], reading_base: float, seco
             "dream_totals": {k: sum(d[k] for d in dreams) for k in ("written", "parsed", "passed")}
             if dreams else {},
             "machine": machine(), "date": date.today().isoformat()}
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
+            f"{sys.version.split()[0]}, torch {torch.__version__}")
 
 
 def plot(result: dict, path: str) -> None:

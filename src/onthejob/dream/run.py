@@ -82,23 +82,19 @@ class Budgeted:
         self.steps = 0
 
     @property
-    def tokens_student(self) -> int:
-        return getattr(self.rule, "tokens_student", 0)
+    def tokens_student(self) -> int:  # GRPO counts the sampled tokens it trained on
+        return getattr(self.rule, "tokens_student", 0) or getattr(self.rule, "tokens_trained", 0)
 
     @property
     def tokens_teacher(self) -> int:
         return getattr(self.rule, "tokens_teacher", 0)
-
-    @property
-    def tokens_trained(self) -> int:
-        return getattr(self.rule, "tokens_trained", 0)
 
     def spent(self) -> float:
         if self.budget.kind == "steps":
             return self.steps
         if self.budget.kind == "minutes":
             return (time.time() - self.started) / 60 if self.started else 0.0
-        return self.tokens_student + self.tokens_teacher + self.tokens_trained
+        return self.tokens_student + self.tokens_teacher
 
     def prepare(self, trainer) -> None:
         self.rule.prepare(trainer)

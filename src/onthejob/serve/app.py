@@ -11,6 +11,8 @@ Endpoints (all but /health need `Authorization: Bearer <key>`):
   POST /v1/sessions/{id}/review      {"verdict": "up"|"down", "text": "..."}
   POST /v1/sessions/{id}/end         end the session
   POST /v1/sessions/{id}/compact     the model summarizes the session; later turns build on it
+  POST /v1/sessions/{id}/dream       start a dream (background job) -> its run id
+  GET  /v1/dreams, /v1/dreams/{id}   the caller's dreams: status, progress, tasks and verdicts
   GET  /v1/admin/tenants             admin key only
   POST /v1/admin/tenants             admin key only: {"name", "allow_shared"} -> a new key
   POST /v1/admin/tenants/{name}/keys admin key only: {"admin": false} -> a new key
@@ -28,6 +30,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from onthejob.model import ContextLengthError, LoadedModel
 from onthejob.serve import errors, openapi
 from onthejob.serve.completions import SESSION_HEADER, chat_completions
+from onthejob.serve.dreams import add_dream_routes
 from onthejob.serve.engine import Engine
 from onthejob.serve.errors import APIError
 from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
@@ -151,6 +154,8 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_value") from None
         return {"object": "message", **_json(message)}
+
+    app.state.dreams = add_dream_routes(app, ctx, principal)
 
     @app.get("/v1/admin/tenants")
     def tenants(_who: Principal = Depends(admin)) -> dict:

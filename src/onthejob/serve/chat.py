@@ -16,6 +16,8 @@ from onthejob.store import Conflict, NewMessage, NotFound, Store
 HELP = """commands:
   /review up|down [words]  give or change this session's review (thumbs up or down)
   /compact                 the model summarizes the session; later turns start from the summary
+  /dream [BUDGET] [MODE]   write practice tasks from this session and train on them now
+                           (BUDGET: 20steps, 50000tokens, 5min; MODE: opsd, grpo or both)
   /end                     end the session and leave
   /help                    this help
 Ctrl-D leaves and keeps the session open (resume it with --session ID)."""
@@ -104,7 +106,7 @@ class ChatSession:
         name, _, rest = line.partition(" ")
         if name == "/help":
             self.say(HELP)
-        elif name in ("/review", "/compact", "/end") and self.session_id is None:
+        elif name in ("/review", "/compact", "/dream", "/end") and self.session_id is None:
             self.say("[nothing to act on yet: say something first]")
         elif name == "/review":
             verdict, _, words = rest.strip().partition(" ")
@@ -123,6 +125,8 @@ class ChatSession:
                 self.say(f"[summary stored; later turns start from it]\n{summary.content}")
             except (ValueError, Conflict) as exc:
                 self.say(f"[cannot compact: {exc}]")
+        elif name == "/dream":
+            self.dream(rest.split())
         elif name == "/end":
             self.store.end_session(self.tenant, self.session_id)
             self.say(f"[session {self.session_id} ended]")
@@ -130,6 +134,31 @@ class ChatSession:
         else:
             self.say(f"[unknown command {name}; /help lists the commands]")
         return True
+
+
+    def dream(self, words: list[str]) -> None:
+        """Dream this session in the foreground: the engine's lock is held, so the model is
+        the chat's alone meanwhile; the adapter it promotes serves the next turn."""
+        from onthejob.dream.run import MODES, Budget, DreamOptions, dream
+
+        mode = next((w for w in words if w in MODES), "opsd")
+        try:
+            budget = Budget.parse(next((w for w in words if w not in MODES), "20steps"))
+        except ValueError as exc:
+            self.say(f"[{exc}]")
+            return
+        self.say(f"[dreaming about this session: mode {mode}, budget {budget}; this takes a "
+                 "while (progress below)]")
+        try:
+            with self.engine.lock:
+                out = dream(self.store, self.engine.lm, self.tenant.name, self.session_id,
+                            DreamOptions(mode=mode, budget=budget),
+                            say=lambda s: self.say(f"[{s}]"))
+        except (ValueError, NotFound) as exc:
+            self.say(f"[cannot dream: {exc}]")
+            return
+        self.say(f"[dream run {out.run_id}: {out.status}: {out.message}; "
+                 f"`onthejob dream show {out.run_id}` lists the tasks]")
 
 
 def run_chat(engine: Engine, store: Store, tenant: str, session_id: str | None = None, *,

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from onthejob.serve.dreams import DreamRequest
 from onthejob.serve.schemas import (
     ChatRequest,
     KeyCreate,
@@ -22,6 +23,7 @@ BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/v1/sessions/{session_id}/review", "post"): ReviewRequest,
     ("/v1/admin/tenants", "post"): TenantCreate,
     ("/v1/admin/tenants/{name}/keys", "post"): KeyCreate,
+    ("/v1/sessions/{session_id}/dream", "post"): DreamRequest,
 }
 ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
     "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
