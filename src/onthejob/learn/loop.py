@@ -75,6 +75,9 @@ class Trainer:
         self.params = [p for p in lm.model.parameters() if p.requires_grad]
         if not self.params:
             raise RuntimeError("no trainable adapter parameters")
+        if world() > 1:  # every rank starts from rank 0's adapter
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.history: list[dict[str, float]] = []
 
