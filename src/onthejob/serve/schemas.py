@@ -1,4 +1,5 @@
-"""Request bodies. Unknown fields are refused (400), so a typo is never silently ignored.
+"""Request bodies. Unknown fields are refused (400), so a typo is never silently ignored, and
+types are strict, as OpenAI's are: "8" is not a number, true is not 1, "yes" is not a boolean.
 OpenAI fields that onthejob does not implement are accepted only at their neutral value."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ MAX_STOP_LENGTH = 64
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(Strict):
