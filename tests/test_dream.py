@@ -298,3 +298,23 @@ def test_cli_dream_then_show(tmp_path, tiny_dir, capsys):
     assert main(["dream", "--db", db, "--tenant", "other", "--session", sid,
                  "--model", tiny_dir]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_dream_smoke(tmp_path, tiny_dir):
+    from onthejob.cli import main
+
+    data = tmp_path / "squad.json"
+    article = {"title": "Bluefin", "context": MATERIAL,
+               "questions": [{"question": "Who leads Bluefin?", "answer": "Ada Lind"}]}
+    data.write_text(json.dumps([article] * 201))
+    out = tmp_path / "d"
+    assert main(["bench", "dream", "--data", str(data), "--sessions", "1", "--budgets", "1",
+                 "--methods", "compact,dream", "--group", "2", "--model", tiny_dir,
+                 "--out", str(out)]) == 0
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert [t["method"] for t in result["table"]] == ["compact", "dream"]
+    assert result["dream_totals"]["written"] == 5 and result["questions"] == 1
+    assert "transfer ratio" in (tmp_path / "d.md").read_text()
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "dream", "--data", str(data), "--methods", "nap",
+                 "--model", tiny_dir, "--out", str(out)]) == 2

@@ -192,6 +192,7 @@ def summarize(cfg: DreamBenchConfig, rows: list[dict], reading_base: float, seco
                 if readings else 0.0,
                 "seconds_per_session": sum(p["seconds"] for p in pts) / len(pts),
                 "tokens_per_session": sum(p["tokens"] for p in pts) / len(pts),
+                "untrained_sessions": sum(bool(p.get("untrained")) for p in pts),
             })
     dreams = [r["dream"] for r in rows if "dream" in r]
     return {"config": {**asdict(cfg), "methods": list(cfg.methods), "budgets": list(cfg.budgets)},
@@ -252,11 +253,14 @@ def markdown(result: dict, command: str, png: str) -> str:
               "| KL to base | reading drop (pts) | s / session | tokens / session |",
               "|---|---|---|---|---|---|---|---|---|"]
     for t in result["table"]:
-        lines.append(f"| {t['method']} | {t['budget_steps'] or '-'} | {t['after']:.1%} | "
+        note = f" ({t['untrained_sessions']} untrained)" if t.get("untrained_sessions") else ""
+        lines.append(f"| {t['method']}{note} | {t['budget_steps'] or '-'} | {t['after']:.1%} | "
                      f"{t['gain_pts']:+.1f} | {t['transfer_ratio']:.3f} | {t['kl_to_base']:.3f} | "
                      f"{t['reading_drop_pts']:+.1f} | {t['seconds_per_session']:.0f} | "
                      f"{t['tokens_per_session']:.0f} |")
-    lines += ["", f"![gain vs compute]({png})", "", "Per session:", ""]
+    lines += ["", "(n untrained): sessions where no dreamed task passed the gate, so nothing "
+              "was trained; their accuracy is the base's and their compute the dreaming's.",
+              "", f"![gain vs compute]({png})", "", "Per session:", ""]
     for r in result["rows"]:
         dr = r.get("dream")
         extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['passed']} "

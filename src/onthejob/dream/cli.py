@@ -163,7 +163,7 @@ def _show(store: Store, args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onthejob.bench.dream import DreamBenchConfig, markdown, plot, run
+    from onthejob.bench.dream import METHODS, DreamBenchConfig, markdown, plot, run
 
     if not Path(args.data).exists():
         print(f"error: {args.data} not found; pass --data PATH to squad_seal_val.json",
@@ -172,10 +172,17 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         budgets = sorted({int(x) for x in args.budgets.split(",") if x.strip()})
     except ValueError:
-        print("error: --budgets takes comma-separated step counts, e.g. 5,15", file=sys.stderr)
+        budgets = []
+    if not budgets or budgets[0] < 1:
+        print("error: --budgets takes comma-separated positive step counts, e.g. 5,15",
+              file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS):
+        print(f"error: --methods takes some of {','.join(METHODS)}", file=sys.stderr)
         return 2
     cfg = DreamBenchConfig(data=args.data, split=args.split, sessions=args.sessions,
-                           methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                           methods=methods,
                            budgets=budgets, lr=args.lr, seed=args.seed, group=args.group,
                            max_questions=args.max_questions, model=args.model)
     result = run(cfg, log=lambda s: print(s, flush=True))
