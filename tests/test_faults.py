@@ -293,3 +293,32 @@ def test_consolidate_killed_during_promotion_keeps_a_valid_active_adapter(tiny_d
     assert final.version == (3 if point == "candidate-registered" else 2)
     assert final.parent_id == v1.id
     _assert_serves_a_valid_active_adapter(store, {final.version})
+
+
+def test_dead_runs_are_found_by_their_process_or_their_heartbeat(tmp_path):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from onthejob.store.schema import RunRow
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    mine = store.create_run("consolidate")  # this process: alive
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = store.create_run("consolidate")
+    far = store.create_run("grind")
+    far_fresh = store.create_run("grind")
+    params = store.get_run(dead.id).params
+    params["process"] = {**params["process"], "pid": gone.pid}
+    elsewhere = {**far.params, "process": {"host": "elsewhere", "pid": 1}}
+    with store.tx() as orm:
+        orm.execute(update(RunRow).where(RunRow.id == dead.id).values(params=params))
+        for run, age in ((far, timedelta(hours=2)), (far_fresh, timedelta(minutes=1))):
+            orm.execute(update(RunRow).where(RunRow.id == run.id).values(
+                params=elsewhere, heartbeat_at=run.heartbeat_at - age))
+    found = {r.id for r in store.interrupt_dead_runs(stale_after=timedelta(minutes=30))}
+    assert found == {dead.id, far.id}
+    assert store.get_run(mine.id).status == store.get_run(far_fresh.id).status == "running"
+    assert store.interrupt_dead_runs() == []  # idempotent
+    store.close()
