@@ -260,3 +260,31 @@ def test_shop_start_pages_are_a_curriculum_with_the_same_checker():
     assert env.step("click home").reward == 0.0  # leaving the review page is no order
     with pytest.raises(EnvError, match="start must be"):
         make("shop", start="checkout")
+
+
+def test_shared_prompt_logprobs_and_gradients_are_exact():
+    from onthejob.learn.grpo import chunk_logprobs
+    from onthejob.learn.scoring import token_logprobs
+    from onthejob.model.adapters import attach
+
+    lm = tiny_model(seed=1)
+    attach(lm, "s", spec=LoraSpec(rank=2, alpha=4))
+    for name, p in lm.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    prompt = render_ids(lm.tokenizer, [{"role": "user", "content": "What is 2 + 3?"}])
+    responses = [[10, 11, 12], [13], [14, 15, 16, 17, 18]]
+
+    def run(fn):
+        lm.model.zero_grad()
+        logp = fn(lm, [prompt] * 3, responses)
+        (logp * torch.arange(1, len(logp) + 1)).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in lm.model.named_parameters()
+                               if p.grad is not None}
+
+    exact, exact_grads = run(token_logprobs)
+    shared, shared_grads = run(chunk_logprobs)
+    assert torch.allclose(exact, shared, atol=1e-5)
+    assert exact_grads.keys() == shared_grads.keys() and exact_grads
+    for name, g in exact_grads.items():
+        assert torch.allclose(g, shared_grads[name], atol=1e-5, rtol=1e-4), name

@@ -21,9 +21,10 @@ from onthejob.learn.grpo import GrpoConfig, eval_seeds
 
 # The action language, told to the model for environments whose actions are not free text.
 SYSTEMS = {
-    "shop": "You are shopping on a web site. Reply with exactly one action: search QUERY, "
-            "click ID, type FIELD TEXT or select FIELD VALUE. IDs are the id attributes on the "
-            "page, for example: click continue",
+    "shop": "You are shopping on a web site. Reply with exactly one action and nothing else: "
+            "search QUERY | click ID | type FIELD TEXT | select FIELD VALUE. The IDs are the id "
+            "attributes on the page, e.g. click p07, click add-to-cart, click checkout, "
+            "click continue, click place-order.",
 }
 
 

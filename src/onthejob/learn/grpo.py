@@ -39,7 +39,7 @@ from onthejob.envs.policies import Action, Policy
 from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
 from onthejob.learn.loop import Trainer, _all_reduce_grads
-from onthejob.learn.scoring import token_logprobs
+from onthejob.learn.scoring import Prefix, _body, response_logits, token_logprobs
 from onthejob.model import Completion, SamplingParams, check_fits
 from onthejob.model.chat import end_of_turn_ids
 from onthejob.model.generate import _pick
@@ -223,9 +223,25 @@ def rows_from_groups(groups: Sequence[Sequence[Rollout]], advantages: Sequence[l
 
 
 def _chunks(rows: Sequence[_Row], budget: int) -> list[list[int]]:
-    out, current, width = [], [], 0
+    """Micro-batches: rows that share a prompt (a group's first turn) go together, encoded
+    with the prompt once; the other rows are packed up to `budget` padded tokens."""
+    by_prompt: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        size = len(row.prompt) + len(row.tokens)
+        by_prompt.setdefault(tuple(row.prompt), []).append(i)
+    out, current, width = [], [], 0
+    for idx in by_prompt.values():
+        if len(idx) > 1:
+            size = len(rows[idx[0]].prompt)
+            part: list[int] = []
+            for i in idx:  # the prompt once, plus every response beside it
+                if part and size + sum(len(rows[j].tokens) for j in [*part, i]) > budget:
+                    out.append(part)
+                    part = []
+                part.append(i)
+            out.append(part)
+            continue
+        i = idx[0]
+        size = len(rows[i].prompt) + len(rows[i].tokens)
         if current and max(width, size) * (len(current) + 1) > budget:
             out.append(current)
             current, width = [], 0
@@ -234,6 +250,23 @@ def _chunks(rows: Sequence[_Row], budget: int) -> list[list[int]]:
     if current:
         out.append(current)
     return out
+
+
+def chunk_logprobs(lm: Any, prompts: Sequence[Sequence[int]],
+                   responses: Sequence[Sequence[int]]) -> torch.Tensor:
+    """`token_logprobs`, exact, with the gradient; when every prompt is the same, the prompt
+    runs once and its keys and values are shared by all the responses (the gradient of the
+    shared prompt sums over them)."""
+    if len(prompts) < 2 or any(list(p) != list(prompts[0]) for p in prompts):
+        return token_logprobs(lm, prompts, responses)
+    prompt = list(prompts[0])
+    cache = DynamicCache()
+    _body(lm)(input_ids=torch.tensor([prompt[:-1]], device=lm.device), past_key_values=cache,
+              use_cache=True)
+    prefix = Prefix(ids=prompt[:-1], layers=[(layer.keys, layer.values) for layer in cache.layers])
+    logits = response_logits(lm, [prompt[-1:]] * len(responses), responses, prefix=prefix)
+    targets = torch.tensor([t for r in responses for t in r], device=logits.device)
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 class Grpo:
@@ -319,7 +352,7 @@ class Grpo:
         if measure_kl:
             with trainer.base():
                 for c, idx in enumerate(chunks):
-                    ref[c] = token_logprobs(lm, [rows[i].prompt for i in idx],
+                    ref[c] = chunk_logprobs(lm, [rows[i].prompt for i in idx],
                                             [rows[i].tokens for i in idx]).float()
         olds = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
                 for idx in chunks]
@@ -336,7 +369,7 @@ class Grpo:
             clipped = kl_sum = ratio_dev = 0.0
             final: torch.Tensor | None = None
             for c, idx in enumerate(chunks):
-                logp = token_logprobs(lm, [rows[i].prompt for i in idx],
+                logp = chunk_logprobs(lm, [rows[i].prompt for i in idx],
                                       [rows[i].tokens for i in idx])
                 old = olds[c]
                 if epoch == 0:  # tokens without a sampling log-prob start on-policy (ratio 1)
