@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 # Modules that define subcommands, lowest layer first. Each has `register(subparsers)`.
 COMMAND_MODULES = (
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # a deprecation notice from transformers on every adapter swap
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

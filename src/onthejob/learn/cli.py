@@ -168,6 +168,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.time()
     if not args.keep:
+        # A private store and adapter folder; the converted model stays where it is cached.
+        from onthejob.config import models_dir
+
+        os.environ.setdefault("ONTHEJOB_MODELS", str(models_dir()))
         os.environ["ONTHEJOB_HOME"] = tempfile.mkdtemp(prefix="onthejob-demo-")
         os.environ.pop("ONTHEJOB_DB", None)
     store = Store()

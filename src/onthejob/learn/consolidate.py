@@ -197,11 +197,15 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
     trainer = Trainer(lm, opts.train, parent=parent.path if parent else None, stack_below=below)
     held = [(lesson.context, q) for lesson in lessons for q in lesson.held_out]
     earlier = _earlier_probes(store, parent)
+    t0 = time.time()
+    say(f"gate, before training: the teacher's answers to {len(held)} held-back probes, "
+        f"the parent on them, {len(earlier)} earlier probes and in-context reading ...")
     with trainer.teacher():
         refs = references(lm, held)
         before_probe = probe_f1(lm, [q for _, q in held], refs)
         before_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
         before_reading = reading_accuracy(lm)
+    say(f"  probe F1 {before_probe:.3f}, reading {before_reading:.1%} ({time.time() - t0:.0f} s)")
     rule = rule if rule is not None else rule_for(opts, lessons, lm)
     drift = AnchorDrift()
     show = print_progress(f"[{opts.method}] ")
@@ -216,6 +220,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         say(f"stopped after {len(trainer.history)} steps: {stop}")
         if not trainer.history:
             raise ValueError("the budget ended training before its first step") from None
+    say("gate, after training: held-back probes, earlier probes and reading without context ...")
     with trainer.frozen_student():
         after_probe = probe_f1(lm, [q for _, q in held], refs)
         after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
