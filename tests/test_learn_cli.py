@@ -57,7 +57,9 @@ def test_bench_knowledge_smoke(tmp_path, tiny_dir):
                "questions": [{"question": "Who leads Bluefin?", "answer": "Ada Lind"}]}
     data.write_text(json.dumps([article] * 2))
     out = tmp_path / "k"
-    assert main(["bench", "knowledge", "--data", str(data), "--sessions", "1", "--steps", "1",
+    assert main(["bench", "knowledge", "--data", str(data), "--split", "dev", "--sessions", "1",
+                 "--steps", "1", "--seeds", "1", "--lrs", "", "--sequential", "0",
+                 "--reading-items", "0", "--general-items", "2",
                  "--methods", "sft,opsd", "--model", tiny_dir, "--out", str(out)]) == 0
     result = json.loads((tmp_path / "k.json").read_text())
     assert set(result["methods"]) == {"sft", "opsd"} and result["questions"] == 1

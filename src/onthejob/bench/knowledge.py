@@ -1,52 +1,82 @@
-"""The knowledge-transfer benchmark (SQuAD passages as co-work sessions).
+"""The knowledge-transfer benchmark (SQuAD passages as co-work sessions); protocol in
+docs/BENCHMARKS.md, split fixed by ../shared/data/README.md.
 
-Protocol per article: a session in which the user shares the passage and the model
-acknowledges it; the article's questions are asked without the passage (base), with the
-session in context (the ceiling), and without it after consolidating the session with each
-method from the same base. Transfer ratio = (after - base) / (in-context - base), pooled
-over the articles' questions. Split fixed by ../shared/data/README.md.
+Each article is one session in which the user shares the passage and the model acknowledges
+it. Its questions are asked without the passage (base), with the session in context (the
+ceiling), and without it after consolidating the session into an adapter. Four parts:
+  - independent: each session consolidated from the base, per method and seed;
+    transfer ratio = (after - base) / (in-context - base), pooled over the questions;
+  - sweep: the same at other learning rates (sft, opsd; first seed): gain vs forgetting;
+  - sequential: sessions consolidated one after another into one adapter, each version the
+    child of the last (as `onthejob consolidate` does); after each, accuracy on every earlier
+    session's questions: the retention curve;
+  - forgetting (every adapter): in-context reading on articles 1000+, general questions the
+    base answers right, KL to the base on ordinary prompts; cost: wall time, tokens, peak
+    memory, adapter bytes vs the session's KV-cache bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
-import resource
+import shutil
+import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
 import torch
 
+from onthejob.bench.measures import (
+    PeakMemory,
+    adapter_bytes,
+    general_right,
+    general_set,
+    kv_cache_bytes,
+    reading_prompt,
+    reading_set,
+)
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
-from onthejob.learn.evaluate import answer
-from onthejob.learn.gate import reading_accuracy
+from onthejob.learn.evaluate import QaResult, answer
 from onthejob.learn.lesson import Lesson
-from onthejob.learn.loop import TrainConfig, Trainer
+from onthejob.learn.loop import STUDENT, TrainConfig, Trainer
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.probes import make_probes, probe_quality
 from onthejob.learn.sft import Sft
-from onthejob.model import load_model
+from onthejob.model import LoadedModel, load_model, render_ids
+from onthejob.model.adapters import save
 
 SPLITS = {"dev": (0, 200), "test": (200, 400)}
+METHODS = ("opsd", "sft", "notes")
+SWEEP_METHODS = ("sft", "opsd")
 
 
 @dataclass
 class KnowledgeConfig:
     data: str
-    split: str = "dev"
-    sessions: int = 4
-    methods: Sequence[str] = ("opsd", "sft", "notes")
+    split: str = "test"
+    sessions: int = 4  # independent part: articles, each consolidated from the base
+    methods: Sequence[str] = METHODS
     steps: int = 20
     lr: float = 1e-3
     seed: int = 0
+    seeds: int = 1  # seed, seed + 1, ...
     max_questions: int = 15
+    sequential: int = 0  # sessions consolidated one after another (0: no sequential part)
+    sequential_methods: Sequence[str] = ("opsd",)
+    lrs: Sequence[float] = ()  # extra learning rates for sft and opsd (first seed only)
+    reading_items: int = 20  # in-context reading items from articles 1000+
+    general_items: int | None = None  # general questions (None: all of data/general.json)
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    notes_tokens: int = 160  # length of each note the notes baseline writes
     model: str | None = None
+    device: str = "cpu"
 
 
 def session_for(article: dict) -> list[dict]:
@@ -57,121 +87,392 @@ def session_for(article: dict) -> list[dict]:
     ]
 
 
-def load_articles(path: str, split: str, n: int) -> list[dict]:
+def load_data(path: str) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def load_articles(path: str | list[dict], split: str, n: int) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}")
-    data = json.loads(Path(path).read_text())
+    data = load_data(path) if isinstance(path, str) else path
     lo, hi = SPLITS[split]
-    return data[lo:min(hi, lo + n)]
+    articles = data[lo:min(hi, lo + n)]
+    if n > 0 and not articles:
+        raise ValueError(f"no articles in the {split} split ({lo}-{hi - 1}) of the data")
+    return articles
 
 
-def _rule(method: str, lesson: Lesson, lm, cfg: KnowledgeConfig):
+def _rule(method: str, lesson: Lesson, lm: LoadedModel, cfg: KnowledgeConfig):
     if method == "opsd":
         return Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
     if method == "sft":
         return Sft([lesson], lm.tokenizer)
     if method == "notes":
-        return Notes([lesson])
-    raise ValueError(f"unknown method {method!r}")
+        return Notes([lesson], max_new_tokens=cfg.notes_tokens)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def run(cfg: KnowledgeConfig, log=print) -> dict:
-    articles = load_articles(cfg.data, cfg.split, cfg.sessions)
-    rows = []
+@dataclass
+class Session:
+    """One article as a session, with what is measured once (it does not depend on training)."""
+
+    index: int
+    title: str
+    context: list[dict]
+    questions: list[str]
+    golds: list[str]
+    probes: list[str]
+    probe_quality: dict
+    base: QaResult
+    in_context: QaResult
+    context_tokens: int
+    probe_seconds: float
+
+    def lesson(self) -> Lesson:
+        return Lesson(f"article-{self.index}", self.context, list(self.probes), title=self.title)
+
+
+class _Clock:
+    """Progress over the trainings of the whole run: elapsed, rate and ETA."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.done, self.log = max(total, 1), 0, log
+        self.started = time.time()
+
+    def tick(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.time() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log(f"  [{self.done}/{self.total}] {text} | {elapsed / 60:.1f} min elapsed, "
+                 f"{elapsed / self.done:.0f} s/training, ETA {eta / 60:.1f} min")
+
+
+def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
+        adapters_dir: str | None = None) -> dict:
+    for m in [*cfg.methods, *cfg.sequential_methods]:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     started = time.time()
-    for i, article in enumerate(articles):
-        qs = article["questions"][: cfg.max_questions]
-        questions, golds = [q["question"] for q in qs], [q["answer"] for q in qs]
-        context = session_for(article)
-        lm = load_model(cfg.model)
-        base = answer(lm, questions, golds)
-        ceiling = answer(lm, questions, golds, context=context)
-        probes = make_probes(lm, article["context"], article["title"])
-        quality = probe_quality(probes, article["context"])
-        row = {"article": article["title"], "questions": len(qs), "base": sum(base.correct),
-               "in_context": sum(ceiling.correct), "base_f1": base.mean_f1,
-               "in_context_f1": ceiling.mean_f1, "probes": len(probes),
-               "probe_quality": asdict(quality), "methods": {}}
-        log(f"[{i + 1}/{len(articles)}] {article['title']}: base {row['base']}/{len(qs)}, "
-            f"in-context {row['in_context']}/{len(qs)}, {len(probes)} probes "
-            f"({time.time() - started:.0f} s elapsed)")
-        for method in cfg.methods:
-            lm = load_model(cfg.model)
-            lesson = Lesson(f"article-{i}", context, list(probes), title=article["title"])
-            t0 = time.time()
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            trainer = Trainer(lm, TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed))
-            rule = _rule(method, lesson, lm, cfg)
-            history = trainer.run(rule, drift=AnchorDrift())
-            train_s = time.time() - t0
+    data = load_data(cfg.data)
+    articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential))
+    reading_items = reading_set(data, cfg.reading_items)
+    general_items = general_set()[: cfg.general_items]
+    seeds = [cfg.seed + k for k in range(max(cfg.seeds, 1))]
+    sweep_lrs = [lr for lr in dict.fromkeys(cfg.lrs) if lr != cfg.lr]
+    n_indep = min(cfg.sessions, len(articles))
+    n_seq = min(cfg.sequential, len(articles))
+    total = (n_indep * len(cfg.methods) * len(seeds)
+             + n_indep * len(sweep_lrs) * sum(m in SWEEP_METHODS for m in cfg.methods)
+             + n_seq * len(cfg.sequential_methods))
+    log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps: "
+        f"independent {n_indep} x {list(cfg.methods)} x seeds {seeds}, sweep lrs {sweep_lrs}, "
+        f"sequential {n_seq} x {list(cfg.sequential_methods)}")
+
+    lm = load_model(cfg.model, device=cfg.device)
+    sessions = [_measure_session(lm, i, a, cfg, log) for i, a in enumerate(articles)]
+    _, forgetting_base = evaluate(lm, [], (reading_items, general_items))
+    forgetting_base["kl_to_base"] = 0.0
+    log(f"base forgetting probes: reading {forgetting_base['reading']:.1%} "
+        f"({len(reading_items)} items), general {forgetting_base['general']:.1%} "
+        f"({len(general_items)} questions)")
+    dtype_bytes = next(lm.model.parameters()).element_size()
+    kv = {s.index: kv_cache_bytes(lm.model.config, s.context_tokens, dtype_bytes) for s in sessions}
+    del lm
+
+    clock = _Clock(total, log)
+    probes_ctx = (reading_items, general_items)
+    runs = []
+    for seed in seeds:
+        for s in sessions[:n_indep]:
+            for method in cfg.methods:
+                lrs = [cfg.lr] + (sweep_lrs if method in SWEEP_METHODS and seed == seeds[0] else [])
+                for lr in lrs:
+                    r = _consolidate_one(cfg, s, method, lr, seed, probes_ctx, kv[s.index])
+                    runs.append(r)
+                    clock.tick(f"seed {seed} session {s.index} {method} lr {lr:g}: after "
+                               f"{r['after']}/{len(s.questions)} (base {sum(s.base.correct)}, "
+                               f"in context {sum(s.in_context.correct)}), KL "
+                               f"{r['forgetting']['kl_to_base']:.3f}, {r['cost']['seconds']:.0f} s")
+    sequential = {}
+    for method in cfg.sequential_methods if n_seq else ():
+        sequential[method] = _sequential(cfg, sessions[:n_seq], method, probes_ctx, kv, clock,
+                                         adapters_dir)
+    return summarize(cfg, sessions, runs, sequential, forgetting_base, seeds,
+                     time.time() - started, n_indep,
+                     {"reading_items": len(reading_items), "general_items": len(general_items)})
+
+
+def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeConfig,
+                     log: Callable[[str], None]) -> Session:
+    qs = article["questions"][: cfg.max_questions]
+    questions, golds = [q["question"] for q in qs], [q["answer"] for q in qs]
+    context = session_for(article)
+    base = answer(lm, questions, golds, batch=16)
+    ceiling = answer(lm, questions, golds, context=context)
+    t0 = time.time()
+    probes = make_probes(lm, article["context"], article["title"])
+    probe_s = time.time() - t0
+    tokens = len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
+    log(f"session {index} {article['title']}: base {sum(base.correct)}/{len(qs)}, in context "
+        f"{sum(ceiling.correct)}/{len(qs)}, {len(probes)} probes, {tokens} context tokens")
+    return Session(index, article["title"], context, questions, golds, probes,
+                   asdict(probe_quality(probes, article["context"])), base, ceiling, tokens, probe_s)
+
+
+def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session, method: str, lr: float,
+           seed: int, parent: str | None = None) -> tuple[Trainer, object, dict]:
+    """Consolidate one session into the student adapter (a child of `parent` when given)."""
+    t0 = time.time()
+    with PeakMemory(lm.device) as peak:
+        trainer = Trainer(lm, TrainConfig(steps=cfg.steps, lr=lr, seed=seed), parent=parent)
+        rule = _rule(method, session.lesson(), lm, cfg)
+        history = trainer.run(rule, drift=AnchorDrift())
+    seconds = time.time() - t0
+    cost = {"seconds": seconds + (session.probe_seconds if method == "opsd" else 0.0),
+            "train_seconds": seconds, "peak_mb": peak.peak_mb, "peak_kind": peak.kind,
+            "tokens_student": getattr(rule, "tokens_student", 0),
+            "tokens_teacher": getattr(rule, "tokens_teacher", 0)}
+    return trainer, history, cost
+
+
+def evaluate(lm: LoadedModel, sessions: Sequence[Session], probes_ctx=None,
+             batch: int = 16) -> tuple[list[QaResult], dict]:
+    """No-context answers to the sessions' questions and, with `probes_ctx` (reading items,
+    general questions), the forgetting probes: all in one batched pass of greedy decoding."""
+    reading_items, general_items = probes_ctx or ([], [])
+    questions, golds, spans = [], [], []
+    for s in sessions:
+        spans.append((len(questions), len(questions) + len(s.questions)))
+        questions += s.questions
+        golds += s.golds
+    r0 = len(questions)
+    questions += [reading_prompt(it) for it in reading_items]
+    golds += [it["answer"] for it in reading_items]
+    g0 = len(questions)
+    questions += [it["question"] for it in general_items]
+    golds += [it["answers"][0] for it in general_items]
+    got = answer(lm, questions, golds, batch=batch) if questions else QaResult([], [], [])
+    per_session = [QaResult(got.answers[a:b], got.correct[a:b], got.f1[a:b]) for a, b in spans]
+    forgetting = {}
+    if probes_ctx is not None:
+        forgetting["reading"] = _mean([float(c) for c in got.correct[r0:g0]])
+        forgetting["general"] = _mean([float(c) for c in general_right(got.answers[g0:],
+                                                                       general_items)])
+    return per_session, forgetting
+
+
+def _kl(history: list) -> float:
+    return float(history[-1].get("kl_to_base", 0.0)) if history else 0.0
+
+
+def _consolidate_one(cfg: KnowledgeConfig, s: Session, method: str, lr: float, seed: int,
+                     probes_ctx, kv_bytes: int) -> dict:
+    lm = load_model(cfg.model, device=cfg.device)
+    trainer, history, cost = _train(cfg, lm, s, method, lr, seed)
+    with trainer.frozen_student():
+        (after,), forgetting = evaluate(lm, [s], probes_ctx)
+    forgetting["kl_to_base"] = _kl(history)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(lm.model, STUDENT, Path(tmp) / "adapter")
+        cost["adapter_bytes"] = adapter_bytes(Path(tmp) / "adapter")
+    cost["kv_cache_bytes"] = kv_bytes
+    return {"seed": seed, "session": s.index, "method": method, "lr": lr,
+            "after": sum(after.correct), "after_f1": after.mean_f1, "answers": after.answers,
+            "forgetting": forgetting, "cost": cost}
+
+
+def _sequential(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probes_ctx,
+                kv: dict[int, int], clock: _Clock, adapters_dir: str | None) -> dict:
+    """Consolidate `sessions` in order, each version a child of the last; after each, answer
+    every earlier session's questions without context."""
+    root = Path(adapters_dir) / method if adapters_dir else Path(tempfile.mkdtemp(prefix="seq-"))
+    if root.exists() and adapters_dir:
+        shutil.rmtree(root)
+    parent: str | None = None
+    correct: list[list[int]] = []  # correct[k][j]: after k+1 sessions, session j (j <= k)
+    f1s: list[list[float]] = []
+    costs, versions = [], []
+    forgetting: dict = {}
+    try:
+        for k, s in enumerate(sessions):
+            lm = load_model(cfg.model, device=cfg.device)
+            trainer, history, cost = _train(cfg, lm, s, method, cfg.lr, cfg.seed, parent=parent)
+            last = k == len(sessions) - 1
             with trainer.frozen_student():
-                after = answer(lm, questions, golds)
-                reading = reading_accuracy(lm)
-            row["methods"][method] = {
-                "after": sum(after.correct), "after_f1": after.mean_f1,
-                "seconds": train_s, "peak_rss_mb": max(rss0, resource.getrusage(
-                    resource.RUSAGE_SELF).ru_maxrss) / 1024,
-                "kl_to_base": history[-1].get("kl_to_base"), "reading_after": reading,
-                "tokens_student": getattr(rule, "tokens_student", 0),
-                "tokens_teacher": getattr(rule, "tokens_teacher", 0),
-                "answers": after.answers}
-            log(f"    {method}: after {sum(after.correct)}/{len(qs)} (F1 {after.mean_f1:.3f}), "
-                f"KL to base {history[-1].get('kl_to_base', 0):.3f}, {train_s:.0f} s; "
-                f"ETA {_eta(started, i, len(articles), cfg.methods, method):.0f} s")
-        rows.append(row)
-    with torch.no_grad():
-        reading_base = reading_accuracy(load_model(cfg.model))
-    return summarize(cfg, rows, reading_base, time.time() - started)
+                got, forgetting = evaluate(lm, sessions[: k + 1], probes_ctx if last else None)
+            row_c = [sum(g.correct) for g in got]
+            row_f = [g.mean_f1 for g in got]
+            where = root / f"v{k + 1}"
+            save(lm.model, STUDENT, where, meta={"method": method, "parent": parent,
+                                                 "session": s.index, "bench": "knowledge"})
+            cost["adapter_bytes"] = adapter_bytes(where)
+            cost["kv_cache_bytes"] = kv[s.index]
+            cost["kl_to_base"] = _kl(history)
+            if last:
+                forgetting["kl_to_base"] = cost["kl_to_base"]
+            correct.append(row_c)
+            f1s.append(row_f)
+            costs.append(cost)
+            versions.append({"version": k + 1, "parent": k or None, "session": s.index})
+            parent = str(where)
+            clock.tick(f"sequential {method} v{k + 1} (session {s.index}): on sessions so far "
+                       f"{sum(row_c)}/{sum(len(e.questions) for e in sessions[:k + 1])}, "
+                       f"KL {cost['kl_to_base']:.3f}")
+    finally:
+        if not adapters_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return {"correct": correct, "f1": f1s, "cost": costs, "versions": versions,
+            "forgetting": forgetting, "adapters": str(root) if adapters_dir else None}
 
 
-def _eta(started: float, i: int, n: int, methods: Sequence[str], method: str) -> float:
-    done = i + (list(methods).index(method) + 1) / len(methods)
-    return (time.time() - started) / done * (n - done)
+# -- summary -------------------------------------------------------------------------------
 
 
-def summarize(cfg: KnowledgeConfig, rows: list[dict], reading_base: float, seconds: float) -> dict:
-    total = sum(r["questions"] for r in rows)
-    base = sum(r["base"] for r in rows) / total
-    ceiling = sum(r["in_context"] for r in rows) / total
+def _ratio(after: float, base: float, ceiling: float) -> float:
+    gap = ceiling - base
+    return (after - base) / gap if gap > 0 else float("nan")
+
+
+def _spread(values: Sequence[float]) -> dict:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"),
+                "max": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
+def retention(correct: Sequence[Sequence[float]], base: Sequence[float]) -> list[float | None]:
+    """Share of the immediate gain kept, pooled over sessions, by lag (sessions consolidated
+    since): kept(lag) = sum_j (acc[j+lag][j] - base_j) / sum_j (acc[j][j] - base_j) over the
+    sessions j that have a measurement at that lag; None where the pooled gain is not > 0."""
+    n = len(correct)
+    out: list[float | None] = []
+    for lag in range(n):
+        js = range(n - lag)
+        gain = sum(correct[j][j] - base[j] for j in js)
+        kept = sum(correct[j + lag][j] - base[j] for j in js)
+        out.append(kept / gain if gain > 0 else None)
+    return out
+
+
+def summarize(cfg: KnowledgeConfig, sessions: Sequence[Session], runs: list[dict],
+              sequential: dict, forgetting_base: dict, seeds: Sequence[int], seconds: float,
+              n_indep: int | None = None, sizes: dict | None = None) -> dict:
+    indep = list(sessions[: n_indep if n_indep is not None else cfg.sessions])
+    total = sum(len(s.questions) for s in indep)
+    base_n = sum(sum(s.base.correct) for s in indep)
+    ceil_n = sum(sum(s.in_context.correct) for s in indep)
+    base, ceiling = base_n / max(total, 1), ceil_n / max(total, 1)
+    base_f1 = _mean([f for s in indep for f in s.base.f1])
+    ceil_f1 = _mean([f for s in indep for f in s.in_context.f1])
+
+    def points(method: str, lr: float, seed: int) -> list[dict]:
+        return [r for r in runs if r["method"] == method and r["lr"] == lr and r["seed"] == seed]
+
+    def pooled(rs: list[dict]) -> dict:
+        n_q = {s.index: len(s.questions) for s in indep}
+        after = sum(r["after"] for r in rs) / max(total, 1)
+        after_f1 = sum(r["after_f1"] * n_q[r["session"]] for r in rs) / max(total, 1)
+        return {"after": after, "after_f1": after_f1,
+                "transfer_ratio": _ratio(after, base, ceiling),
+                "transfer_ratio_f1": _ratio(after_f1, base_f1, ceil_f1),
+                "gain_pts": 100 * (after - base),
+                "reading_drop_pts": 100 * (forgetting_base["reading"]
+                                           - _mean(r["forgetting"]["reading"] for r in rs)),
+                "general_drop_pts": 100 * (forgetting_base["general"]
+                                           - _mean(r["forgetting"]["general"] for r in rs)),
+                "kl_to_base": _mean(r["forgetting"]["kl_to_base"] for r in rs)}
+
     methods = {}
     for m in cfg.methods:
-        after = sum(r["methods"][m]["after"] for r in rows) / total
-        gap = ceiling - base
+        per_seed = [pooled(points(m, cfg.lr, seed)) for seed in seeds]
+        rs = [r for seed in seeds for r in points(m, cfg.lr, seed)]
+        if not rs:
+            continue
+        cost = {k: _mean(r["cost"][k] for r in rs) for k in
+                ("seconds", "train_seconds", "peak_mb", "tokens_student", "tokens_teacher",
+                 "adapter_bytes", "kv_cache_bytes")}
+        cost["peak_mb_max"] = max(r["cost"]["peak_mb"] for r in rs)
+        cost["peak_kind"] = rs[0]["cost"]["peak_kind"]
         methods[m] = {
-            "after": after,
-            "transfer_ratio": (after - base) / gap if gap > 0 else float("nan"),
-            "seconds_per_session": sum(r["methods"][m]["seconds"] for r in rows) / len(rows),
-            "peak_rss_mb": max(r["methods"][m]["peak_rss_mb"] for r in rows),
-            "kl_to_base": sum(r["methods"][m]["kl_to_base"] or 0 for r in rows) / len(rows),
-            "reading_drop_pts": 100 * (reading_base - sum(r["methods"][m]["reading_after"]
-                                                          for r in rows) / len(rows)),
+            "after": _mean(p["after"] for p in per_seed),
+            "transfer_ratio": _spread([p["transfer_ratio"] for p in per_seed])["mean"],
+            "transfer": _spread([p["transfer_ratio"] for p in per_seed]),
+            "transfer_f1": _spread([p["transfer_ratio_f1"] for p in per_seed]),
+            "per_seed": dict(zip([str(s) for s in seeds], per_seed, strict=True)),
+            "reading_drop_pts": _mean(p["reading_drop_pts"] for p in per_seed),
+            "general_drop_pts": _mean(p["general_drop_pts"] for p in per_seed),
+            "kl_to_base": _mean(p["kl_to_base"] for p in per_seed),
+            # kept for readers of the first version of this report
+            "seconds_per_session": cost["seconds"], "peak_rss_mb": cost["peak_mb_max"],
+            "cost": cost,
         }
-    return {"config": {**asdict(cfg), "methods": list(cfg.methods)}, "questions": total,
-            "base": base, "in_context": ceiling, "reading_base": reading_base,
-            "methods": methods, "rows": rows, "seconds": seconds,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                       f"Python {sys.version.split()[0]}, torch {torch.__version__}",
-            "date": date.today().isoformat()}
+    sweep = []
+    for m in cfg.methods if any(lr != cfg.lr for lr in cfg.lrs) else ():
+        if m not in SWEEP_METHODS:
+            continue
+        for lr in sorted({r["lr"] for r in runs if r["method"] == m and r["seed"] == seeds[0]}):
+            sweep.append({"method": m, "lr": lr, **pooled(points(m, lr, seeds[0]))})
+
+    seq_out = {}
+    for m, seq in sequential.items():
+        chain = sessions[: len(seq["correct"])]
+        base_c = [sum(s.base.correct) for s in chain]
+        base_f = [s.base.mean_f1 for s in chain]
+        n_q = [len(s.questions) for s in chain]
+        so_far = [sum(row) / sum(n_q[: len(row)]) for row in seq["correct"]]
+        seq_out[m] = {
+            **seq,
+            "base": base_c, "questions": n_q,
+            "retention": retention(seq["correct"], base_c),
+            "retention_f1": retention(seq["f1"], base_f),
+            "accuracy_so_far": so_far,
+            "base_so_far": [sum(base_c[: k + 1]) / sum(n_q[: k + 1]) for k in range(len(chain))],
+            "in_context_so_far": [sum(sum(s.in_context.correct) for s in chain[: k + 1])
+                                  / sum(n_q[: k + 1]) for k in range(len(chain))],
+            "forgetting_drop_pts": {k: 100 * (forgetting_base[k] - seq["forgetting"][k])
+                                    for k in ("reading", "general") if seq["forgetting"]},
+        }
+
+    rows = []
+    for s in indep:
+        row = {"article": s.title, "index": s.index, "questions": len(s.questions),
+               "base": sum(s.base.correct), "in_context": sum(s.in_context.correct),
+               "base_f1": s.base.mean_f1, "in_context_f1": s.in_context.mean_f1,
+               "probes": len(s.probes), "probe_quality": s.probe_quality,
+               "context_tokens": s.context_tokens, "probe_seconds": s.probe_seconds,
+               "methods": {}}
+        for m in cfg.methods:
+            mine = [r for r in runs if r["method"] == m and r["lr"] == cfg.lr
+                    and r["session"] == s.index]
+            if mine:
+                row["methods"][m] = {**mine[0], "after_by_seed": [r["after"] for r in mine]}
+        rows.append(row)
+
+    return {"config": {**asdict(cfg), "methods": list(cfg.methods),
+                       "sequential_methods": list(cfg.sequential_methods), "lrs": list(cfg.lrs)},
+            "seeds": list(seeds), "questions": total, "base": base, "in_context": ceiling,
+            "base_f1": base_f1, "in_context_f1": ceil_f1,
+            "reading_base": forgetting_base["reading"], "forgetting_base": forgetting_base,
+            "probe_sizes": sizes or {}, "methods": methods, "sweep": sweep,
+            "sequential": seq_out, "rows": rows, "runs": runs, "seconds": seconds,
+            "machine": machine(), "date": date.today().isoformat()}
 
 
-def markdown(result: dict, command: str) -> str:
-    lines = [f"# Knowledge transfer ({result['config']['split']} split, "
-             f"{len(result['rows'])} sessions, {result['questions']} questions)", "",
-             f"Command: `{command}`  ", f"Date: {result['date']}; machine: {result['machine']}; "
-             f"total {result['seconds'] / 60:.1f} min", "",
-             f"Base (no context): {result['base']:.1%}; in context: {result['in_context']:.1%}; "
-             f"in-context reading on unseen passages (base): {result['reading_base']:.1%}", "",
-             "| method | no-context accuracy after | transfer ratio | s / session | peak RSS MB "
-             "| KL to base | reading drop (pts) |", "|---|---|---|---|---|---|---|"]
-    for m, v in result["methods"].items():
-        lines.append(f"| {m} | {v['after']:.1%} | {v['transfer_ratio']:.3f} | "
-                     f"{v['seconds_per_session']:.0f} | {v['peak_rss_mb']:.0f} | "
-                     f"{v['kl_to_base']:.3f} | {v['reading_drop_pts']:+.1f} |")
-    lines += ["", "Per session:", "", "| article | base | in context | probes | "
-              + " | ".join(result["methods"]) + " |", "|---|---|---|---|"
-              + "---|" * len(result["methods"])]
-    for r in result["rows"]:
-        lines.append(f"| {r['article']} | {r['base']}/{r['questions']} | "
-                     f"{r['in_context']}/{r['questions']} | {r['probes']} | "
-                     + " | ".join(f"{r['methods'][m]['after']}" for m in result["methods"]) + " |")
-    return "\n".join(lines) + "\n"
+def machine() -> str:
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads{gpu}, "
+            f"Python {sys.version.split()[0]}, torch {torch.__version__}")
+
+
+def markdown(result: dict, command: str, plots: dict[str, str] | None = None,
+             md_dir: str | None = None) -> str:
+    from onthejob.bench.knowledge_report import report
+
+    return report(result, command, plots or {}, md_dir)

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from onthejob.envs.cli import _bench_subparsers
 
+# Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
+SIZES = {"sessions": 3, "seeds": 2, "steps": 12, "lrs": "3e-4,3e-3", "sequential": 10,
+         "reading_items": 20, "max_questions": 10}
+SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "3e-3", "sequential": 2,
+         "reading_items": 2, "general_items": 3, "max_questions": 2}
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json")
 
 
@@ -18,21 +23,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = _bench_subparsers(sub)
     k = bsub.add_parser("knowledge", help="knowledge transfer: SQuAD passages as sessions",
                         description="Consolidate SQuAD passages (one session each) with each "
-                        "method and measure no-context accuracy before/after against the "
-                        "in-context ceiling. See docs/BENCHMARKS.md for the protocol.")
+                        "method and seed and measure no-context accuracy before/after against the "
+                        "in-context ceiling (transfer ratio), a learning-rate sweep (gain vs "
+                        "forgetting), sequential consolidation (retention curve), forgetting probes "
+                        "and cost. Writes markdown, JSON and PNG plots. Protocol and default sizes: "
+                        "docs/BENCHMARKS.md.")
     k.add_argument("--data", default=DEFAULT_DATA, help="squad_seal_val.json (default: %(default)s)")
-    k.add_argument("--split", default="dev", choices=("dev", "test"))
-    k.add_argument("--sessions", type=int, default=4, help="articles (sessions) to use")
+    k.add_argument("--split", default="test", choices=("dev", "test"),
+                   help="dev = articles 0-199 (tune here), test = 200-399 (report); default %(default)s")
+    k.add_argument("--sessions", type=int, default=None,
+                   help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
     k.add_argument("--methods", default="opsd,sft,notes")
-    k.add_argument("--steps", type=int, default=20)
-    k.add_argument("--lr", type=float, default=1e-3)
+    k.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per method: mean and spread of the transfer ratio (default {SIZES['seeds']})")
+    k.add_argument("--steps", type=int, default=None, help=f"training steps per session (default {SIZES['steps']})")
+    k.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    k.add_argument("--lrs", default=None,
+                   help="extra learning rates for sft and opsd, comma-separated, first seed only: "
+                        f"the gain-vs-forgetting sweep ('' for none; default {SIZES['lrs']})")
+    k.add_argument("--sequential", type=int, default=None,
+                   help="sessions consolidated one after another into one adapter chain for the "
+                        f"retention curve (0: none; default {SIZES['sequential']})")
+    k.add_argument("--sequential-methods", default="opsd",
+                   help="methods run sequentially (default %(default)s)")
+    k.add_argument("--reading-items", type=int, default=None,
+                   help=f"in-context reading items from articles 1000+ (default {SIZES['reading_items']})")
+    k.add_argument("--general-items", type=int, default=None,
+                   help="general questions (default: all of the shipped set)")
     k.add_argument("--teacher-mix", type=float, default=0.5,
                    help="OPSD: share of rows answered by the teacher (GKD lambda)")
     k.add_argument("--divergence", default="reverse_kl", choices=("reverse_kl", "forward_kl", "jsd"))
-    k.add_argument("--max-questions", type=int, default=15)
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--max-questions", type=int, default=None,
+                   help=f"questions per session (default {SIZES['max_questions']})")
+    k.add_argument("--seed", type=int, default=0, help="first seed")
+    k.add_argument("--smoke", action="store_true",
+                   help="CI size: 1 session, 2 seeds, 1 step, a 2-session chain, 2 lrs, few probes "
+                        "(explicit flags still win)")
+    k.add_argument("--keep-adapters", action="store_true",
+                   help="keep the sequential chain's adapters under OUT's adapters/ folder")
     k.add_argument("--model", help="local HF model directory (default: embedded)")
-    k.add_argument("--out", default="docs/results/knowledge", help="output path prefix (.md, .json)")
+    k.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    k.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a CPU "
+                        "shared with other jobs)")
+    k.add_argument("--out", default="docs/results/knowledge",
+                   help="output prefix (PREFIX.md, PREFIX.json, PREFIX-*.png) or, ending in '/', "
+                        "a folder (report.md, report.json, *.png); default %(default)s")
     k.set_defaults(func=_knowledge)
 
     g = bsub.add_parser("generate", help="batched generation vs model.generate one at a time",
@@ -55,20 +91,70 @@ def _write(prefix: str, result: dict, text: str) -> None:
 
 def _knowledge(args: argparse.Namespace) -> int:
     from onthejob.bench.knowledge import KnowledgeConfig, markdown, run
+    from onthejob.bench.knowledge_report import plot_all
     from onthejob.learn.opsd import OpsdConfig
 
     if not Path(args.data).exists():
         print(f"error: {args.data} not found; pass --data PATH to squad_seal_val.json", file=sys.stderr)
         return 2
-    cfg = KnowledgeConfig(data=args.data, split=args.split, sessions=args.sessions,
-                          methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                          steps=args.steps, lr=args.lr, seed=args.seed,
-                          max_questions=args.max_questions, model=args.model,
-                          opsd=OpsdConfig(teacher_mix=args.teacher_mix, divergence=args.divergence))
-    result = run(cfg, log=lambda s: print(s, flush=True))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sizes = {**SIZES, "general_items": None, **(SMOKE if args.smoke else {})}
+    for key in sizes:
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    try:
+        lrs = [float(x) for x in str(sizes["lrs"]).split(",") if x.strip()]
+    except ValueError:
+        print(f"error: --lrs {sizes['lrs']!r} is not a comma-separated list of numbers", file=sys.stderr)
+        return 2
+    opsd = OpsdConfig(teacher_mix=args.teacher_mix, divergence=args.divergence)
+    if args.smoke:
+        opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
+        opsd.teacher_pool = 1
+    cfg = KnowledgeConfig(data=args.data, split=args.split, sessions=sizes["sessions"],
+                          methods=_names(args.methods), steps=sizes["steps"], lr=args.lr,
+                          seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
+                          sequential=sizes["sequential"],
+                          sequential_methods=_names(args.sequential_methods), lrs=lrs,
+                          reading_items=sizes["reading_items"], general_items=sizes["general_items"],
+                          opsd=opsd, notes_tokens=16 if args.smoke else 160,
+                          model=args.model, device=args.device)
+    folder = args.out.endswith("/") or Path(args.out).is_dir()
+    prefix = str(Path(args.out) / "report") if folder else args.out
+    plot_prefix = str(Path(args.out)) + "/" if folder else args.out + "-"
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    adapters = str(Path(prefix).parent / "adapters") if args.keep_adapters else None
+    try:
+        result = run(cfg, log=lambda s: print(s, flush=True), adapters_dir=adapters)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    _write(args.out, result, markdown(result, command))
+    plots = plot_all(result, plot_prefix)
+    result["plots"] = plots
+    text = markdown(result, command, plots, str(Path(prefix).parent))
+    _write(prefix, _finite(result), text)
+    for path in plots.values():
+        print(f"wrote {path}")
     return 0
+
+
+def _finite(value):
+    """NaN (an undefined ratio) as JSON null, so the file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,108 @@
+"""The knowledge benchmark end to end at --smoke size on the tiny model: report, JSON, plots."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from onthejob.bench.knowledge import retention
+from onthejob.bench.measures import kv_cache_bytes
+from onthejob.cli import main
+from onthejob.model import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: on a CPU shared with other jobs it is several times faster than two.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_model(seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _data(tmp_path):
+    articles = []
+    for i in range(1002):
+        articles.append({"title": f"Place {i}", "context": f"Place {i} was founded by Ada Lind "
+                         f"in {1800 + i}. It lies on the river Orm and has {i} bridges.",
+                         "questions": [{"question": f"Who founded Place {i}?", "answer": "Ada Lind"},
+                                       {"question": f"When was Place {i} founded?",
+                                        "answer": str(1800 + i)}]})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(articles))
+    return str(path)
+
+
+def test_smoke_writes_consistent_report_json_and_plots(tmp_path, tiny_dir):
+    out = tmp_path / "runs" / "knowledge"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", "opsd,sft,notes", "--threads", "1",
+                 "--out", str(out) + "/"]) == 0
+    result = json.loads((out / "report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert result["seeds"] == [0, 1] and result["questions"] == 2
+    assert set(result["methods"]) == {"opsd", "sft", "notes"}
+    # 1 session x 3 methods x 2 seeds, plus one extra lr for sft and opsd
+    assert len(result["runs"]) == 3 * 2 + 2
+    for m, v in result["methods"].items():
+        assert v["transfer"]["n"] in (0, 2) and set(v["per_seed"]) == {"0", "1"}
+        after = [p["after"] for p in v["per_seed"].values()]
+        assert v["after"] == pytest.approx(sum(after) / 2)
+        runs = [r for r in result["runs"] if r["method"] == m and r["lr"] == 1e-3]
+        assert v["after"] == pytest.approx(sum(r["after"] for r in runs) / 2 / result["questions"])
+        assert len(runs) == 2 and {r["seed"] for r in runs} == {0, 1}
+        c = v["cost"]
+        assert c["adapter_bytes"] > 0 and c["kv_cache_bytes"] > 0 and c["seconds"] > 0
+        assert c["peak_mb"] > 0
+    assert result["methods"]["opsd"]["cost"]["tokens_teacher"] > 0
+    assert result["methods"]["sft"]["cost"]["tokens_teacher"] == 0
+    assert {(p["method"], p["lr"]) for p in result["sweep"]} == {
+        ("sft", 1e-3), ("sft", 3e-3), ("opsd", 1e-3), ("opsd", 3e-3)}
+    seq = result["sequential"]["opsd"]
+    assert [len(row) for row in seq["correct"]] == [1, 2]
+    assert len(seq["retention"]) == 2 and seq["versions"][1]["parent"] == 1
+    assert set(seq["forgetting"]) == {"reading", "general", "kl_to_base"}
+    assert result["probe_sizes"] == {"reading_items": 2, "general_items": 3}
+    md = (out / "report.md").read_text()
+    for name in ("transfer.png", "retention.png", "gain-vs-forgetting.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    assert "transfer ratio" in md and "Sequential consolidation" in md
+
+
+def test_prefix_output_and_no_extras(tmp_path, tiny_dir):
+    out = tmp_path / "k"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", "sft", "--seeds", "1", "--threads", "1", "--lrs", "",
+                 "--sequential", "0", "--out", str(out)]) == 0
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert result["sweep"] == [] and result["sequential"] == {} and len(result["runs"]) == 1
+    assert (tmp_path / "k-transfer.png").exists() and not (tmp_path / "k-retention.png").exists()
+    assert "k-transfer.png" in (tmp_path / "k.md").read_text()
+
+
+def test_retention_pools_gain_by_lag():
+    base = [0, 1, 0]
+    correct = [[2], [1, 3], [2, 2, 1]]  # gains at lag 0: 2, 2, 1
+    kept = retention(correct, base)
+    assert kept[0] == 1.0
+    assert kept[1] == pytest.approx(((1 - 0) + (2 - 1)) / (2 + 2))
+    assert kept[2] == pytest.approx((2 - 0) / 2)
+    assert retention([[0]], [0]) == [None]
+
+
+def test_kv_cache_bytes_formula():
+    lm = tiny_model(seed=0)
+    c = lm.model.config  # 2 layers, 2 kv heads, head_dim 16
+    assert kv_cache_bytes(c, 100, 4) == 2 * 2 * 2 * 16 * 100 * 4
+    assert not math.isnan(kv_cache_bytes(c, 1, 2))
