@@ -35,6 +35,7 @@ import torch
 from onthejob.bench.measures import (
     PeakMemory,
     adapter_bytes,
+    bf16_is_fast,
     general_right,
     general_set,
     kv_cache_bytes,
@@ -75,6 +76,7 @@ class KnowledgeConfig:
     general_items: int | None = None  # general questions (None: all of data/general.json)
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
     notes_tokens: int = 160  # length of each note the notes baseline writes
+    bf16: bool | None = None  # bf16 autocast for training; None: where it is fast (measures.py)
     model: str | None = None
     device: str = "cpu"
 
@@ -164,7 +166,9 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     total = (n_indep * len(cfg.methods) * len(seeds)
              + n_indep * len(sweep_lrs) * sum(m in SWEEP_METHODS for m in cfg.methods)
              + n_seq * len(cfg.sequential_methods))
-    log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps: "
+    bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
+    log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps "
+        f"({'bf16' if bf16 else 'float32'}): "
         f"independent {n_indep} x {list(cfg.methods)} x seeds {seeds}, sweep lrs {sweep_lrs}, "
         f"sequential {n_seq} x {list(cfg.sequential_methods)}")
 
@@ -224,7 +228,9 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session, method: str,
     """Consolidate one session into the student adapter (a child of `parent` when given)."""
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
-        trainer = Trainer(lm, TrainConfig(steps=cfg.steps, lr=lr, seed=seed), parent=parent)
+        bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        trainer = Trainer(lm, TrainConfig(steps=cfg.steps, lr=lr, seed=seed, bf16=bf16),
+                          parent=parent)
         rule = _rule(method, session.lesson(), lm, cfg)
         history = trainer.run(rule, drift=AnchorDrift())
     seconds = time.time() - t0
@@ -455,7 +461,8 @@ def summarize(cfg: KnowledgeConfig, sessions: Sequence[Session], runs: list[dict
                 row["methods"][m] = {**mine[0], "after_by_seed": [r["after"] for r in mine]}
         rows.append(row)
 
-    return {"config": {**asdict(cfg), "methods": list(cfg.methods),
+    bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
+    return {"config": {**asdict(cfg), "methods": list(cfg.methods), "bf16_used": bf16,
                        "sequential_methods": list(cfg.sequential_methods), "lrs": list(cfg.lrs)},
             "seeds": list(seeds), "questions": total, "base": base, "in_context": ceiling,
             "base_f1": base_f1, "in_context_f1": ceil_f1,
