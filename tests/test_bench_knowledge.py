@@ -60,6 +60,10 @@ def test_smoke_writes_consistent_report_json_and_plots(tmp_path, tiny_dir):
         runs = [r for r in result["runs"] if r["method"] == m and r["lr"] == 1e-3]
         assert v["after"] == pytest.approx(sum(r["after"] for r in runs) / 2 / result["questions"])
         assert len(runs) == 2 and {r["seed"] for r in runs} == {0, 1}
+        # forgetting probes on the first seed; KL to base on every run
+        by_seed = {r["seed"]: r["forgetting"] for r in runs}
+        assert by_seed[0]["general"] is not None and by_seed[1]["general"] is None
+        assert all(f["kl_to_base"] is not None for f in by_seed.values())
         c = v["cost"]
         assert c["adapter_bytes"] > 0 and c["kv_cache_bytes"] > 0 and c["seconds"] > 0
         assert c["peak_mb"] > 0

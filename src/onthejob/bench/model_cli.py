@@ -12,8 +12,8 @@ from pathlib import Path
 from onthejob.envs.cli import _bench_subparsers
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
-SIZES = {"sessions": 3, "seeds": 2, "steps": 12, "lrs": "3e-4,3e-3", "sequential": 10,
-         "reading_items": 20, "max_questions": 10}
+SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "3e-3", "sequential": 10,
+         "reading_items": 10, "max_questions": 10}
 SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "3e-3", "sequential": 2,
          "reading_items": 2, "general_items": 3, "max_questions": 2}
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json")
@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
     k.add_argument("--methods", default="opsd,sft,notes")
     k.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per method: mean and spread of the transfer ratio (default {SIZES['seeds']})")
+                   help="seeds per method: mean and spread of the transfer ratio; forgetting "
+                        f"probes run on the first seed (default {SIZES['seeds']})")
     k.add_argument("--steps", type=int, default=None, help=f"training steps per session (default {SIZES['steps']})")
     k.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     k.add_argument("--lrs", default=None,
