@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = {"opsd": "tab:blue", "sft": "tab:orange", "notes": "tab:green"}
 
@@ -81,6 +82,8 @@ def _plot_retention(result: dict, path: str) -> str:
             if pts:
                 axes[1].plot([p[0] for p in pts], [p[1] for p in pts], style, color=c,
                              label=f"{m} ({'match' if key == 'retention' else 'F1'})")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_xlabel("sessions consolidated (adapter version)")
     axes[0].set_ylabel("no-context accuracy on sessions so far (%)")
     axes[0].set_title("accuracy on everything learned so far")
