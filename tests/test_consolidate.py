@@ -76,6 +76,8 @@ def test_second_version_has_the_first_as_parent(tmp_path):
     s = store.create_session("acme", title="More")
     store.add_message("acme", s.id, "user", f"Also: {PASSAGE}")
     store.set_review("acme", s.id, "up", "")
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True), say=lambda s: None)
+    assert "s/step measured by run" in plan.message  # estimated from the first run's pace
     second = consolidate(store, lm, "acme", _opts(), say=lambda s: None)
     assert second.adapter.parent_id == first.adapter.id and second.adapter.version == 2
     assert "earlier_drop" in second.adapter.metrics
@@ -86,7 +88,32 @@ def test_dry_run_trains_nothing_and_foreign_sessions_are_refused(tmp_path):
     lm = tiny_model(seed=0)
     plan = consolidate(store, lm, "acme", _opts(dry_run=True), say=lambda s: None)
     assert plan.status == "planned" and store.list_adapters("tenant", "acme") == []
+    assert "no earlier run" in plan.message
     with pytest.raises(ValueError, match="not eligible"):
         consolidate(store, lm, "other", _opts(session_ids=[ids["up"]]), say=lambda s: None)
     with pytest.raises(ValueError, match="not eligible"):
         consolidate(store, lm, "acme", _opts(session_ids=[ids["down"]]), say=lambda s: None)
+
+
+def test_gate_reuses_known_reading_scores(tmp_path, monkeypatch):
+    """The parent's reading comes from its own gate metrics; the bare base's is cached beside
+    the models, keyed by its weight files, and invalidated when they change."""
+    from types import SimpleNamespace
+
+    from onthejob.learn import consolidate as c
+
+    monkeypatch.setenv("ONTHEJOB_MODELS", str(tmp_path / "models"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    lm = SimpleNamespace(path=str(folder))
+    assert c._known_reading(None, [], lm) is None
+    c._remember_base_reading(None, [], lm, 0.42)
+    assert c._known_reading(None, [], lm) == 0.42
+    assert c._known_reading(None, ["shared"], lm) is None  # a shared adapter below: measure
+    parent = SimpleNamespace(metrics={"reading_after": 0.3})
+    assert c._known_reading(parent, [], lm) == 0.3
+    assert c._known_reading(SimpleNamespace(metrics={}), [], lm) is None
+    (folder / "model.safetensors").write_bytes(b"yy")  # new weights: the cache no longer applies
+    assert c._known_reading(None, [], lm) is None
+    assert c._known_reading(None, [], SimpleNamespace(path="in-memory")) is None

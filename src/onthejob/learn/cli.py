@@ -60,8 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="A session teaches the model a fact it does not know; the "
                        "user approves it; consolidation runs; a new session without the old one "
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
-    d.add_argument("--steps", type=int, default=30)
-    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--steps", type=int, default=12)
+    d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--prompts-per-step", type=int, default=4,
+                   help="OPSD prompts per step (2 samples each)")
+    d.add_argument("--max-new-tokens", type=int, default=16, help="OPSD sample length")
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_demo)
@@ -196,7 +199,9 @@ def _demo(args: argparse.Namespace) -> int:
     store.end_session(tenant, session.id)
     print("3. The user approves it (thumbs up). Consolidating with OPSD ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
-        train=TrainConfig(steps=args.steps, lr=args.lr)))
+        train=TrainConfig(steps=args.steps, lr=args.lr),
+        opsd=OpsdConfig(prompts_per_step=args.prompts_per_step,
+                        max_new_tokens=args.max_new_tokens)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
     after = _ask(lm, store, tenant, DEMO_QUESTION)

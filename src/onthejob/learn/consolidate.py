@@ -10,6 +10,7 @@ checkpoint when it is asked for the same work. tests/test_faults.py kills it at 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,12 +19,21 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from onthejob import config, faults
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
-from onthejob.learn.gate import GateConfig, Verdict, decide, probe_f1, reading_accuracy, references
+from onthejob.learn.gate import (
+    GateConfig,
+    Verdict,
+    decide,
+    probe_f1,
+    reading_accuracy,
+    references,
+    retention_set,
+)
 from onthejob.learn.lesson import Lesson, check_fits, context_messages, replay_prompts
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
@@ -110,6 +120,16 @@ def _eligible(store: Store, tenant: str, opts: ConsolidateOptions) -> list[Sessi
     return sessions
 
 
+def _cost_estimate(store: Store, opts: ConsolidateOptions) -> str:
+    """The time estimate from this store's last finished run of the same method, if any."""
+    for run in store.list_runs(kind="consolidate", limit=50):
+        rate = run.progress.get("s_per_step")
+        if run.params.get("method") == opts.method and isinstance(rate, (int, float)):
+            return (f"about {opts.train.steps * rate / 60:.1f} min of training at the "
+                    f"{rate:.1f} s/step measured by run {run.id} here, plus the gate's checks")
+    return "no earlier run of this method here to estimate the time from"
+
+
 def _earlier_probes(store: Store, parent: Adapter | None) -> list[dict]:
     out, seen = [], 0
     while parent is not None and seen < 20:
@@ -140,9 +160,10 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
     say(f"probes: {n_probes} for training, {sum(len(x.held_out) for x in lessons)} held back")
     if opts.dry_run:
         per_step = opts.opsd.prompts_per_step * opts.opsd.samples_per_prompt
-        msg = (f"plan: {opts.train.steps} steps of {per_step} samples x {opts.opsd.max_new_tokens} "
-               f"tokens, lr {opts.train.lr}; about {opts.train.steps * 9} s on 2 CPU cores "
-               "(measured ~9 s/step for opsd with bf16). Nothing was trained.")
+        shape = (f"{per_step} samples x {opts.opsd.max_new_tokens} tokens"
+                 if opts.method == "opsd" else "one batch")
+        msg = (f"plan: {opts.train.steps} steps of {shape}, lr {opts.train.lr}; "
+               f"{_cost_estimate(store, opts)}. Nothing was trained.")
         say(msg)
         return Outcome("planned", msg, sessions=[s.id for s in sessions])
 
@@ -185,6 +206,42 @@ def _shared_below(store: Store, tenant: str) -> list[str]:
     return [shared.path] if shared is not None and allowed else []
 
 
+def _base_reading_file(lm) -> Path | None:
+    """Where the base model's reading score is cached: keyed by the model directory, its
+    weight files' sizes and times, and the retention set; None for a model with no directory."""
+    folder = Path(lm.path)
+    if not folder.is_dir():
+        return None
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in folder.glob("*.safetensors"))
+    key = json.dumps([str(folder.resolve()), weights, retention_set()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return config.models_dir() / f".reading-{folder.name}-{digest}.json"
+
+
+def _known_reading(parent, below, lm) -> float | None:
+    """The teacher view's in-context reading when it was measured before: the parent's own
+    gate measured it after training; the bare base model's is cached beside the models."""
+    if parent is not None:
+        value = (parent.metrics or {}).get("reading_after")
+        return float(value) if value is not None and not below else None
+    path = _base_reading_file(lm)
+    if below or path is None:
+        return None
+    try:
+        return float(json.loads(path.read_text())["reading"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_base_reading(parent, below, lm, value: float) -> None:
+    path = _base_reading_file(lm)
+    if parent is None and not below and path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"reading": value, "model": lm.path}))
+        os.replace(tmp, path)
+
+
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
     """A rule raises it from `step()` to end training early (its compute budget is spent)."""
 
@@ -204,7 +261,10 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         refs = references(lm, held)
         before_probe = probe_f1(lm, [q for _, q in held], refs)
         before_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
-        before_reading = reading_accuracy(lm)
+        before_reading = _known_reading(parent, below, lm)
+        if before_reading is None:
+            before_reading = reading_accuracy(lm)
+            _remember_base_reading(parent, below, lm, before_reading)
     say(f"  probe F1 {before_probe:.3f}, reading {before_reading:.1%} ({time.time() - t0:.0f} s)")
     rule = rule if rule is not None else rule_for(opts, lessons, lm)
     drift = AnchorDrift()
