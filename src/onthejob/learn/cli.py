@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--prompts-per-step", type=int, default=4,
                    help="OPSD prompts per step (2 samples each)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="OPSD sample length")
+    d.add_argument("--teacher-mix", type=float, default=0.5,
+                   help="share of OPSD rows answered by the teacher (GKD lambda)")
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_demo)
@@ -201,7 +203,7 @@ def _demo(args: argparse.Namespace) -> int:
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
         train=TrainConfig(steps=args.steps, lr=args.lr),
         opsd=OpsdConfig(prompts_per_step=args.prompts_per_step,
-                        max_new_tokens=args.max_new_tokens)))
+                        max_new_tokens=args.max_new_tokens, teacher_mix=args.teacher_mix)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
     after = _ask(lm, store, tenant, DEMO_QUESTION)
