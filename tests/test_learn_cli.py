@@ -64,3 +64,15 @@ def test_bench_knowledge_smoke(tmp_path, tiny_dir):
     result = json.loads((tmp_path / "k.json").read_text())
     assert set(result["methods"]) == {"sft", "opsd"} and result["questions"] == 1
     assert "transfer ratio" in (tmp_path / "k.md").read_text()
+
+
+def test_demo_runs_the_whole_loop_and_reports_the_gate(tiny_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
+                 "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for part in ("1. Before", "2. A co-work session", "3. The user approves", "4. After"):
+        assert part in out
+    # The random tiny model learns nothing: the gate rejects and the demo says so, showing
+    # what the unserved candidate would have answered.
+    assert "rejected: " in out and "the rejected candidate v1" in out

@@ -153,13 +153,15 @@ DEMO_FACTS = ("Our team's project is code-named Bluefin. Bluefin launches on Mar
 DEMO_QUESTION = "What is our team's project code-named?"
 
 
-def _ask(lm, store, tenant: str, question: str) -> str:
+def _ask(lm, store, tenant: str, question: str, adapter_path: str | None = None) -> str:
+    """Ask in a new session, served as the server would (the tenant's active adapter), or
+    with `adapter_path` (to show what a rejected candidate learned)."""
     from onthejob.model import SamplingParams, generate, render_ids
     from onthejob.model.adapters import use_adapter
     from onthejob.store.context import context_messages
 
     active = store.active_adapter(tenant)
-    use_adapter(lm, active.path if active else None)
+    use_adapter(lm, adapter_path or (active.path if active else None))
     session = store.create_session(tenant, title="a new day")
     store.add_message(tenant, session.id, "user", question)
     prompt = render_ids(lm.tokenizer, context_messages(store.messages(tenant, session.id)))
@@ -209,6 +211,10 @@ def _demo(args: argparse.Namespace) -> int:
     after = _ask(lm, store, tenant, DEMO_QUESTION)
     learned = "bluefin" in after.lower()
     print(f"   model: {after!r}  ({'knows' if learned else 'still does not know'})")
+    if outcome.status == "rejected" and outcome.adapter is not None:
+        tried = _ask(lm, store, tenant, DEMO_QUESTION, adapter_path=outcome.adapter.path)
+        print(f"   (the rejected candidate v{outcome.adapter.version}, not served, would answer: "
+              f"{tried!r})")
     print(f"done in {time.time() - started:.0f} s; store and adapters under "
           f"{os.environ.get('ONTHEJOB_HOME')}")
     return 0
