@@ -144,11 +144,12 @@ class Trainer:
             metrics["s_per_step"] = rate
             metrics["eta_s"] = rate * (self.cfg.steps - step - 1)
             self.history.append(metrics)
+            # The checkpoint first: a step reported as done is a step a resume starts after.
+            if checkpoint is not None and rank() == 0:
+                self._save_checkpoint(checkpoint, step + 1)
             if progress and rank() == 0 and ((step + 1) % self.cfg.log_every == 0
                                              or step + 1 == self.cfg.steps):
                 progress(metrics)
-            if checkpoint is not None and rank() == 0:
-                self._save_checkpoint(checkpoint, step + 1)
         self.student()
         return self.history
 
