@@ -60,12 +60,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="A session teaches the model a fact it does not know; the "
                        "user approves it; consolidation runs; a new session without the old one "
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
-    d.add_argument("--steps", type=int, default=12)
+    d.add_argument("--steps", type=int, default=16)
     d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--divergence", choices=["reverse_kl", "forward_kl", "jsd"],
+                   default="forward_kl")
+    d.add_argument("--anchor-share", type=float, default=0.5,
+                   help="share of OPSD prompts that are ordinary anchor prompts")
     d.add_argument("--prompts-per-step", type=int, default=4,
                    help="OPSD prompts per step (2 samples each)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="OPSD sample length")
-    d.add_argument("--teacher-mix", type=float, default=0.5,
+    d.add_argument("--teacher-mix", type=float, default=1.0,
                    help="share of OPSD rows answered by the teacher (GKD lambda)")
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
@@ -201,11 +205,14 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"   {role}: {content}")
     store.set_review(tenant, session.id, "up", "Correct. Remember the codename Bluefin.")
     store.end_session(tenant, session.id)
-    print("3. The user approves it (thumbs up). Consolidating with OPSD ...")
+    print(f"3. The user approves it (thumbs up). Consolidating: self-distillation from the "
+          f"model with the session in context ({args.divergence}, teacher-answered share "
+          f"{args.teacher_mix}, anchors {args.anchor_share}), {args.steps} steps ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
         train=TrainConfig(steps=args.steps, lr=args.lr),
         opsd=OpsdConfig(prompts_per_step=args.prompts_per_step,
-                        max_new_tokens=args.max_new_tokens, teacher_mix=args.teacher_mix)))
+                        max_new_tokens=args.max_new_tokens, teacher_mix=args.teacher_mix,
+                        divergence=args.divergence, anchor_share=args.anchor_share)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
     after = _ask(lm, store, tenant, DEMO_QUESTION)
