@@ -29,3 +29,15 @@ def real_lm():
     from onthejob.model import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny model saved as a Hugging Face directory, for commands that take --model PATH."""
+    from onthejob.model import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_model(seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)

@@ -266,17 +266,6 @@ def test_dream_refuses_foreign_sessions_and_unwired_modes(tmp_path, tiny_lm):
 
 
 # -- the CLI ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from onthejob.model import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_model(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_cli_dream_then_show(tmp_path, tiny_dir, capsys):
     from onthejob.cli import main
 

@@ -36,15 +36,6 @@ from onthejob.store import Store
 LOOSE_GATE = ["--min-gain", "-1", "--max-kl", "1000", "--max-retention-drop", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_model(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _env(home) -> dict:
     env = {**os.environ, "ONTHEJOB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("ONTHEJOB_FAULT_PAUSE", None)

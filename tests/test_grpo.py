@@ -62,15 +62,6 @@ class ParityEnv(Env):
 register("parity", ParityEnv)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_model(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 # ---- math -----------------------------------------------------------------------------------
 def test_group_advantages_mean_std_faults_and_flat_groups():
     adv = group_advantages([1.0, 0.0, 0.0, 1.0])

@@ -1,19 +1,7 @@
 import json
 
-import pytest
-
 from onthejob.cli import main
-from onthejob.model import tiny_model
 from onthejob.store import Store
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_model(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _approved_session(db):
