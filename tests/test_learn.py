@@ -85,6 +85,26 @@ def test_opsd_trains_only_the_adapter_and_lowers_the_loss():
     assert rule.tokens_teacher > 0 and rule.tokens_student > 0
 
 
+def test_anchor_rows_are_pulled_toward_the_prior_model_by_default():
+    # Before any step the student equals the base, so a KL penalty toward the prior is zero on
+    # anchors, while the teacher with the session in context differs from it.
+    losses = {}
+    for target in ("prior", "teacher"):
+        lm = tiny_model(seed=6)
+        trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+        rule = Opsd([_lesson()], ["Say hi.", "Name a color."],
+                    OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
+                               teacher_mix=0.0, anchor_share=1.0, anchor_target=target))
+        rule.prepare(trainer)
+        with torch.no_grad():
+            loss, _ = rule.step(trainer, 0)
+        losses[target] = float(loss)
+    assert OpsdConfig().anchor_target == "prior"
+    assert abs(losses["prior"]) < 1e-5 < losses["teacher"]
+    with pytest.raises(ValueError, match="anchor target"):
+        OpsdConfig(anchor_target="bogus")
+
+
 def test_opsd_refuses_a_session_longer_than_the_context():
     lm = tiny_model(seed=3)
     long = Lesson("s2", [{"role": "user", "content": "word " * 2000}], ["q?"])

@@ -12,7 +12,7 @@ import time
 from onthejob.learn.consolidate import METHODS, ConsolidateOptions, consolidate
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
-from onthejob.learn.opsd import OpsdConfig
+from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import _command, _db_option, _plain
 
@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--teacher-mix", type=float, default=0.5,
                    help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy only)")
     c.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
+    c.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
+                   help="what anchor prompts are pulled toward: the model before this run, "
+                   "without the session (prior: a KL penalty), or the teacher")
     c.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
     c.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
     c.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
@@ -66,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default="forward_kl")
     d.add_argument("--anchor-share", type=float, default=0.5,
                    help="share of OPSD prompts that are ordinary anchor prompts")
+    d.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
+                   help="anchors pulled toward the model before the run (prior) or the teacher")
     d.add_argument("--prompts-per-step", type=int, default=4,
                    help="OPSD prompts per step (2 samples each)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="OPSD sample length")
@@ -83,7 +88,8 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
         train=TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
-        opsd=OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix, top_k=args.top_k),
+        opsd=OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix, top_k=args.top_k,
+                        anchor_target=args.anchor_target),
         gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                         max_retention_drop=args.max_retention_drop))
 
@@ -207,12 +213,13 @@ def _demo(args: argparse.Namespace) -> int:
     store.end_session(tenant, session.id)
     print(f"3. The user approves it (thumbs up). Consolidating: self-distillation from the "
           f"model with the session in context ({args.divergence}, teacher-answered share "
-          f"{args.teacher_mix}, anchors {args.anchor_share}), {args.steps} steps ...")
+          f"{args.teacher_mix}, anchors {args.anchor_share} toward the {args.anchor_target}), {args.steps} steps ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
         train=TrainConfig(steps=args.steps, lr=args.lr),
         opsd=OpsdConfig(prompts_per_step=args.prompts_per_step,
                         max_new_tokens=args.max_new_tokens, teacher_mix=args.teacher_mix,
-                        divergence=args.divergence, anchor_share=args.anchor_share)))
+                        divergence=args.divergence, anchor_share=args.anchor_share,
+                        anchor_target=args.anchor_target)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
     after = _ask(lm, store, tenant, DEMO_QUESTION)

@@ -11,6 +11,8 @@ Each step:
      computed once per session and reused);
   4. loss = mean over response tokens of D(student || teacher) over the vocabulary
      (reverse KL by default; forward KL or generalized JSD; optionally the teacher's top-k).
+     Anchor rows are scored, by default, by the model as it was before the run without the
+     session: on ordinary prompts the loss is then a KL penalty toward the prior model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
 
+ANCHOR_TARGETS = ("prior", "teacher")
+
 
 @dataclass
 class OpsdConfig:
@@ -40,6 +44,15 @@ class OpsdConfig:
     teacher_mix: float = 0.5
     teacher_pool: int = 2  # teacher samples drawn once per probe for the mixture
     anchor_share: float = 0.25
+    # What anchor rows are pulled toward: "prior" = the model as it was before this run,
+    # without the session (the parent adapters, or the base): a KL penalty that holds
+    # ordinary answers in place; "teacher" = the teacher with the session in context.
+    anchor_target: str = "prior"
+
+    def __post_init__(self) -> None:
+        if self.anchor_target not in ANCHOR_TARGETS:
+            raise ValueError(f"unknown anchor target {self.anchor_target!r}; choose one of "
+                             f"{', '.join(ANCHOR_TARGETS)}")
 
 
 @dataclass
@@ -166,17 +179,21 @@ class Opsd:
 
     def _teacher_logits(self, trainer: Trainer, rows: list[int],
                         responses: list[list[int]]) -> torch.Tensor:
-        # One pass per session, each reusing that session's cached prefix; back in row order.
+        # One pass per session, each reusing that session's cached prefix, and one pass without
+        # any session for anchors pulled toward the prior; back in row order.
+        prior = self.cfg.anchor_target == "prior"
         by_lesson: dict[int, list[int]] = {}
         for k, i in enumerate(rows):
-            by_lesson.setdefault(self.probes[i].lesson, []).append(k)
+            probe = self.probes[i]
+            by_lesson.setdefault(-1 if prior and probe.anchor else probe.lesson, []).append(k)
         parts: dict[int, torch.Tensor] = {}
         with trainer.teacher():
             for lesson, ks in by_lesson.items():
-                logits = response_logits(trainer.lm, [self.probes[rows[k]].teacher_suffix for k in ks],
-                                         [responses[k] for k in ks], prefix=self.prefixes[lesson])
-                self.tokens_teacher += sum(len(self.probes[rows[k]].teacher_suffix) + len(responses[k])
-                                           for k in ks)
+                prompts = [self.probes[rows[k]].student_ids if lesson < 0
+                           else self.probes[rows[k]].teacher_suffix for k in ks]
+                logits = response_logits(trainer.lm, prompts, [responses[k] for k in ks],
+                                         prefix=None if lesson < 0 else self.prefixes[lesson])
+                self.tokens_teacher += sum(len(p) + len(responses[k]) for p, k in zip(prompts, ks, strict=True))
                 offset = 0
                 for k in ks:
                     parts[k] = logits[offset: offset + len(responses[k])]
