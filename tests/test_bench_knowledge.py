@@ -86,6 +86,33 @@ def test_prefix_output_and_no_extras(tmp_path, tiny_dir):
     assert "k-transfer.png" in (tmp_path / "k.md").read_text()
 
 
+def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_path, tiny_dir):
+    out = tmp_path / "j"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", "opsd,sft", "--sessions", "0", "--seeds", "1",
+                 "--lrs", "", "--sequential", "0", "--joint", "3", "--joint-steps", "2",
+                 "--anchor-target", "teacher", "--threads", "1", "--out", str(out) + "/"]) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["runs"] == [] and result["methods"] == {}
+    joint = result["joint"]
+    assert joint["sessions"] == [0, 1, 2] and joint["questions"] == [2, 2, 2]
+    assert result["config"]["opsd"]["anchor_target"] == "teacher"
+    for m in ("opsd", "sft"):
+        v = joint["methods"][m]
+        assert len(v["per_session"]) == 3 and len(v["loss_curve"]) == 2
+        assert v["after"] == pytest.approx(sum(v["per_session"]) / 6)
+        gap = joint["in_context"] - joint["base"]
+        if gap > 0:
+            assert v["transfer_ratio"] == pytest.approx((v["after"] - joint["base"]) / gap)
+        assert v["cost"]["kv_cache_bytes"] > 0 and v["cost"]["seconds"] > 0
+        assert set(v) >= {"reading_drop_pts", "general_drop_pts", "kl_to_base"}
+    assert joint["methods"]["opsd"]["cost"]["tokens_teacher"] > 0
+    md = (out / "report.md").read_text()
+    assert "Joint consolidation: 3 sessions" in md and "](joint.png)" in md
+    assert "## Transfer ratio" not in md  # no independent part was run
+    assert (out / "joint.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_retention_pools_gain_by_lag():
     base = [0, 1, 0]
     correct = [[2], [1, 3], [2, 2, 1]]  # gains at lag 0: 2, 2, 1

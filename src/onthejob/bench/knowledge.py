@@ -10,6 +10,8 @@ ceiling), and without it after consolidating the session into an adapter. Four p
   - sequential: sessions consolidated one after another into one adapter, each version the
     child of the last (as `onthejob consolidate` does); after each, accuracy on every earlier
     session's questions: the retention curve;
+  - joint: the first N sessions consolidated together into one adapter per method (as
+    `onthejob consolidate` does with a tenant's batch of approved sessions);
   - forgetting (every adapter): in-context reading on articles 1000+, general questions the
     base answers right, KL to the base on ordinary prompts; cost: wall time, tokens, peak
     memory, adapter bytes vs the session's KV-cache bytes.
@@ -45,7 +47,7 @@ from onthejob.bench.measures import (
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import QaResult, answer
 from onthejob.learn.lesson import Lesson
-from onthejob.learn.loop import STUDENT, TrainConfig, Trainer
+from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.probes import make_probes, probe_quality
@@ -71,6 +73,9 @@ class KnowledgeConfig:
     max_questions: int = 15
     sequential: int = 0  # sessions consolidated one after another (0: no sequential part)
     sequential_methods: Sequence[str] = ("opsd",)
+    joint: int = 0  # sessions consolidated together into one adapter per method (0: no joint part)
+    joint_steps: int | None = None  # steps of each joint training (None: steps)
+    notes_per_session: int = 4
     lrs: Sequence[float] = ()  # extra learning rates for sft and opsd (first seed only)
     reading_items: int = 20  # in-context reading items from articles 1000+
     general_items: int | None = None  # general questions (None: all of data/general.json)
@@ -104,13 +109,14 @@ def load_articles(path: str | list[dict], split: str, n: int) -> list[dict]:
     return articles
 
 
-def _rule(method: str, lesson: Lesson, lm: LoadedModel, cfg: KnowledgeConfig):
+def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: KnowledgeConfig):
     if method == "opsd":
-        return Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+        return Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd)
     if method == "sft":
-        return Sft([lesson], lm.tokenizer)
+        return Sft(lessons, lm.tokenizer)
     if method == "notes":
-        return Notes([lesson], max_new_tokens=cfg.notes_tokens)
+        return Notes(lessons, notes_per_session=cfg.notes_per_session,
+                     max_new_tokens=cfg.notes_tokens)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -156,21 +162,23 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     started = time.time()
     data = load_data(cfg.data)
-    articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential))
+    articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential, cfg.joint))
     reading_items = reading_set(data, cfg.reading_items)
     general_items = general_set()[: cfg.general_items]
     seeds = [cfg.seed + k for k in range(max(cfg.seeds, 1))]
     sweep_lrs = [lr for lr in dict.fromkeys(cfg.lrs) if lr != cfg.lr]
     n_indep = min(cfg.sessions, len(articles))
     n_seq = min(cfg.sequential, len(articles))
+    n_joint = min(cfg.joint, len(articles))
     total = (n_indep * len(cfg.methods) * len(seeds)
              + n_indep * len(sweep_lrs) * sum(m in SWEEP_METHODS for m in cfg.methods)
-             + n_seq * len(cfg.sequential_methods))
+             + n_seq * len(cfg.sequential_methods) + (len(cfg.methods) if n_joint else 0))
     bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
     log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps "
         f"({'bf16' if bf16 else 'float32'}): "
         f"independent {n_indep} x {list(cfg.methods)} x seeds {seeds}, sweep lrs {sweep_lrs}, "
-        f"sequential {n_seq} x {list(cfg.sequential_methods)}")
+        f"sequential {n_seq} x {list(cfg.sequential_methods)}, joint {n_joint} sessions x "
+        f"{list(cfg.methods) if n_joint else []}")
 
     lm = load_model(cfg.model, device=cfg.device)
     sessions = [_measure_session(lm, i, a, cfg, log) for i, a in enumerate(articles)]
@@ -204,9 +212,18 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     for method in cfg.sequential_methods if n_seq else ():
         sequential[method] = _sequential(cfg, sessions[:n_seq], method, probes_ctx, kv, clock,
                                          adapters_dir)
-    return summarize(cfg, sessions, runs, sequential, forgetting_base, seeds,
-                     time.time() - started, n_indep,
-                     {"reading_items": len(reading_items), "general_items": len(general_items)})
+    joint = {}
+    for method in cfg.methods if n_joint else ():
+        joint[method] = _joint(cfg, sessions[:n_joint], method, probes_ctx, kv, log)
+        j = joint[method]
+        clock.tick(f"joint {method} ({n_joint} sessions): after {sum(j['after'])}/"
+                   f"{sum(len(s.questions) for s in sessions[:n_joint])}, KL "
+                   f"{j['forgetting']['kl_to_base']:.3f}, {j['cost']['seconds']:.0f} s")
+    result = summarize(cfg, sessions, runs, sequential, forgetting_base, seeds,
+                       time.time() - started, n_indep,
+                       {"reading_items": len(reading_items), "general_items": len(general_items)})
+    result["joint"] = summarize_joint(sessions[:n_joint], joint, forgetting_base)
+    return result
 
 
 def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeConfig,
@@ -226,18 +243,26 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
                    asdict(probe_quality(probes, article["context"])), base, ceiling, tokens, probe_s)
 
 
-def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session, method: str, lr: float,
-           seed: int, parent: str | None = None) -> tuple[Trainer, object, dict]:
-    """Consolidate one session into the student adapter (a child of `parent` when given)."""
+def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Session],
+           method: str, lr: float, seed: int, parent: str | None = None,
+           steps: int | None = None,
+           log: Callable[[str], None] | None = None) -> tuple[Trainer, object, dict]:
+    """Consolidate one session (or several together) into the student adapter (a child of
+    `parent` when given)."""
+    group = [session] if isinstance(session, Session) else list(session)
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
         bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
-        trainer = Trainer(lm, TrainConfig(steps=cfg.steps, lr=lr, seed=seed, bf16=bf16),
-                          parent=parent)
-        rule = _rule(method, session.lesson(), lm, cfg)
-        history = trainer.run(rule, drift=AnchorDrift())
+        trainer = Trainer(lm, TrainConfig(steps=steps or cfg.steps, lr=lr, seed=seed, bf16=bf16,
+                                          log_every=5), parent=parent)
+        rule = _rule(method, [s.lesson() for s in group], lm, cfg)
+        progress = None
+        if log is not None:
+            progress = print_progress(f"  [{method}] ", write=log)
+        history = trainer.run(rule, progress=progress, drift=AnchorDrift())
     seconds = time.time() - t0
-    cost = {"seconds": seconds + (session.probe_seconds if method == "opsd" else 0.0),
+    probe_s = sum(s.probe_seconds for s in group) if method == "opsd" else 0.0
+    cost = {"seconds": seconds + probe_s,
             "train_seconds": seconds, "peak_mb": peak.peak_mb, "peak_kind": peak.kind,
             "tokens_student": getattr(rule, "tokens_student", 0),
             "tokens_teacher": getattr(rule, "tokens_teacher", 0)}
@@ -333,6 +358,58 @@ def _sequential(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, 
             shutil.rmtree(root, ignore_errors=True)
     return {"correct": correct, "f1": f1s, "cost": costs, "versions": versions,
             "forgetting": forgetting, "adapters": str(root) if adapters_dir else None}
+
+
+def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probes_ctx,
+           kv: dict[int, int], log: Callable[[str], None]) -> dict:
+    """Consolidate `sessions` together into one adapter; answer all their questions after."""
+    lm = load_model(cfg.model, device=cfg.device)
+    log(f"joint {method}: {len(sessions)} sessions into one adapter, "
+        f"{cfg.joint_steps or cfg.steps} steps")
+    trainer, history, cost = _train(cfg, lm, sessions, method, cfg.lr, cfg.seed,
+                                    steps=cfg.joint_steps, log=log)
+    with trainer.frozen_student():
+        got, forgetting = evaluate(lm, sessions, probes_ctx)
+    forgetting = {"reading": float("nan"), "general": float("nan"), **forgetting,
+                  "kl_to_base": _kl(history)}
+    with tempfile.TemporaryDirectory() as tmp:
+        save(lm.model, STUDENT, Path(tmp) / "adapter")
+        cost["adapter_bytes"] = adapter_bytes(Path(tmp) / "adapter")
+    cost["kv_cache_bytes"] = sum(kv[s.index] for s in sessions)
+    return {"method": method, "after": [sum(g.correct) for g in got],
+            "after_f1": [g.mean_f1 for g in got], "answers": [g.answers for g in got],
+            "forgetting": forgetting, "cost": cost,
+            "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
+            "loss_curve": [h["loss"] for h in history]}
+
+
+def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: dict) -> dict:
+    if not joint:
+        return {}
+    n_q = [len(s.questions) for s in sessions]
+    total = max(sum(n_q), 1)
+    base = sum(sum(s.base.correct) for s in sessions) / total
+    ceiling = sum(sum(s.in_context.correct) for s in sessions) / total
+    base_f1 = _mean([f for s in sessions for f in s.base.f1])
+    ceil_f1 = _mean([f for s in sessions for f in s.in_context.f1])
+    methods = {}
+    for m, j in joint.items():
+        after = sum(j["after"]) / total
+        after_f1 = sum(f * q for f, q in zip(j["after_f1"], n_q, strict=True)) / total
+        methods[m] = {
+            "after": after, "after_f1": after_f1, "per_session": j["after"],
+            "transfer_ratio": _ratio(after, base, ceiling),
+            "transfer_ratio_f1": _ratio(after_f1, base_f1, ceil_f1),
+            "reading_drop_pts": 100 * (forgetting_base["reading"] - j["forgetting"]["reading"]),
+            "general_drop_pts": 100 * (forgetting_base["general"] - j["forgetting"]["general"]),
+            "kl_to_base": j["forgetting"]["kl_to_base"],
+            "cost": {**j["cost"], "seconds_per_session": j["cost"]["seconds"] / len(sessions)},
+            "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"]}
+    return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
+            "questions": n_q, "base_per_session": [sum(s.base.correct) for s in sessions],
+            "in_context_per_session": [sum(s.in_context.correct) for s in sessions],
+            "base": base, "in_context": ceiling, "base_f1": base_f1, "in_context_f1": ceil_f1,
+            "methods": methods}
 
 
 # -- summary -------------------------------------------------------------------------------

@@ -33,7 +33,42 @@ def plot_all(result: dict, prefix: str) -> dict[str, str]:
         out["retention"] = _plot_retention(result, f"{prefix}retention.png")
     if result["sweep"]:
         out["pareto"] = _plot_pareto(result, f"{prefix}gain-vs-forgetting.png")
+    if result.get("joint"):
+        out["joint"] = _plot_joint(result["joint"], f"{prefix}joint.png")
     return out
+
+
+def _plot_joint(joint: dict, path: str) -> str:
+    """Left: no-context accuracy after each method against base and in context; right: gain
+    against forgetting (in-context reading drop)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = list(joint["methods"])
+    ax = axes[0]
+    for x, m in enumerate(names):
+        ax.bar(x, 100 * joint["methods"][m]["after"], color=COLORS.get(m, "gray"), alpha=0.7)
+    ax.axhline(100 * joint["base"], color="gray", lw=1, label="base")
+    ax.axhline(100 * joint["in_context"], color="gray", lw=1, ls="--", label="in context")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("no-context accuracy (%)")
+    ax.set_title("after consolidating all sessions")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for m in names:
+        v = joint["methods"][m]
+        ax.scatter(v["reading_drop_pts"], 100 * (v["after"] - joint["base"]),
+                   color=COLORS.get(m, "gray"), s=40, label=m)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_xlabel("in-context reading drop (pts)")
+    ax.set_ylabel("gain (pts)")
+    ax.set_title("gain vs forgetting")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{len(joint['sessions'])} sessions consolidated together, "
+                 f"{sum(joint['questions'])} questions", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plot_transfer(result: dict, path: str) -> str:
@@ -136,8 +171,9 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
     fb = result["forgetting_base"]
     sizes = result.get("probe_sizes", {})
     lines = [
-        f"# Knowledge transfer ({cfg['split']} split, {len(result['rows'])} sessions, "
-        f"{result['questions']} questions, {len(result['seeds'])} seed(s))", "",
+        f"# Knowledge transfer ({cfg['split']} split, "
+        f"{max(len(result['rows']), len(result.get('joint', {}).get('sessions', [])))} sessions, "
+        f"{len(result['seeds'])} seed(s))", "",
         f"Command: `{command}`  ",
         f"Date: {result['date']}; machine: {result['machine']}; total "
         f"{result['seconds'] / 60:.1f} min. Protocol: docs/BENCHMARKS.md.", "",
@@ -149,13 +185,16 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
         f"base: in-context reading {_f(fb['reading'], '.1%')} ({sizes.get('reading_items', '?')} "
         f"passages from articles 1000+), general questions {_f(fb['general'], '.1%')} "
         f"({sizes.get('general_items', '?')} questions).", "",
-        "## Transfer ratio", "",
-        "| method | no-context accuracy after | transfer ratio: mean ± std [min, max] | "
-        "transfer ratio (F1) | reading drop (pts) | general drop (pts) | KL to base |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | {result['base']:.1%} | 0 | 0 | 0 | 0 | 0 |",
-        f"| in context | {result['in_context']:.1%} | 1 | 1 | | | |",
     ]
+    if result["methods"]:
+        lines += [
+            "## Transfer ratio", "",
+            "| method | no-context accuracy after | transfer ratio: mean ± std [min, max] | "
+            "transfer ratio (F1) | reading drop (pts) | general drop (pts) | KL to base |",
+            "|---|---|---|---|---|---|---|",
+            f"| base | {result['base']:.1%} | 0 | 0 | 0 | 0 | 0 |",
+            f"| in context | {result['in_context']:.1%} | 1 | 1 | | | |",
+        ]
     for m, v in result["methods"].items():
         t, tf = v["transfer"], v["transfer_f1"]
         lines.append(f"| {m} | {v['after']:.1%} | {_f(t['mean'])} ± {_f(t['std'])} "
@@ -164,10 +203,11 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
                      f"{_f(v['kl_to_base'])} |")
     if "transfer" in rel:
         lines += ["", f"![transfer ratio per method]({rel['transfer']})"]
-    lines += ["", "## Cost per session", "",
-              "| method | wall s | train s | tokens student | tokens teacher | peak MB "
-              "| adapter MB | KV cache MB of the session | adapter / KV cache |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    if result["methods"]:
+        lines += ["", "## Cost per session", "",
+                  "| method | wall s | train s | tokens student | tokens teacher | peak MB "
+                  "| adapter MB | KV cache MB of the session | adapter / KV cache |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     for m, v in result["methods"].items():
         c = v["cost"]
         lines.append(f"| {m} | {c['seconds']:.0f} | {c['train_seconds']:.0f} | "
@@ -193,8 +233,14 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
             lines += ["", f"![gain vs forgetting]({rel['pareto']})"]
     for m, seq in result["sequential"].items():
         lines += _sequential_lines(m, seq, fb)
+    if result.get("joint"):
+        lines += _joint_lines(result["joint"], cfg)
     if "retention" in rel:
         lines += ["", f"![retention curve]({rel['retention']})"]
+    if "joint" in rel:
+        lines += ["", f"![joint consolidation]({rel['joint']})"]
+    if not result["rows"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Per session (first seed, main lr)", "",
               "| # | article | tokens | probes | base | in context | "
               + " | ".join(result["methods"]) + " |",
@@ -205,6 +251,38 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
                      + " | ".join(",".join(map(str, r["methods"][m]["after_by_seed"]))
                                   if m in r["methods"] else "" for m in result["methods"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _joint_lines(joint: dict, cfg: dict) -> list[str]:
+    n, q = len(joint["sessions"]), sum(joint["questions"])
+    steps = cfg.get("joint_steps") or cfg["steps"]
+    lines = ["", f"## Joint consolidation: {n} sessions together into one adapter per method", "",
+             f"As `onthejob consolidate` does with a tenant's batch of approved sessions: "
+             f"{steps} steps, lr {cfg['lr']:g}, seed {cfg['seed']}; {q} questions, asked "
+             f"without context. Base {joint['base']:.1%}, in context {joint['in_context']:.1%} "
+             f"(F1 {_f(joint['base_f1'])} and {_f(joint['in_context_f1'])}).", "",
+             "| method | no-context accuracy after | transfer ratio | transfer ratio (F1) | "
+             "reading drop (pts) | general drop (pts) | KL to base | wall s (per session) | "
+             "peak MB | tokens student | tokens teacher |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, v in joint["methods"].items():
+        c = v["cost"]
+        lines.append(f"| {m} | {v['after']:.1%} | {_f(v['transfer_ratio'])} | "
+                     f"{_f(v['transfer_ratio_f1'])} | {_f(v['reading_drop_pts'], '+.1f')} | "
+                     f"{_f(v['general_drop_pts'], '+.1f')} | {_f(v['kl_to_base'])} | "
+                     f"{c['seconds']:.0f} ({c['seconds_per_session']:.0f}) | "
+                     f"{_f(c['peak_mb'], '.0f')} | {c['tokens_student']:.0f} | "
+                     f"{c['tokens_teacher']:.0f} |")
+    methods = list(joint["methods"])
+    lines += ["", "| # | article | base | in context | " + " | ".join(methods) + " |",
+              "|---|---|---|---|" + "---|" * len(methods)]
+    for k, (index, title) in enumerate(zip(joint["sessions"], joint["titles"], strict=True)):
+        qn = joint["questions"][k]
+        lines.append(f"| {index} | {title} | {joint['base_per_session'][k]}/{qn} | "
+                     f"{joint['in_context_per_session'][k]}/{qn} | "
+                     + " | ".join(f"{joint['methods'][m]['per_session'][k]}/{qn}" for m in methods)
+                     + " |")
+    return lines
 
 
 def _sequential_lines(m: str, seq: dict, fb: dict) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from onthejob.envs.cli import _bench_subparsers
+from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
 SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "3e-3", "sequential": 10,
@@ -47,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"retention curve (0: none; default {SIZES['sequential']})")
     k.add_argument("--sequential-methods", default="opsd",
                    help="methods run sequentially (default %(default)s)")
+    k.add_argument("--joint", type=int, default=0,
+                   help="also consolidate the first N sessions together into one adapter per "
+                        "method, as `onthejob consolidate` does with a tenant's batch (default 0: no)")
+    k.add_argument("--joint-steps", type=int, default=None,
+                   help="training steps of each joint consolidation (default: --steps)")
     k.add_argument("--reading-items", type=int, default=None,
                    help=f"in-context reading items from articles 1000+ (default {SIZES['reading_items']})")
     k.add_argument("--general-items", type=int, default=None,
@@ -54,6 +60,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--teacher-mix", type=float, default=0.5,
                    help="OPSD: share of rows answered by the teacher (GKD lambda)")
     k.add_argument("--divergence", default="reverse_kl", choices=("reverse_kl", "forward_kl", "jsd"))
+    k.add_argument("--anchor-share", type=float, default=OpsdConfig.anchor_share,
+                   help="OPSD: share of prompts that are ordinary anchors (default %(default)s)")
+    k.add_argument("--anchor-target", default=OpsdConfig.anchor_target, choices=ANCHOR_TARGETS,
+                   help="OPSD: anchors pulled toward the model before the run (prior: a KL "
+                        "penalty) or toward the teacher (default %(default)s)")
+    k.add_argument("--prompts-per-step", type=int, default=OpsdConfig.prompts_per_step,
+                   help="OPSD prompts per step (default %(default)s)")
+    k.add_argument("--sample-tokens", type=int, default=OpsdConfig.max_new_tokens,
+                   help="OPSD: length of each sampled answer (default %(default)s)")
+    k.add_argument("--notes-per-session", type=int, default=4,
+                   help="notes baseline: notes written per session (default %(default)s)")
     k.add_argument("--max-questions", type=int, default=None,
                    help=f"questions per session (default {SIZES['max_questions']})")
     k.add_argument("--seed", type=int, default=0, help="first seed")
@@ -96,8 +113,6 @@ def _write(prefix: str, result: dict, text: str) -> None:
 def _knowledge(args: argparse.Namespace) -> int:
     from onthejob.bench.knowledge import KnowledgeConfig, markdown, run
     from onthejob.bench.knowledge_report import plot_all
-    from onthejob.learn.opsd import OpsdConfig
-
     if not Path(args.data).exists():
         print(f"error: {args.data} not found; pass --data PATH to squad_seal_val.json", file=sys.stderr)
         return 2
@@ -114,7 +129,9 @@ def _knowledge(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --lrs {sizes['lrs']!r} is not a comma-separated list of numbers", file=sys.stderr)
         return 2
-    opsd = OpsdConfig(teacher_mix=args.teacher_mix, divergence=args.divergence)
+    opsd = OpsdConfig(teacher_mix=args.teacher_mix, divergence=args.divergence,
+                      anchor_share=args.anchor_share, anchor_target=args.anchor_target,
+                      prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens)
     if args.smoke:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
         opsd.teacher_pool = 1
@@ -123,6 +140,8 @@ def _knowledge(args: argparse.Namespace) -> int:
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
                           sequential=sizes["sequential"],
                           sequential_methods=_names(args.sequential_methods), lrs=lrs,
+                          joint=args.joint, joint_steps=args.joint_steps,
+                          notes_per_session=args.notes_per_session,
                           reading_items=sizes["reading_items"], general_items=sizes["general_items"],
                           opsd=opsd, notes_tokens=16 if args.smoke else 160,
                           bf16={"auto": None, "on": True, "off": False}[args.bf16],

@@ -177,12 +177,18 @@ class Trainer:
         return int(saved["step"])
 
 
-def print_progress(prefix: str = "") -> Callable[[dict], None]:
+def print_progress(prefix: str = "", write: Callable[[str], None] | None = None
+                   ) -> Callable[[dict], None]:
+    """A progress callback: one line per report (to stderr unless `write` is given)."""
     def show(m: dict) -> None:
         extras = " ".join(f"{k}={v:.4g}" for k, v in m.items()
                           if k not in {"step", "s_per_step", "eta_s"} and isinstance(v, float))
-        print(f"{prefix}step {m['step']} {extras} | {m['s_per_step']:.1f} s/step, "
-              f"ETA {m['eta_s']:.0f} s", file=sys.stderr, flush=True)
+        line = (f"{prefix}step {m['step']} {extras} | {m['s_per_step']:.1f} s/step, "
+                f"ETA {m['eta_s']:.0f} s")
+        if write is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            write(line)
     return show
 
 
