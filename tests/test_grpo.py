@@ -279,3 +279,85 @@ def test_shared_prompt_logprobs_and_gradients_are_exact():
     assert exact_grads.keys() == shared_grads.keys() and exact_grads
     for name, g in exact_grads.items():
         assert torch.allclose(g, shared_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+# ---- the supervised warm-up (imitation of the scripted policy) before GRPO ----------------
+def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
+    from onthejob.learn.grpo import EVAL_SEED_BASE, TRAIN_SEEDS, eval_seeds
+    from onthejob.learn.warmup import WARMUP_SEED_BASE, scripted_examples, warmup_seeds
+
+    seeds = warmup_seeds(6)
+    assert TRAIN_SEEDS <= WARMUP_SEED_BASE and max(seeds) < EVAL_SEED_BASE
+    assert not set(seeds) & set(eval_seeds(64))
+    every = scripted_examples("shop", {"start": "home"}, seeds)
+    assert {e.seed for e in every} == set(seeds)
+    pages = [e.page for e in every]
+    assert pages.count("review") == 6 and pages.count("home") == 6
+    assert [e.action for e in every if e.page == "review"] == ["click place-order"] * 6
+    kept = scripted_examples("shop", {"start": "home"}, seeds, skip_pages=["review"])
+    assert len(kept) == len(every) - 6
+    assert "review" not in {e.page for e in kept}
+    assert not any("place-order" in e.action for e in kept)
+    # Each kept decision is the scripted one for its observation, seen on a solved episode.
+    assert all(e.observation.startswith(f'<page name="{e.page}">') for e in kept)
+    with pytest.raises(ValueError, match="no scripted policy"):
+        scripted_examples("parity", {}, seeds)
+
+
+def test_imitation_teaches_an_action_the_base_never_takes():
+    from onthejob.envs.model_policy import ModelPolicy
+    from onthejob.learn.grind_cli import SYSTEMS
+    from onthejob.learn.grpo import eval_seeds, evaluate
+    from onthejob.learn.warmup import Imitation, encode_examples, scripted_examples, warmup_seeds
+    from onthejob.model.chat import end_of_turn_ids
+
+    lm = tiny_model(seed=0)
+    system, options = SYSTEMS["shop"], {"start": "review", "max_steps": 1}
+    seeds = eval_seeds(8)
+    assert evaluate(lm, "shop", options, seeds, 1, 6, system=system)["reward"] == 0.0
+    examples = scripted_examples("shop", {"start": "review"}, warmup_seeds(4))
+    eot = min(end_of_turn_ids(lm.tokenizer))
+    pairs = encode_examples(lm, examples, system, eot)
+    # The prompt is exactly what the model policy renders; only the action (+ end of turn)
+    # is the target.
+    prompt, response = pairs[0]
+    assert prompt == ModelPolicy(lm, system=system).prompt_ids(examples[0].observation)
+    assert response[-1] == eot and lm.tokenizer.decode(response[:-1]) == "click place-order"
+    trainer = Trainer(lm, TrainConfig(steps=30, lr=3e-3, lora=LoraSpec(rank=16, alpha=32)))
+    history = trainer.run(Imitation(pairs, batch_size=4))
+    assert history[-1]["nll"] < history[0]["nll"] - 0.5
+    with trainer.frozen_student():  # held-out seeds, never imitated: greedy now places the order
+        assert evaluate(lm, "shop", options, seeds, 1, 6, system=system)["reward"] == 1.0
+    with pytest.raises(ValueError, match="nothing to imitate"):
+        Imitation([])
+
+
+def test_grind_warmup_then_grpo_starts_from_the_warmed_adapter(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "out"
+    argv = ["grind", "--env", "shop", "--option", "start=review", "--option", "max_steps=1",
+            "--max-turns", "1", "--group", "4", "--starts", "1", "--steps", "1",
+            "--max-new-tokens", "6", "--rank", "16", "--lr", "1e-3", "--model", tiny_dir,
+            "--eval-seeds", "4", "--out", str(out), "--warmup-steps", "30",
+            "--warmup-episodes", "4", "--warmup-option", "start=review", "--warmup-lr", "3e-3",
+            "--temperature", "0.01"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warm-up: imitate 4 scripted decisions" in err and "[warm-up shop] step 30" in err
+    assert "held-out after warm-up: reward 1.000" in err
+    record = json.loads((out / "curve.json").read_text())
+    warm = record["warmup"]
+    assert len(warm["history"]) == 30 and warm["decisions"] == 4 and warm["seeds"][0] == 5_000_000
+    assert record["eval_before"]["reward"] == 0.0 and warm["eval"]["reward"] == 1.0
+    assert (out / "warmup-adapter" / "checksum.sha256").exists()
+    # GRPO's first rollouts (near-greedy here) come from the warmed adapter, not the base.
+    assert record["history"][0]["reward"] == 1.0
+    assert record["summary"]["eval_after_warmup"]["reward"] == 1.0
+    assert (out / "curve.png").stat().st_size > 1000
+    # Bad warm-up settings are refused before any model is loaded.
+    assert main(["grind", "--env", "parity", "--warmup-steps", "2", "--model", tiny_dir]) == 2
+    assert "no scripted policy" in capsys.readouterr().err
+    assert main(["grind", "--env", "arith", "--warmup-steps", "2", "--warmup-skip-page",
+                 "review", "--model", tiny_dir]) == 2
+    assert main(["grind", "--env", "shop", "--warmup-steps", "2", "--warmup-episodes", "0",
+                 "--model", tiny_dir]) == 2
+    assert "nothing to imitate" in capsys.readouterr().err

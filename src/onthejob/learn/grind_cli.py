@@ -4,6 +4,12 @@ Writes to --out (default $ONTHEJOB_HOME/runs/<run id>/): curve.json (config, eve
 metrics, the held-out evaluation before and after), curve.png (the reward curve), and the
 adapter (`adapter/`) unless --tenant is given: then the adapter goes to the adapter store
 as the tenant's next version, registered as a candidate with its metrics.
+
+With --warmup-steps N, GRPO starts from a supervised warm-up: N steps of imitation of the
+env's scripted policy (learn/warmup.py) on seeds of their own, optionally on other start
+pages (--warmup-option) and without the decisions on some pages (--warmup-skip-page). The
+held-out reward is measured before the warm-up, after it, and after GRPO, so what GRPO added
+is told apart from what the warm-up gave. The warm-up adapter is kept in OUT/warmup-adapter.
 """
 
 from __future__ import annotations
@@ -63,6 +69,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="average the loss over all tokens, or per rollout first")
     g.add_argument("--system", default=None,
                    help="system prompt of the policy (default: one per environment)")
+    w = g.add_argument_group(
+        "supervised warm-up", "before GRPO, imitate the env's scripted policy for a few steps, "
+        "so that a base model that never earns a reward (every group flat) gets a non-zero "
+        "rate to start from; the held-out reward is measured after the warm-up too")
+    w.add_argument("--warmup-steps", type=int, default=0,
+                   help="imitation steps before GRPO (0: no warm-up)")
+    w.add_argument("--warmup-episodes", type=int, default=32,
+                   help="scripted episodes to imitate, on seeds 5,000,000 up (disjoint from "
+                   "GRPO's training seeds and from the held-out seeds)")
+    w.add_argument("--warmup-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="environment option of the warm-up episodes (repeatable; when given, "
+                   "replaces --option for them), e.g. start=home to imitate whole checkouts")
+    w.add_argument("--warmup-skip-page", action="append", default=[], metavar="PAGE",
+                   help="(shop) leave the decisions taken on this page out of the warm-up "
+                   "(repeatable), e.g. review: the model never sees `click place-order` done")
+    w.add_argument("--warmup-lr", type=float, default=None, help="warm-up learning rate "
+                   "(default: --lr)")
+    w.add_argument("--warmup-batch", type=int, default=4, help="decisions per warm-up step")
     g.add_argument("--eval-seeds", type=int, default=64,
                    help="held-out seeds evaluated before and after (0: skip)")
     g.add_argument("--eval-temperature", type=float, default=0.0,
@@ -94,12 +118,34 @@ def _config(args: argparse.Namespace) -> GrpoConfig:
         backend=args.backend, log_rollouts=not args.no_log)
 
 
+def _warmup_examples(args: argparse.Namespace, cfg: GrpoConfig) -> list | None:
+    """The scripted decisions the warm-up imitates (None without a warm-up)."""
+    from onthejob.envs.cli import _options
+    from onthejob.learn.warmup import check_skip_pages, scripted_examples, warmup_seeds
+
+    if args.warmup_steps < 0 or args.warmup_batch < 1 or args.warmup_episodes < 0:
+        raise ValueError("--warmup-steps, --warmup-episodes and --warmup-batch must not be "
+                         "negative (--warmup-batch at least 1)")
+    if not args.warmup_steps:
+        return None
+    check_skip_pages(cfg.env, args.warmup_skip_page)
+    options = cfg.options if args.warmup_option is None else _options(args.warmup_option)
+    examples = scripted_examples(cfg.env, options, warmup_seeds(args.warmup_episodes),
+                                 skip_pages=args.warmup_skip_page)
+    if not examples:
+        raise ValueError("the warm-up has nothing to imitate: no solved scripted episode, or "
+                         "every decision is on a skipped page (raise --warmup-episodes)")
+    args.warmup_options = options
+    return examples
+
+
 def _grind(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         from onthejob.learn.grpo import Grpo
 
         rule = Grpo(cfg)
+        args.examples = _warmup_examples(args, cfg)
     except (EnvError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -152,11 +198,21 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
     run_row = store.create_run("grind", args.tenant, params={
         "env": cfg.env, "options": cfg.options, "train": config_dict(train),
         "grpo": _plain_cfg(cfg), "run_id": rule.run_id}) if store else None
-    trainer = Trainer(lm, train)
-    show = print_progress(f"[grpo {cfg.env}] ")
     record = {"command": "onthejob " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
               "run_id": rule.run_id, "env": cfg.env, "options": cfg.options,
               "grpo": _plain_cfg(cfg), "train": config_dict(train), "eval_before": before}
+    examples = getattr(args, "examples", None)
+    parent = None
+    if examples:
+        try:
+            parent, record["warmup"] = _warm_up(args, cfg, lm, train, examples, out, held_out)
+        except BaseException as exc:
+            if store:
+                store.update_run(run_row.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        _write(out / "curve.json", record)
+    trainer = Trainer(lm, train, parent=parent)
+    show = print_progress(f"[grpo {cfg.env}] ")
 
     def progress(m: dict) -> None:
         show(m)
@@ -179,13 +235,15 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
               file=sys.stderr, flush=True)
     history = trainer.history
     k = max(1, len(history) // 4)
+    warmed = (record.get("warmup") or {}).get("eval")
     summary = {"reward_first": _mean([h["reward"] for h in history[:k]]),
                "reward_last": _mean([h["reward"] for h in history[-k:]]),
                "window": k, "steps": len(history), "seconds": time.time() - started,
                "rollouts": rule.rollouts, "faults": rule.faults, "tokens": rule.tokens_trained,
-               "eval_before": before, "eval_after": after}
+               "eval_before": before, "eval_after_warmup": warmed, "eval_after": after}
     metrics = {"env": cfg.env, "options": cfg.options, "run_id": rule.run_id, **summary,
                "gain": (after["reward"] - before["reward"]) if before and after else None,
+               "gain_grpo": (after["reward"] - warmed["reward"]) if warmed and after else None,
                "kl_to_base": _last_finite(history, "kl")}
     meta = {"method": "grpo", "env": cfg.env, "options": cfg.options, "run": rule.run_id}
     if store:
@@ -208,6 +266,52 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
           f"{summary['reward_last']:.3f} (last {k}); adapter: {where_text}; "
           f"curve: {out / 'curve.json'}, {plot}; {summary['seconds']:.0f} s")
     return 0
+
+
+def _warm_up(args: argparse.Namespace, cfg: GrpoConfig, lm, train, examples: list, out: Path,
+             held_out) -> tuple[Path, dict]:
+    """Imitation steps on the scripted decisions, on their own trainer; the adapter is saved
+    to OUT/warmup-adapter and GRPO's student starts as a copy of it. Returns that path and
+    the warm-up's record (settings, examples, per-step history, held-out after it)."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from onthejob.learn.loop import STUDENT, Trainer, print_progress
+    from onthejob.learn.warmup import Imitation, encode_examples
+    from onthejob.model.adapters import detach, save
+    from onthejob.model.chat import end_of_turn_ids
+
+    started = time.time()
+    eot = min(end_of_turn_ids(lm.tokenizer) - {None}, default=None)
+    pairs = encode_examples(lm, examples, cfg.system, eot)
+    pages = Counter(e.page for e in examples if e.page)
+    verbs = Counter(" ".join(e.action.split()[:2]) for e in examples)
+    lr = args.warmup_lr if args.warmup_lr is not None else args.lr
+    print(f"warm-up: imitate {len(examples)} scripted decisions from {args.warmup_episodes} "
+          f"episodes of {cfg.env} {args.warmup_options} (seeds {examples[0].seed}..), "
+          f"{args.warmup_steps} steps x {args.warmup_batch}, lr {lr}"
+          + (f"; pages left out: {', '.join(args.warmup_skip_page)}" if args.warmup_skip_page
+             else ""), file=sys.stderr, flush=True)
+    warm = Trainer(lm, replace(train, steps=args.warmup_steps, lr=lr))
+    warm.run(Imitation(pairs, batch_size=args.warmup_batch),
+             progress=print_progress(f"[warm-up {cfg.env}] "))
+    where = out / "warmup-adapter"
+    save(lm.model, STUDENT, where, meta={"method": "imitation", "env": cfg.env,
+                                         "options": args.warmup_options})
+    seconds = time.time() - started
+    with warm.frozen_student():
+        evaluation = held_out()
+    detach(lm, STUDENT)  # GRPO's trainer attaches its student as a copy of the saved one
+    if evaluation:
+        print(f"held-out after warm-up: reward {evaluation['reward']:.3f} solved "
+              f"{evaluation['solved']:.3f} (warm-up {seconds:.0f} s)", file=sys.stderr, flush=True)
+    return where, {
+        "steps": args.warmup_steps, "batch": args.warmup_batch, "lr": lr,
+        "episodes": args.warmup_episodes, "options": args.warmup_options,
+        "skip_pages": list(args.warmup_skip_page), "seeds": [examples[0].seed, examples[-1].seed],
+        "decisions": len(examples), "pages": dict(pages), "actions": dict(verbs.most_common(20)),
+        "history": warm.history, "seconds": seconds, "eval": evaluation,
+        "adapter": str(where)}
 
 
 def _plain_cfg(cfg: GrpoConfig) -> dict:
@@ -250,11 +354,14 @@ def write_plot(record: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, reward, ".", alpha=0.4, label="mean reward of the step's rollouts")
     ax.plot(steps, smooth, "-", label=f"moving average ({w} steps)")
-    for key, style, name in (("eval_before", "--", "held-out before"),
-                             ("eval_after", ":", "held-out after")):
-        if record.get(key):
-            ax.axhline(record[key]["reward"], linestyle=style, color="gray",
-                       label=f"{name}: {record[key]['reward']:.2f}")
+    lines = [("--", "gray", "held-out before", record.get("eval_before")),
+             ("-.", "tab:green", "held-out after warm-up (GRPO's start)",
+              (record.get("warmup") or {}).get("eval")),
+             (":", "black", "held-out after GRPO", record.get("eval_after"))]
+    for style, color, name, result in lines:
+        if result:
+            ax.axhline(result["reward"], linestyle=style, color=color,
+                       label=f"{name}: {result['reward']:.2f}")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward")
     ax.set_ylim(-0.02, 1.02)
