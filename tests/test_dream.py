@@ -8,7 +8,17 @@ import pytest
 from onthejob.dream.env import DreamEnv, match_reward
 from onthejob.dream.gate import DreamGateConfig, EnvVerdict, GateReport, gate, judge
 from onthejob.dream.run import Budget, Budgeted, DreamOptions, dream, load_dream
-from onthejob.dream.tasks import DreamTask, DreamWriting, parse_task, write_tasks
+from onthejob.dream.tasks import (
+    DreamTask,
+    DreamWriting,
+    answer_spans,
+    cloze_task,
+    parse_span_question,
+    parse_task,
+    split_sentences,
+    window,
+    write_tasks,
+)
 from onthejob.envs.base import EnvError
 from onthejob.learn.consolidate import StopTraining
 from onthejob.learn.gate import GateConfig
@@ -59,13 +69,122 @@ def test_parse_rejects_bad_program_checks(check, problem):
     assert problem in parse_task(text, SENTENCE, MATERIAL, checker="program").problem
 
 
-def test_write_tasks_accounts_for_every_sentence(tiny_lm):
-    out = write_tasks(tiny_lm, MATERIAL, "Bluefin", max_new_tokens=8)
-    assert len(out.tasks) + len(out.dropped) == 3
+def test_write_tasks_qa_accounts_for_every_sentence(tiny_lm):
+    out = write_tasks(tiny_lm, MATERIAL, "Bluefin", max_new_tokens=8, style="qa", attempts=1,
+                      fallback="none")
+    assert len(out.tasks) + len(out.dropped) == 3 == out.units == out.written
     assert all(t.problem for t in out.dropped) and out.tokens > 0
     assert 0.0 <= out.parse_rate <= 1.0
     with pytest.raises(ValueError, match="checker"):
         write_tasks(tiny_lm, MATERIAL, checker="regex")
+    with pytest.raises(ValueError, match="style"):
+        write_tasks(tiny_lm, MATERIAL, style="poem")
+    with pytest.raises(ValueError, match="program"):
+        write_tasks(tiny_lm, MATERIAL, checker="program")  # the span writer writes match tasks
+
+
+# -- the answer-first ("span") writer --------------------------------------------------------
+def test_answer_spans_are_verbatim_and_ranked():
+    s = ("The game was played on February 7, 2016, at Levi's Stadium in the San Francisco Bay "
+         "Area at Santa Clara, California.")
+    spans = answer_spans(s)
+    assert spans[0] == "February 7, 2016"  # numbers and dates first
+    assert spans[1:4] == ["Levi's Stadium", "San Francisco Bay Area", "Santa Clara"]
+    assert all(x in s for x in spans) and "February" not in spans  # not inside a better span
+    # A leading "The"/"In"/"Though" is not part of a name; a capitalized first word alone is
+    # no span; the session's title is no answer.
+    t = ("Though Chopin was born in the village of Żelazowa Wola, he moved to the University "
+         "of Warsaw.")
+    assert answer_spans(t, avoid="Warsaw") == ["Żelazowa Wola", "University of Warsaw", "Chopin"]
+    assert answer_spans(t, avoid="University of Warsaw") == ["Żelazowa Wola", "Chopin"]
+    assert answer_spans("Buildings represent examples of every style and period.") == []
+    assert answer_spans('It was called an "electric ray" by 12 engineers.') == \
+        ["12", "electric ray"]
+
+
+def test_split_sentences_keeps_abbreviations_and_any_capital():
+    text = ("Tesla was wrong but Émile Girardeau noted it in 1953. The U.S. Army built it in "
+            "St. Louis. Short one. Władysław Szpilman played there in 1939.")
+    assert split_sentences(text) == [
+        "Tesla was wrong but Émile Girardeau noted it in 1953.",
+        "The U.S. Army built it in St. Louis.",
+        "Władysław Szpilman played there in 1939."]
+
+
+@pytest.mark.parametrize("text,problem", [
+    (" Who is the lead engineer? Answer: Ada", ""),
+    (" Who is the lead engineer\nAnswer: x", "no question"),
+    (" Who?", "no question"),
+    (" Who is Ada Lind, the lead?", "gives its own answer away"),
+    (" What colour are the clouds over the sea today?", "shares no word with the sentence"),
+    (" Who " + "really " * 30 + "leads?", "longer than 30 words"),
+])
+def test_parse_span_question(text, problem):
+    t = parse_span_question(text, SENTENCE + " The engineer leads.", "Ada Lind")
+    assert t.source == "span" and t.answers == ["Ada Lind"]
+    assert (problem in t.problem) if problem else (not t.problem and
+                                                   t.question == "Who is the lead engineer?")
+
+
+def test_cloze_fallback_blanks_the_answer_in_a_window():
+    long = " ".join(f"w{i}" for i in range(40)) + " Ada Lind " + " ".join(f"v{i}" for i in range(40))
+    w = window(long, "Ada Lind", words=10)
+    assert "Ada Lind" in w and w.startswith("... ") and w.endswith(" ...")
+    assert len(w.split()) <= 12
+    t = cloze_task(SENTENCE, "Ada Lind", "Bluefin")
+    assert t.source == "cloze" and t.answers == ["Ada Lind"] and "___" in t.question
+    assert "Ada Lind" not in t.question and "Bluefin" in t.question
+
+
+def _completion(text):
+    from onthejob.model import Completion
+
+    return Completion([1, 2], [3], [0.0], text, "stop")
+
+
+def test_span_writer_retries_then_falls_back_to_cloze(tiny_lm, monkeypatch):
+    calls = []
+
+    def fake_generate(lm, prompts, params):
+        calls.append(params.temperature)
+        out = []
+        for ids in prompts:
+            prompt = lm.tokenizer.decode(ids)
+            answer = prompt.rsplit("Answer: ", 1)[1].split("\n")[0]
+            if answer == "Oslo" and params.temperature > 0:  # the retry writes a good question
+                out.append(_completion(" Where does the Bluefin project ship?\nSentence: x"))
+            elif answer == "Ada Lind":
+                out.append(_completion(" Who is the lead engineer?"))
+            else:
+                out.append(_completion(" Oslo Oslo"))
+        return out
+
+    monkeypatch.setattr("onthejob.dream.tasks.generate", fake_generate)
+    out = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=2)
+    by_answer = {t.answers[0]: t for t in out.tasks}
+    # Spans: March 3, Oslo (sentence 1), Ada Lind (2), Rust (3); "Bluefin" is the title.
+    assert set(by_answer) == {"March 3", "Oslo", "Ada Lind", "Rust"} and out.units == 4
+    assert by_answer["Ada Lind"].source == "span" and by_answer["Ada Lind"].attempt == 0
+    assert by_answer["Oslo"].source == "span" and by_answer["Oslo"].attempt == 1
+    assert by_answer["Oslo"].question == "Where does the Bluefin project ship?"
+    assert by_answer["Rust"].source == by_answer["March 3"].source == "cloze"
+    # Every failed attempt is kept; retries were sampled and only for units still without a task.
+    assert calls == [0.0, 0.8] and len(out.dropped) == 3 + 2
+    assert all(t.problem and t.raw for t in out.dropped)
+    assert (out.written, len(out.model_tasks), len(out.cloze_tasks)) == (7, 2, 2)
+    assert out.parse_rate == pytest.approx(2 / 7)  # the fallbacks do not count as parsed
+    c = out.counts()
+    assert (c["parsed_first_attempt"], c["usable"], c["cloze"]) == (1, 4, 2)
+    none = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=1, fallback="none")
+    assert {t.source for t in none.tasks} == {"span"} and len(none.tasks) == 1
+
+
+def test_span_writer_on_the_tiny_model_records_every_attempt(tiny_lm):
+    out = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=2, max_new_tokens=6)
+    assert out.units == 4 and out.written == len(out.model_tasks) + len(out.dropped)
+    assert len(out.dropped) >= 4 and all(t.problem for t in out.dropped)
+    assert len(out.tasks) == out.units  # each unit: the model's task or its cloze fallback
+    assert all(a in MATERIAL for t in out.tasks for a in t.answers)
 
 
 # -- the environment -------------------------------------------------------------------------
@@ -275,10 +394,13 @@ def test_cli_dream_then_show(tmp_path, tiny_dir, capsys):
                  "--group", "2", "--max-tasks", "3", "--model", tiny_dir]) == 0
     out = capsys.readouterr().out
     run_id = int(out.split("run ")[1].split(":")[0])
-    assert "tasks written 3" in out
+    # 3 answer spans (--max-tasks), 3 attempts each by default: the tiny model parses none,
+    # so each became a cloze fallback.
+    assert "tasks written 9, parsed 0, cloze fallbacks 3" in out
     assert main(["dream", "show", str(run_id), "--db", db]) == 0
     shown = capsys.readouterr().out
-    assert f"dream run {run_id}" in shown and "3 written" in shown
+    assert f"dream run {run_id}" in shown and "9 written by the model" in shown
+    assert "(cloze) Fill in the blank" in shown and "(attempt 3)" in shown
     assert main(["dream", "show", str(run_id), "--db", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["session"] == sid
     assert main(["dream", "show", str(run_id), "--db", db, "--tenant", "other"]) == 1
@@ -302,8 +424,74 @@ def test_bench_dream_smoke(tmp_path, tiny_dir):
                  "--out", str(out)]) == 0
     result = json.loads((tmp_path / "d.json").read_text())
     assert [t["method"] for t in result["table"]] == ["compact", "dream"]
-    assert result["dream_totals"]["written"] == 5 and result["questions"] == 1
+    d = result["dream_totals"]
+    # The session's 5 sentences: 3 of MATERIAL with answer spans (4 spans), 2 of the bench's
+    # framing ("Here is a passage about Bluefin.", "I have read ...") without any.
+    assert (d["units"], d["no_span"]) == (4, 2) and result["questions"] == 1
+    assert d["written"] == d["parsed"] + len(result["rows"][0]["dream"]["dropped"])
+    assert d["usable"] == d["parsed"] + d["cloze"] == 4  # what did not parse fell back to cloze
     assert "transfer ratio" in (tmp_path / "d.md").read_text()
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "dream", "--data", str(data), "--methods", "nap",
                  "--model", tiny_dir, "--out", str(out)]) == 2
+
+
+def test_bench_dream_tasks_only(tmp_path, tiny_dir):
+    from onthejob.cli import main
+
+    data = tmp_path / "squad.json"
+    other = {"title": "Oslo", "context": "Oslo is the capital of Norway since 1814. It lies on a "
+             "fjord called the Oslofjord.", "questions": []}
+    data.write_text(json.dumps([{"title": "Bluefin", "context": MATERIAL, "questions": []},
+                                other] * 100 + [other] * 200))
+    out = tmp_path / "t"
+    args = ["bench", "dream", "--data", str(data), "--tasks-only", "--articles", "0,1",
+            "--split", "dev", "--attempts", "2", "--group", "2", "--model", tiny_dir,
+            "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["tasks_only"] and [r["article"] for r in result["rows"]] == ["Bluefin", "Oslo"]
+    t = result["totals"]
+    assert t["units"] == sum(r["dream"]["units"] for r in result["rows"]) and t["units"] >= 6
+    assert t["written"] >= t["units"]  # every unit asked at least once, retried when it failed
+    assert t["usable"] == t["parsed"] + t["cloze"] == t["units"]
+    assert t["passed"] == t["passed_model"] + t["passed_cloze"]
+    assert sum(result["rejections"].values()) == t["usable"] - t["passed"]
+    assert sum(result["parse_problems"].values()) == t["written"] - t["parsed"]
+    md = (tmp_path / "t.md").read_text()
+    assert "parse rate" in md and "cloze fallbacks" in md and "| Oslo |" in md
+    assert main([*args[:-2], "--articles", "250", "--out", str(out)]) == 2
+    assert main([*args[:-2], "--articles", "x", "--out", str(out)]) == 2
+
+
+def test_bench_dream_compares_opsd_grpo_and_both_on_the_dreams(tmp_path, tiny_dir, monkeypatch):
+    """dream (OPSD), dream-grpo and dream-both are separate rows, trained on the same dreams."""
+    from onthejob.bench import dream as bench
+
+    tasks = [DreamTask(f"t{i}", q, [a], source="span") for i, (q, a) in enumerate(
+        [("Who leads Bluefin?", "Ada Lind"), ("Where does Bluefin ship?", "Oslo")])]
+    monkeypatch.setattr(bench, "dream_session", lambda lm, context, title, opts, say: (
+        DreamWriting(tasks, [], 10, units=2),
+        GateReport([EnvVerdict(t.id, True, "passed") for t in tasks], 5), 0.5))
+    data = [{"title": "Bluefin", "context": MATERIAL,
+             "questions": [{"question": "Who leads Bluefin?", "answer": "Ada Lind"}]}] * 201
+    cfg = bench.DreamBenchConfig(data="", split="test", sessions=1,
+                                 methods=["dream", "dream-grpo", "dream-both"], budgets=[1, 2],
+                                 group=2, grpo_starts=1, model=tiny_dir,
+                                 opsd=OpsdConfig(prompts_per_step=2, samples_per_prompt=1,
+                                                 max_new_tokens=4, teacher_pool=1))
+    monkeypatch.setattr(bench, "load_data", lambda path: data)
+    monkeypatch.setattr(bench, "load_articles", lambda path, split, n: data[200:200 + n])
+    result = bench.run(cfg, log=lambda s: None)
+    rows = {(t["method"], t["budget_steps"]): t for t in result["table"]}
+    assert set(rows) == {(m, b) for m in cfg.methods for b in (1, 2)}
+    assert not any(t["untrained_sessions"] for t in result["table"])
+    for m in cfg.methods:  # each trained: tokens beyond the dreams' 15, growing with the budget
+        assert 15 < rows[(m, 1)]["tokens_per_session"] < rows[(m, 2)]["tokens_per_session"]
+    from onthejob import config
+
+    for m in ("dream-grpo", "dream-both"):  # GRPO rolled out on the dreamed environments
+        lines = (config.home() / "runs" / f"bench-dream-0-{m}" / "rollouts.jsonl").read_text()
+        assert {json.loads(x)["env"] for x in lines.splitlines()} == {"dream"}
+    md = bench.markdown(result, "onthejob bench dream", "d.png")
+    assert "| dream-grpo | 2 |" in md and "| dream-both | 1 |" in md

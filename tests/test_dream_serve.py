@@ -54,8 +54,12 @@ def test_dream_endpoint_runs_a_background_job_scoped_to_its_tenant(server):
             break
         time.sleep(0.5)
     assert status["status"] == "done", status
-    # The tiny random model writes no usable task: every sentence is accounted for.
-    assert len(status["tasks"]) + len(status["dropped"]) == 2
+    # The tiny random model writes no usable question: each answer span was tried 3 times
+    # (every failure kept) and then became a cloze task, labeled as such; none passed the gate.
+    assert status["counts"]["units"] == len(status["tasks"]) >= 2
+    assert len(status["dropped"]) == 3 * status["counts"]["units"] == status["counts"]["written"]
+    assert {t["source"] for t in status["tasks"]} == {"cloze"}
+    assert [d["attempt"] for d in status["dropped"]][-1] == 2
     assert status["outcome"]["status"] == "nothing" and status["phase"] == "done"
     listed = client.get("/v1/dreams", headers=auth(keys["acme"])).json()["data"]
     assert [d["id"] for d in listed] == [job["id"]]

@@ -8,6 +8,12 @@ benchmark's sessions (SQuAD passages; data loading and sessions from bench/knowl
 - dream: the model with the session writes tasks (dream/tasks.py), the environment gate
   keeps those that pass (dream/gate.py), OPSD trains on the dreamed questions.
 - dream+opsd: OPSD on the probes and the dreamed questions together.
+- dream-grpo: GRPO (learn/grpo.py) on a DreamEnv of the dreamed tasks that passed the gate:
+  the student's sampled answers rewarded by the tasks' checkers (`onthejob dream --mode grpo`).
+- dream-both: OPSD and GRPO on alternate steps (`onthejob dream --mode both`).
+The three dream methods share one writing and gating per session (its compute is charged to
+each). `tasks_only` writes and gates the dreams without training: parse and gate pass rates
+per article, by who wrote the task (the model, or the cloze fallback).
 Each training method is evaluated without context at every budget in `budgets` (steps of
 one run, evaluation time excluded): pooled no-context accuracy, transfer ratio =
 (after - base) / (in context - base), KL to base on anchor prompts, in-context reading
@@ -26,9 +32,9 @@ from datetime import date
 
 import torch
 
-from onthejob.bench.knowledge import load_articles, session_for
+from onthejob.bench.knowledge import SPLITS, load_articles, load_data, session_for
 from onthejob.dream.gate import DreamGateConfig
-from onthejob.dream.run import DreamOptions, dream_session
+from onthejob.dream.run import Alternating, DreamOptions, dream_session, grpo_rule
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer
 from onthejob.learn.gate import reading_accuracy
@@ -40,7 +46,8 @@ from onthejob.model import SamplingParams, generate, load_model, render_ids
 from onthejob.serve.turns import COMPACT_INSTRUCTION
 from onthejob.store.context import SUMMARY_HEADER
 
-METHODS = ("compact", "opsd", "dream", "dream+opsd")
+METHODS = ("compact", "opsd", "dream", "dream+opsd", "dream-grpo", "dream-both")
+DEFAULT_METHODS = ("compact", "opsd", "dream", "dream+opsd")
 
 
 @dataclass
@@ -48,7 +55,7 @@ class DreamBenchConfig:
     data: str
     split: str = "test"
     sessions: int = 2
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     budgets: Sequence[int] = (5, 15)
     lr: float = 1e-3
     seed: int = 0
@@ -56,6 +63,28 @@ class DreamBenchConfig:
     max_questions: int = 15
     model: str | None = None
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    articles: Sequence[int] | None = None  # indices within the split (instead of the first n)
+    style: str = "span"  # the dream writer (dream/tasks.py)
+    attempts: int = 3
+    fallback: str = "cloze"
+    grpo_starts: int = 2  # dream-grpo / dream-both: tasks per GRPO step
+
+    def dream_options(self) -> DreamOptions:
+        return DreamOptions(style=self.style, attempts=self.attempts, fallback=self.fallback,
+                            grpo_starts=self.grpo_starts,
+                            env_gate=DreamGateConfig(group=self.group, seed=self.seed))
+
+
+def select_articles(cfg: DreamBenchConfig) -> list[dict]:
+    if cfg.articles is None:
+        return load_articles(cfg.data, cfg.split, cfg.sessions)
+    data = load_data(cfg.data)
+    lo, hi = SPLITS[cfg.split]
+    bad = [k for k in cfg.articles if not 0 <= k < hi - lo or lo + k >= len(data)]
+    if bad:
+        raise ValueError(f"articles {bad} are not in the {cfg.split} split (0-{hi - lo - 1} "
+                         f"within it)")
+    return [data[lo + k] for k in cfg.articles]
 
 
 def _compact(lm, context, questions, golds) -> dict:
@@ -71,11 +100,28 @@ def _compact(lm, context, questions, golds) -> dict:
             "summary": summary.text.strip(), "answers": after.answers}
 
 
+def _tokens(rule) -> int:
+    """Tokens a rule has spent: OPSD's student and teacher tokens; GRPO's sampled rollouts."""
+    return rule.tokens_student + rule.tokens_teacher
+
+
+def make_rule(method: str, lesson: Lesson, tasks, cfg: DreamBenchConfig, run_id: str):
+    """The training rule of a bench method: OPSD on the lesson's prompts, or GRPO (alone or on
+    alternate steps with OPSD) on a DreamEnv of the passed dreamed `tasks`."""
+    if method in ("dream-grpo", "dream-both"):
+        grpo = grpo_rule(tasks, cfg.dream_options(), run_id=run_id)
+        if method == "dream-grpo":
+            return grpo
+        return Alternating(Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd), grpo)
+    return Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+
+
 def _train(lm, lesson: Lesson, cfg: DreamBenchConfig, questions, golds, overhead_s: float,
-           overhead_tokens: int, log) -> list[dict]:
-    """One OPSD run to max(budgets) steps, evaluated at each budget (evaluation untimed)."""
+           overhead_tokens: int, log, rule=None) -> list[dict]:
+    """One training run (OPSD unless `rule` is given) to max(budgets) steps, evaluated at each
+    budget (evaluation untimed)."""
     trainer = Trainer(lm, TrainConfig(steps=max(cfg.budgets), lr=cfg.lr, seed=cfg.seed))
-    rule = Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+    rule = rule or Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
     drift = AnchorDrift()
     drift.prepare(trainer)
     points: list[dict] = []
@@ -92,7 +138,7 @@ def _train(lm, lesson: Lesson, cfg: DreamBenchConfig, questions, golds, overhead
         spent = paused - clock["start"] - clock["paused"]
         points.append({"budget": m["step"], "after": sum(after.correct), "after_f1": after.mean_f1,
                        "seconds": overhead_s + spent,
-                       "tokens": overhead_tokens + rule.tokens_student + rule.tokens_teacher,
+                       "tokens": overhead_tokens + _tokens(rule),
                        "kl_to_base": kl, "reading": reading, "answers": after.answers})
         log(f"      step {m['step']}: {sum(after.correct)}/{len(questions)} right, KL {kl:.3f}, "
             f"reading {reading:.0%}, {overhead_s + spent:.0f} s spent")
@@ -106,7 +152,7 @@ def run(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    articles = load_articles(cfg.data, cfg.split, cfg.sessions)
+    articles = select_articles(cfg)
     started = time.time()
     rows = []
     lm = load_model(cfg.model)
@@ -126,23 +172,9 @@ def run(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
         t0 = time.time()
         probes = make_probes(lm, article["context"], article["title"])
         probe_s = time.time() - t0
-        dreamed = None
+        dreamed, passed = None, []
         if any(m.startswith("dream") for m in cfg.methods):
-            opts = DreamOptions(env_gate=DreamGateConfig(group=cfg.group, seed=cfg.seed))
-            writing, report, dream_s = dream_session(lm, context, article["title"], opts,
-                                                     say=lambda s: log("    " + s))
-            passed = [t for t in writing.tasks if t.id in set(report.passed)]
-            reasons: dict[str, int] = {}
-            for v in report.verdicts:
-                if not v.passed:
-                    key = v.reason.split(":")[0].split(" (")[0]
-                    reasons[key] = reasons.get(key, 0) + 1
-            dreamed = {"seconds": dream_s, "tokens": writing.tokens + report.tokens,
-                       "written": len(writing.tasks) + len(writing.dropped),
-                       "parsed": len(writing.tasks), "passed": len(passed),
-                       "rejections": reasons,
-                       "questions": [t.question for t in passed],
-                       "tasks": [{"q": t.question, "a": t.answers} for t in writing.tasks]}
+            dreamed, passed = _dream_stats(lm, context, article["title"], cfg, log)
             row["dream"] = dreamed
         for method in cfg.methods:
             log(f"    {method}:")
@@ -165,10 +197,128 @@ def run(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
                      "reading": reading_base, "untrained": True} for b in cfg.budgets]}
                 continue
             lesson = Lesson(f"article-{i}", context, prompts, title=article["title"])
+            rule = make_rule(method, lesson, passed, cfg, run_id=f"bench-dream-{i}-{method}")
             row["methods"][method] = {"prompts": len(prompts), "points": _train(
-                lm, lesson, cfg, questions, golds, over_s, over_tok, log)}
+                lm, lesson, cfg, questions, golds, over_s, over_tok, log, rule=rule)}
         rows.append(row)
     return summarize(cfg, rows, reading_base, time.time() - started)
+
+
+def reason_key(reason: str) -> str:
+    """A rejection reason without its numbers: "no reward spread (all fail)", ..."""
+    if reason.startswith("no reward spread"):
+        kind = reason.split("(", 1)[1].split(":")[0] if "(" in reason else "?"
+        return f"no reward spread ({kind})"
+    return reason.split(":")[0].split(" (")[0]
+
+
+def _dream_stats(lm, context, title: str, cfg: DreamBenchConfig, log) -> tuple[dict, list]:
+    """Write and gate one session's dreams; the counts, rejection reasons and tasks."""
+    writing, report, dream_s = dream_session(lm, context, title, cfg.dream_options(),
+                                             say=lambda s: log("    " + s))
+    verdicts = {v.task: v for v in report.verdicts}
+    passed = [t for t in writing.tasks if verdicts[t.id].passed]
+    reasons: dict[str, int] = {}
+    for v in report.verdicts:
+        if not v.passed:
+            reasons[reason_key(v.reason)] = reasons.get(reason_key(v.reason), 0) + 1
+    problems: dict[str, int] = {}
+    for t in writing.dropped:
+        problems[t.problem] = problems.get(t.problem, 0) + 1
+    c = writing.counts()
+    dreamed = {"seconds": dream_s, "tokens": writing.tokens + report.tokens, **c,
+               "passed": len(passed),
+               "passed_model": sum(t.source != "cloze" for t in passed),
+               "passed_cloze": sum(t.source == "cloze" for t in passed),
+               "rejections": reasons, "parse_problems": problems,
+               "questions": [t.question for t in passed],
+               "tasks": [{"q": t.question, "a": t.answers, "source": t.source,
+                          "attempt": t.attempt, "passed": verdicts[t.id].passed,
+                          "why": verdicts[t.id].reason,
+                          "teacher": verdicts[t.id].teacher_answer.strip()[:80]}
+                         for t in writing.tasks],
+               "dropped": [{"raw": t.raw.strip()[:120], "problem": t.problem,
+                            "attempt": t.attempt, "sentence": t.sentence[:120]}
+                           for t in writing.dropped]}
+    return dreamed, passed
+
+
+DREAM_COUNTS = ("units", "written", "parsed", "parsed_first_attempt", "cloze", "usable",
+                "passed", "passed_model", "passed_cloze", "no_span")
+
+
+def tasks_only(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Write and gate the dreams of each session, no training: how many of the model's
+    attempts parse, how many tasks pass the gate, and why the others do not."""
+    articles = select_articles(cfg)
+    started = time.time()
+    lm = load_model(cfg.model)
+    rows = []
+    for i, article in enumerate(articles):
+        log(f"[{i + 1}/{len(articles)}] {article['title']} ({time.time() - started:.0f} s elapsed)")
+        dreamed, _ = _dream_stats(lm, session_for(article), article["title"], cfg, log)
+        rows.append({"article": article["title"], "dream": dreamed})
+    totals = {k: sum(r["dream"][k] for r in rows) for k in DREAM_COUNTS}
+    reasons: dict[str, int] = {}
+    problems: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["dream"]["rejections"].items():
+            reasons[k] = reasons.get(k, 0) + v
+        for k, v in r["dream"]["parse_problems"].items():
+            problems[k] = problems.get(k, 0) + v
+    return {"config": {**asdict(cfg), "methods": [], "budgets": list(cfg.budgets)},
+            "tasks_only": True, "rows": rows, "totals": totals, "rejections": reasons,
+            "parse_problems": problems, "seconds": time.time() - started,
+            "seconds_per_session": sum(r["dream"]["seconds"] for r in rows) / max(len(rows), 1),
+            "tokens_per_session": sum(r["dream"]["tokens"] for r in rows) / max(len(rows), 1),
+            "machine": machine(), "date": date.today().isoformat()}
+
+
+def rates(t: dict) -> dict:
+    """Parse rate (the model's attempts), gate pass rates (of the model's parsed tasks, of the
+    cloze fallbacks, of all usable tasks)."""
+    return {"parse_rate": t["parsed"] / max(t["written"], 1),
+            "first_attempt_parse_rate": t["parsed_first_attempt"]
+            / max(t["units"] if t["units"] else t["written"], 1),
+            "gate_rate_model": t["passed_model"] / max(t["parsed"], 1),
+            "gate_rate_cloze": t["passed_cloze"] / max(t["cloze"], 1),
+            "gate_rate": t["passed"] / max(t["usable"], 1)}
+
+
+def markdown_tasks(result: dict, command: str) -> str:
+    t, cfg = result["totals"], result["config"]
+    r = rates(t)
+    lines = [f"# Dreamed tasks: parse and gate rates ({cfg['split']} split, "
+             f"{len(result['rows'])} sessions, writer {cfg['style']}, {cfg['attempts']} "
+             f"attempts, fallback {cfg['fallback']})", "",
+             f"Command: `{command}`  ",
+             f"Date: {result['date']}; machine: {result['machine']}; total "
+             f"{result['seconds'] / 60:.1f} min; {result['seconds_per_session']:.0f} s and "
+             f"{result['tokens_per_session']:.0f} tokens per session (writing and gating)", "",
+             f"- units asked for (answer spans or sentences): {t['units']}; sentences without an "
+             f"answer span: {t['no_span']}",
+             f"- the model's attempts: {t['written']}, parsed {t['parsed']} (parse rate "
+             f"{r['parse_rate']:.0%}; {t['parsed_first_attempt']} on the first attempt)",
+             f"- cloze fallbacks (deterministic, not the model's): {t['cloze']}",
+             f"- passed the gate: {t['passed']} of {t['usable']} usable tasks "
+             f"({r['gate_rate']:.0%}): the model's {t['passed_model']}/{t['parsed']} "
+             f"({r['gate_rate_model']:.0%}), cloze {t['passed_cloze']}/{t['cloze']} "
+             f"({r['gate_rate_cloze']:.0%})",
+             f"- parse failures: {result['parse_problems'] or 'none'}",
+             f"- gate rejections: {result['rejections'] or 'none'}", "",
+             "| session | units | attempts | parsed | cloze | passed (model + cloze) | s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        d = row["dream"]
+        lines.append(f"| {row['article']} | {d['units']} | {d['written']} | {d['parsed']} | "
+                     f"{d['cloze']} | {d['passed']} ({d['passed_model']} + {d['passed_cloze']}) | "
+                     f"{d['seconds']:.0f} |")
+    lines += ["", "Tasks that passed the gate:", ""]
+    for row in result["rows"]:
+        for task in row["dream"]["tasks"]:
+            if task["passed"]:
+                lines.append(f"- ({task['source']}) {task['q']} -> {' | '.join(task['a'])}")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(cfg: DreamBenchConfig, rows: list[dict], reading_base: float, seconds: float) -> dict:
@@ -198,7 +348,7 @@ def summarize(cfg: DreamBenchConfig, rows: list[dict], reading_base: float, seco
     return {"config": {**asdict(cfg), "methods": list(cfg.methods), "budgets": list(cfg.budgets)},
             "questions": total, "base": base, "in_context": ceiling,
             "reading_base": reading_base, "table": table, "rows": rows, "seconds": seconds,
-            "dream_totals": {k: sum(d[k] for d in dreams) for k in ("written", "parsed", "passed")}
+            "dream_totals": {k: sum(d[k] for d in dreams) for k in DREAM_COUNTS}
             if dreams else {},
             "machine": machine(), "date": date.today().isoformat()}
 
@@ -247,8 +397,11 @@ def markdown(result: dict, command: str, png: str) -> str:
              f"{result['in_context']:.1%}; in-context reading on unseen passages (base): "
              f"{result['reading_base']:.1%}."]
     if d:
-        lines += ["", f"Dreams: {d['written']} tasks written, {d['parsed']} parsed "
-                      f"({d['parsed'] / max(d['written'], 1):.0%}), {d['passed']} passed the gate."]
+        lines += ["", f"Dreams (writer {result['config'].get('style', 'qa')}): {d['written']} "
+                      f"tasks written by the model, {d['parsed']} parsed "
+                      f"({d['parsed'] / max(d['written'], 1):.0%}), {d['cloze']} cloze "
+                      f"fallbacks; {d['passed']} passed the gate ({d['passed_model']} of the "
+                      f"model's, {d['passed_cloze']} cloze)."]
     lines += ["", "| method | budget (steps) | no-context accuracy | gain (pts) | transfer ratio "
               "| KL to base | reading drop (pts) | s / session | tokens / session |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -263,8 +416,8 @@ def markdown(result: dict, command: str, png: str) -> str:
               "", f"![gain vs compute]({png})", "", "Per session:", ""]
     for r in result["rows"]:
         dr = r.get("dream")
-        extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['passed']} "
-                 f"passed (rejections: {dr['rejections']})" if dr else "")
+        extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['cloze']} "
+                 f"cloze / {dr['passed']} passed (rejections: {dr['rejections']})" if dr else "")
         per = ", ".join(f"{m} {'/'.join(str(p['after']) for p in v['points'])}"
                         for m, v in r["methods"].items())
         lines.append(f"- {r['article']}: base {r['base']}/{r['questions']}, in context "

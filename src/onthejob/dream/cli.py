@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
-from onthejob.dream.tasks import CHECKERS
+from onthejob.dream.tasks import CHECKERS, FALLBACKS, STYLES
 from onthejob.envs.cli import _bench_subparsers
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--with-probes", action="store_true",
                    help="also train on consolidation's probes (dream+opsd)")
     d.add_argument("--max-tasks", type=int, default=24)
+    _writer_options(d)
     d.add_argument("--group", type=int, default=6, help="student samples per task (gate, GRPO)")
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -73,7 +74,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--data", default=DEFAULT_DATA, help="squad_seal_val.json (default: %(default)s)")
     b.add_argument("--split", default="test", choices=("dev", "test"))
     b.add_argument("--sessions", type=int, default=2, help="articles (sessions) to use")
-    b.add_argument("--methods", default="compact,opsd,dream,dream+opsd")
+    b.add_argument("--articles",
+                   help="comma-separated article indices within the split, instead of the "
+                   "first --sessions (e.g. 0,20,54)")
+    b.add_argument("--methods", default="compact,opsd,dream,dream+opsd",
+                   help="some of compact, opsd, dream (OPSD on the dreamed questions), "
+                   "dream+opsd, dream-grpo (GRPO on the dreamed environments), dream-both "
+                   "(OPSD and GRPO on alternate steps) (default: %(default)s)")
+    b.add_argument("--tasks-only", action="store_true",
+                   help="only write and gate the dreams (no training, no evaluation): parse and "
+                   "gate pass rates per session; writes OUT.md and OUT.json")
+    _writer_options(b)
+    b.add_argument("--grpo-starts", type=int, default=2,
+                   help="dream-grpo/dream-both: dreamed tasks per GRPO step (default: %(default)s)")
     b.add_argument("--budgets", default="5,15", help="training steps at which to evaluate")
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--max-questions", type=int, default=15)
@@ -82,6 +95,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", help="local HF model directory (default: embedded)")
     b.add_argument("--out", default="docs/results/dream", help="output path prefix (.md, .json, .png)")
     b.set_defaults(func=_bench)
+
+
+def _writer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--style", default="span", choices=STYLES,
+                   help="span: answers picked verbatim from the session by rules, the model "
+                   "writes one question per answer; qa: the model writes question and answer "
+                   "(needed for --checker program) (default: %(default)s)")
+    p.add_argument("--attempts", type=int, default=3,
+                   help="tries per task: the first greedy, the rest sampled (default: %(default)s)")
+    p.add_argument("--fallback", default="cloze", choices=FALLBACKS,
+                   help="cloze: a sentence with no parsed task becomes a fill-in-the-blank task "
+                   "built from the sentence (labeled 'cloze' and counted apart); none: no "
+                   "fallback (default: %(default)s)")
 
 
 def _dream(args: argparse.Namespace) -> int:
@@ -99,6 +125,7 @@ def _dream(args: argparse.Namespace) -> int:
         return 2
     opts = DreamOptions(mode=args.mode, budget=budget, checker=args.checker,
                         max_tasks=args.max_tasks, with_probes=args.with_probes,
+                        style=args.style, attempts=args.attempts, fallback=args.fallback,
                         train=TrainConfig(lr=args.lr, seed=args.seed,
                                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
                         opsd=OpsdConfig(),
@@ -110,8 +137,8 @@ def _dream(args: argparse.Namespace) -> int:
         lm = load_model(args.model)
         out = dream(store, lm, args.tenant, args.session, opts)
         print(f"run {out.run_id}: {out.status}: {out.message}")
-        print(f"  tasks written {out.written}, parsed {out.parsed}, passed the gate {out.passed}"
-              f"; see `onthejob dream show {out.run_id}`")
+        print(f"  tasks written {out.written}, parsed {out.parsed}, cloze fallbacks {out.cloze}, "
+              f"passed the gate {out.passed}; see `onthejob dream show {out.run_id}`")
         return 0 if out.status in ("promoted", "nothing") else 3
 
     return _command(run)(args)
@@ -137,14 +164,18 @@ def _show(store: Store, args: argparse.Namespace) -> int:
     print(f"dream run {run.id} ({run.status}) of session {record['session']} "
           f"({record['title'] or 'untitled'}), tenant {record['tenant']}, mode {record['mode']}, "
           f"budget {record['budget']}")
-    print(f"tasks: {len(tasks) + len(record['dropped'])} written, {len(tasks)} parsed "
-          f"({record['parse_rate']:.0%}), {passed} passed the gate")
+    counts = record.get("counts") or {"written": len(tasks) + len(record["dropped"]),
+                                      "parsed": len(tasks), "cloze": 0}
+    print(f"tasks: {counts['written']} written by the model, {counts['parsed']} parsed "
+          f"({record['parse_rate']:.0%}), {counts['cloze']} cloze fallbacks; {passed} passed "
+          f"the gate (writer: {record.get('style', 'qa')})")
     for i, t in enumerate(tasks, 1):
         g = t["gate"]
         check = f"program: {t['program']}" if t["checker"] == "program" else \
             f"match {' | '.join(t['answers'])}"
         mark = "PASS" if g["passed"] else "FAIL"
-        print(f"\n{i:>2}. [{mark}] {t['question']}\n    checker: {check}\n"
+        source = t.get("source", "model")
+        print(f"\n{i:>2}. [{mark}] ({source}) {t['question']}\n    checker: {check}\n"
               f"    teacher: {g['teacher_answer'].strip()[:80]!r} -> {g['teacher_reward']:.2f}; "
               f"empty {g['empty_reward']:.2f}, random {g['random_reward']:.2f}, "
               f"decoy {g['decoy_reward']:.2f}; group {[round(x, 2) for x in g['group_rewards']]}")
@@ -153,7 +184,8 @@ def _show(store: Store, args: argparse.Namespace) -> int:
     if record["dropped"]:
         print("\ndropped at parsing:")
         for t in record["dropped"]:
-            print(f"  - {t['problem']}: {t['raw'].strip()[:90]!r}")
+            print(f"  - {t['problem']} (attempt {t.get('attempt', 0) + 1}): "
+                  f"{t['raw'].strip()[:90]!r}")
     outcome = record.get("outcome")
     if outcome:
         print(f"\noutcome: {outcome['status']}: {outcome['message']}")
@@ -163,7 +195,16 @@ def _show(store: Store, args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onthejob.bench.dream import METHODS, DreamBenchConfig, markdown, plot, run
+    from onthejob.bench.dream import (
+        METHODS,
+        DreamBenchConfig,
+        markdown,
+        markdown_tasks,
+        plot,
+        run,
+        select_articles,
+        tasks_only,
+    )
 
     if not Path(args.data).exists():
         print(f"error: {args.data} not found; pass --data PATH to squad_seal_val.json",
@@ -181,13 +222,35 @@ def _bench(args: argparse.Namespace) -> int:
     if not methods or set(methods) - set(METHODS):
         print(f"error: --methods takes some of {','.join(METHODS)}", file=sys.stderr)
         return 2
+    try:
+        articles = ([int(x) for x in args.articles.split(",") if x.strip()]
+                    if args.articles else None)
+    except ValueError:
+        articles = []
+    if articles is not None and not articles:
+        print("error: --articles takes comma-separated article indices, e.g. 0,20,54",
+              file=sys.stderr)
+        return 2
     cfg = DreamBenchConfig(data=args.data, split=args.split, sessions=args.sessions,
                            methods=methods,
                            budgets=budgets, lr=args.lr, seed=args.seed, group=args.group,
-                           max_questions=args.max_questions, model=args.model)
-    result = run(cfg, log=lambda s: print(s, flush=True))
+                           max_questions=args.max_questions, model=args.model,
+                           articles=articles, style=args.style, attempts=args.attempts,
+                           fallback=args.fallback, grpo_starts=args.grpo_starts)
     command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        select_articles(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.tasks_only:
+        result = tasks_only(cfg, log=lambda s: print(s, flush=True))
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str))
+        Path(args.out + ".md").write_text(markdown_tasks(result, command))
+        print(f"wrote {args.out}.md and {args.out}.json")
+        return 0
+    result = run(cfg, log=lambda s: print(s, flush=True))
     Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str))
     plot(result, args.out + ".png")
     Path(args.out + ".md").write_text(markdown(result, command, Path(args.out + ".png").name))

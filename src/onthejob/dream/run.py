@@ -114,6 +114,9 @@ class DreamOptions:
     budget: Budget = field(default_factory=lambda: Budget("steps", 20))
     checker: str = "match"
     max_tasks: int = 24
+    style: str = "span"  # the task writer (dream/tasks.py): "span" (answer first) or "qa"
+    attempts: int = 3  # tries per task (the first greedy, the others sampled)
+    fallback: str = "cloze"  # a sentence with no parsed task -> a fill-in-the-blank task
     held_out_share: float = 0.25
     with_probes: bool = False  # dream+opsd: consolidation's own probes beside the dreams
     grpo_starts: int = 2  # GRPO: tasks per step (each with a group of env_gate.group answers)
@@ -131,9 +134,10 @@ class DreamOutcome:
     run_id: int
     status: str  # "promoted", "rejected", "nothing" (no environment passed the gate)
     message: str
-    written: int = 0
-    parsed: int = 0
-    passed: int = 0
+    written: int = 0  # the model's attempts
+    parsed: int = 0  # the model's attempts that parsed
+    passed: int = 0  # tasks (the model's and the fallbacks) that passed the gate
+    cloze: int = 0  # deterministic fill-in-the-blank fallbacks
     adapter_version: int | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -168,7 +172,7 @@ class Alternating:
 
     @property
     def tokens_student(self) -> int:
-        return self.opsd.tokens_student + getattr(self.grpo, "tokens_trained", 0)
+        return self.opsd.tokens_student + self.grpo.tokens_student
 
     @property
     def tokens_teacher(self) -> int:
@@ -183,9 +187,30 @@ class Alternating:
         return loss, {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
+class _CountingPolicy:
+    """A rollout policy that counts what it samples: generated tokens plus each distinct
+    prompt once (a group's shared prompt is encoded once)."""
+
+    def __init__(self, policy, owner):
+        self._policy, self._owner = policy, owner
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+    def act(self, observations):
+        actions = self._policy.act(observations)
+        prompts = {tuple(a.prompt_ids or ()) for a in actions}
+        self._owner.tokens_sampled += (sum(len(p) for p in prompts)
+                                       + sum(len(a.token_ids or ()) for a in actions))
+        return actions
+
+
 def grpo_rule(tasks: Sequence[DreamTask], opts: DreamOptions, run_id: str | None = None):
     """GRPO (onthejob.learn.grpo) on a DreamEnv of the tasks: a group of student answers per
-    task, rewarded by the task's checker; no system prompt, as the gate's student samples."""
+    task, rewarded by the task's checker; no system prompt, as the gate's student samples.
+    Its `tokens_student` counts every sampled rollout (flat groups included: they cost
+    compute even when they teach nothing), so token budgets and the bench's compute are
+    comparable with OPSD's."""
     try:
         from onthejob.learn.grpo import Grpo, GrpoConfig
     except ImportError:
@@ -193,10 +218,21 @@ def grpo_rule(tasks: Sequence[DreamTask], opts: DreamOptions, run_id: str | None
                          "this installation does not have; use --mode opsd") from None
     import onthejob.dream.env  # noqa: F401 - registers "dream"
 
+    class DreamGrpo(Grpo):
+        tokens_sampled = 0
+        tokens_teacher = 0
+
+        @property
+        def tokens_student(self) -> int:
+            return self.tokens_sampled
+
+        def policy(self, trainer):
+            return _CountingPolicy(super().policy(trainer), self)
+
     cfg = GrpoConfig(env="dream", options={"tasks": [t.to_dict() for t in tasks]},
                      group=opts.env_gate.group, starts=opts.grpo_starts,
                      max_new_tokens=opts.env_gate.max_new_tokens, system=None)
-    return Grpo(cfg, run_id=run_id)
+    return DreamGrpo(cfg, run_id=run_id)
 
 
 def build_rule(lm: LoadedModel, lesson: Lesson, tasks: Sequence[DreamTask], opts: DreamOptions,
@@ -219,9 +255,13 @@ def dream_session(lm: LoadedModel, context: list, title: str, opts: DreamOptions
     """Write and gate the tasks of one session's context (the model as it is served now)."""
     started = time.time()
     material = materials(context)
-    writing = write_tasks(lm, material, title, opts.checker, opts.max_tasks)
-    say(f"dreamed {len(writing.tasks)} tasks from {len(writing.tasks) + len(writing.dropped)} "
-        f"sentences (parse rate {writing.parse_rate:.0%}) in {time.time() - started:.0f} s")
+    writing = write_tasks(lm, material, title, opts.checker, opts.max_tasks, style=opts.style,
+                          attempts=opts.attempts, fallback=opts.fallback, seed=opts.env_gate.seed)
+    c = writing.counts()
+    say(f"dreamed {c['parsed']} tasks from {c['written']} attempts on {c['units']} "
+        f"{'answer spans' if opts.style == 'span' else 'sentences'} (parse rate "
+        f"{writing.parse_rate:.0%}) + {c['cloze']} cloze fallbacks in "
+        f"{time.time() - started:.0f} s")
     report = gate(lm, context, writing.tasks, opts.env_gate)
     say(f"gate: {len(report.passed)}/{len(writing.tasks)} environments passed "
         f"({time.time() - started:.0f} s so far)")
@@ -233,6 +273,8 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     """Dream one session of `tenant` and train on it; see the module docstring."""
     if opts.mode not in MODES:
         raise ValueError(f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
+    if opts.style == "span" and opts.checker == "program":
+        opts.style = "qa"  # program checks are written by the "qa" writer only
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
     review = store.get_review(tenant, session_id)
@@ -243,7 +285,8 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     check_fits(lm, lesson)
     opts.train.steps = opts.max_steps()
     params = {"session": session_id, "mode": opts.mode, "budget": str(opts.budget),
-              "checker": opts.checker, "train": config_dict(opts.train), "opsd": asdict(opts.opsd),
+              "checker": opts.checker, "style": opts.style, "attempts": opts.attempts,
+              "fallback": opts.fallback, "train": config_dict(opts.train), "opsd": asdict(opts.opsd),
               "gate": asdict(opts.gate), "env_gate": asdict(opts.env_gate)}
     if run_id is None:
         run_id = store.create_run("dream", tenant, params=params).id
@@ -267,17 +310,18 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
     verdicts = {v.task: v for v in report.verdicts}
     record = {"run": run_id, "tenant": tenant, "session": session.id, "title": lesson.title,
               "mode": opts.mode, "budget": str(opts.budget), "checker": opts.checker,
+              "style": opts.style, "attempts": opts.attempts, "fallback": opts.fallback,
+              "counts": writing.counts(), "no_span": writing.no_span,
               "parse_rate": writing.parse_rate, "dream_seconds": seconds,
               "tokens": {"writing": writing.tokens, "gate": report.tokens},
               "tasks": [{**t.to_dict(), "gate": verdicts[t.id].to_dict()} for t in writing.tasks],
               "dropped": [t.to_dict() for t in writing.dropped]}
     _save(run_id, record)
     passed = [t for t in writing.tasks if verdicts[t.id].passed]
-    store.update_run(run_id, progress={"phase": "gated", "written": len(writing.tasks)
-                                       + len(writing.dropped), "parsed": len(writing.tasks),
-                                       "passed": len(passed), "file": str(dream_file(run_id))})
-    counts = dict(written=len(writing.tasks) + len(writing.dropped), parsed=len(writing.tasks),
-                  passed=len(passed))
+    counts = dict(written=writing.written, parsed=len(writing.model_tasks), passed=len(passed),
+                  cloze=len(writing.cloze_tasks))
+    store.update_run(run_id, progress={"phase": "gated", **counts,
+                                       "file": str(dream_file(run_id))})
     if not passed:
         msg = "no dreamed environment passed the gate: nothing to train on (see `dream show`)"
         store.update_run(run_id, status="done", progress={"phase": "done", "outcome": "nothing"})

@@ -1,22 +1,40 @@
-"""Dreamed tasks: the model with the session in front of it writes one practice task per
-sentence of what it saw: a question, the expected answer, and optionally a check (a
-Python expression over `answer`, run only in the sandbox).
+"""Dreamed tasks: the model with the session in front of it writes practice tasks about
+what it saw: a question, the expected answer, and optionally a check (a Python expression
+over `answer`, run only in the sandbox).
 
-A 135M model does not follow free-form instructions (DESIGN.md), so the writer is a
-few-shot completion, one sentence at a time, after the session's material:
+A 135M model does not follow free-form instructions (DESIGN.md), so every writer is a
+few-shot completion, one sentence at a time. Two styles (`style`):
 
-    Sentence: The Eiffel Tower was completed in 1889 for the World's Fair in Paris.
-    Question: When was the Eiffel Tower completed?
-    Answer: 1889
-    [Check: "1889" in answer]
+- "span" (the default): the answer comes first and verbatim from the session: candidate
+  answer spans (numbers and dates, capitalized names, quoted phrases) are picked out of
+  each sentence by rules, and the model only writes the question for that answer on one
+  line (stop at the newline):
 
-Parsing is strict and every failure is kept with its reason, so the parse rate is measured.
+      Sentence: The Eiffel Tower was completed in 1889 for the World's Fair in Paris.
+      Answer: 1889
+      Question: When was the Eiffel Tower completed?
+
+  Long sentences are cut to a window of words around the answer. A task whose question
+  does not parse is retried (`attempts`: the first greedy, the others sampled), and only
+  the questions are retried, so a retry is cheap.
+- "qa" (the first writer): the session's material, then "Sentence: ... / Question:", and
+  the model writes the question *and* an "Answer:" line (and a "Check:" line with
+  checker="program").
+
+Deterministic fallback (`fallback="cloze"`): a sentence for which no model-written task
+parsed after every attempt becomes a fill-in-the-blank task built from the sentence itself
+(the answer span blanked out). These are labeled `source="cloze"`, counted apart from the
+model's tasks, and never counted in the parse rate.
+
+Parsing is strict and every failure (every attempt) is kept with its reason, so the parse
+rate is measured.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +43,8 @@ from onthejob.learn.probes import sentences
 from onthejob.model import LoadedModel, SamplingParams, generate
 
 CHECKERS = ("match", "program")
+STYLES = ("span", "qa")
+FALLBACKS = ("cloze", "none")
 
 _EXAMPLES = (
     ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
@@ -36,11 +56,39 @@ _EXAMPLES = (
      '"brazil" in answer.lower()'),
 )
 
+# Answer-first examples: (sentence, answer span, question). Each kind of span the rules pick
+# (a year, a person, a place, a number, an organization) is shown once.
+_SPAN_EXAMPLES = (
+    ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.", "1889",
+     "When was the Eiffel Tower completed?"),
+    ("Marie Curie won the Nobel Prize in Chemistry in 1911 for discovering radium.",
+     "Marie Curie", "Who won the Nobel Prize in Chemistry in 1911?"),
+    ("The Amazon River flows through Brazil, Peru and Colombia before reaching the Atlantic.",
+     "Atlantic", "Where does the Amazon River end?"),
+    ("The bridge, which opened after four years of work, carries 120,000 cars a day.",
+     "120,000", "How many cars does the bridge carry a day?"),
+    ("In 1602 the Dutch East India Company was founded to trade spices with Asia.",
+     "Dutch East India Company", "Which company was founded in 1602 to trade spices?"),
+)
+
+_MONTHS = ("January|February|March|April|May|June|July|August|September|October|November|"
+           "December")
+_NUMBER = re.compile(
+    rf"\b(?:(?:{_MONTHS})\s+\d{{1,2}},?\s+\d{{4}}|(?:{_MONTHS})\s+\d{{4}}|\d{{1,2}}\s+(?:{_MONTHS})"
+    rf"(?:\s+\d{{4}})?|(?:{_MONTHS})\s+\d{{1,2}}\b|\d+(?:[,.]\d+)*(?:[–-]\d+)?"
+    r"(?:\s*(?:%|percent|million|billion|thousand|hundred|years|km|miles|metres|meters|feet))?)")
+# Words that may sit inside a capitalized name ("University of Warsaw", "Leonardo da Vinci").
+_JOINERS = {"of", "the", "de", "da", "del", "di", "von", "van", "der", "du", "la", "le", "y"}
+_WORD = re.compile(r"\S+")
+_EDGE = "\"'()[]{},;:.!?“”‘’"
+
 
 @dataclass
 class DreamTask:
     """One dreamed task. `checker` is "match" (normalized containment, else token F1 against
-    `answers`) or "program" (`program` is a Python expression over `answer`)."""
+    `answers`) or "program" (`program` is a Python expression over `answer`). `source` says
+    who wrote it: "model" (question and answer), "span" (the model's question for an answer
+    span picked from the session) or "cloze" (the deterministic fill-in-the-blank fallback)."""
 
     id: str
     question: str
@@ -50,6 +98,8 @@ class DreamTask:
     sentence: str = ""
     raw: str = ""  # what the model wrote, kept for `dream show`
     problem: str = ""  # why it was not parsed into a usable task ("" when it was)
+    source: str = "model"
+    attempt: int = 0  # 0: the greedy attempt; 1, 2, ...: sampled retries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,13 +111,36 @@ class DreamTask:
 
 @dataclass
 class DreamWriting:
-    tasks: list[DreamTask]  # parsed and usable
-    dropped: list[DreamTask] = field(default_factory=list)  # with `problem` set
+    tasks: list[DreamTask]  # parsed and usable (the model's and the cloze fallbacks)
+    dropped: list[DreamTask] = field(default_factory=list)  # every failed attempt, `problem` set
     tokens: int = 0  # prompt + generated tokens spent writing
+    units: int = 0  # sentences (or answer spans) a task was asked for
+    no_span: list[str] = field(default_factory=list)  # sentences without an answer span ("span")
+
+    @property
+    def model_tasks(self) -> list[DreamTask]:
+        return [t for t in self.tasks if t.source != "cloze"]
+
+    @property
+    def cloze_tasks(self) -> list[DreamTask]:
+        return [t for t in self.tasks if t.source == "cloze"]
+
+    @property
+    def written(self) -> int:
+        """Model-written attempts (each parsed or dropped); cloze fallbacks are not counted."""
+        return len(self.model_tasks) + len(self.dropped)
 
     @property
     def parse_rate(self) -> float:
-        return len(self.tasks) / max(len(self.tasks) + len(self.dropped), 1)
+        """Share of the model's attempts that parsed into a usable task (fallbacks excluded)."""
+        return len(self.model_tasks) / max(self.written, 1)
+
+    def counts(self) -> dict:
+        first = [t for t in self.model_tasks if t.attempt == 0]
+        return {"units": self.units, "written": self.written, "parsed": len(self.model_tasks),
+                "parsed_first_attempt": len(first), "cloze": len(self.cloze_tasks),
+                "usable": len(self.tasks), "no_span": len(self.no_span),
+                "parse_rate": self.parse_rate}
 
 
 def few_shot(checker: str = "match") -> str:
@@ -81,10 +154,17 @@ def few_shot(checker: str = "match") -> str:
 
 
 def writer_prompt(material: str, sentence: str, title: str = "", checker: str = "match") -> str:
-    """The session's material, the few-shot examples, then the sentence to write about."""
+    """The "qa" writer: the session's material, the few-shot examples, then the sentence."""
     head = f"Notes about {title}:\n" if title else "Notes:\n"
     return (f"{head}{material.strip()}\n\nQuiz questions about single sentences, each answered "
             f"by a few words of the sentence.\n\n{few_shot(checker)}Sentence: {sentence}\nQuestion:")
+
+
+def span_prompt(sentence: str, answer: str, checker: str = "match") -> str:
+    """The "span" writer: answer-first examples, then the sentence and its answer span."""
+    blocks = [f"Sentence: {s}\nAnswer: {a}\nQuestion: {q}\n" for s, a, q in _SPAN_EXAMPLES]
+    return ("Quiz questions, each answered by the given words of the sentence.\n\n"
+            + "\n".join(blocks) + f"\nSentence: {sentence}\nAnswer: {answer}\nQuestion:")
 
 
 def task_id(question: str, answer: str) -> str:
@@ -92,7 +172,8 @@ def task_id(question: str, answer: str) -> str:
 
 
 def parse_task(completion: str, sentence: str, material: str, checker: str = "match") -> DreamTask:
-    """A task from the text the model wrote after "Question:"; `problem` says what is wrong."""
+    """A "qa" task from the text the model wrote after "Question:"; `problem` says what is
+    wrong."""
     text = completion.split("\n\n")[0].split("Sentence:")[0]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     question = lines[0] if lines else ""
@@ -123,6 +204,26 @@ def parse_task(completion: str, sentence: str, material: str, checker: str = "ma
     return task
 
 
+def parse_span_question(completion: str, sentence: str, answer: str) -> DreamTask:
+    """A "span" task: the model's question for `answer` (a span of `sentence`). The question
+    is the first line, up to its first '?'."""
+    line = completion.strip().split("\n")[0].strip()
+    question = line[:line.index("?") + 1].strip() if "?" in line else line
+    task = DreamTask(task_id(question, answer), question, [answer], "match", sentence=sentence,
+                     raw=completion, source="span")
+    words = question.split()
+    sentence_words = {w for w in normalize(sentence).split() if len(w) > 3}
+    if not question.endswith("?") or len(words) < 3:
+        task.problem = "no question (a line ending in '?', at least 3 words)"
+    elif len(words) > 30:
+        task.problem = "question longer than 30 words"
+    elif normalize(answer) in normalize(question):
+        task.problem = "the question gives its own answer away"
+    elif sentence_words and not sentence_words & set(normalize(question).split()):
+        task.problem = "the question shares no word with the sentence (off topic)"
+    return task
+
+
 def check_program_problem(expression: str) -> str:
     """'' if `expression` is one Python expression over `answer`, else what is wrong."""
     if not expression:
@@ -137,28 +238,196 @@ def check_program_problem(expression: str) -> str:
     return ""
 
 
+# -- answer spans ----------------------------------------------------------------------------
+def _strip(word: str) -> str:
+    word = word.strip(_EDGE)
+    return word[:-2] if word.endswith(("'s", "’s")) else word
+
+
+_LEADERS = {"the", "a", "an", "in", "on", "at", "by", "for", "from", "with", "as", "though",
+            "although", "after", "before", "during", "his", "her", "its", "their", "this", "that",
+            "these", "those", "when", "while", "other", "one", "many", "some", "since", "under",
+            "of", "to", "it", "he", "she", "they", "we", "i", "there", "here", "but", "and", "or"}
+
+
+def _name_runs(sentence: str) -> list[tuple[int, str]]:
+    """(position, text) of each run of capitalized words, verbatim from `sentence`."""
+    words = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
+    capital = [w.strip(_EDGE)[:1].isupper() for _, _, w in words]
+    runs, i = [], 0
+    while i < len(words):
+        if not capital[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(words):
+            here, nxt = words[j][2], words[j + 1][2]
+            if here.endswith((",", ";", ":", ")", "\"", "”")) or nxt.startswith(("(", "\"", "“")) \
+                    or (here.endswith(".") and len(here.strip(_EDGE)) > 3):
+                break
+            if capital[j + 1]:
+                j += 1
+            elif (nxt.lower() in _JOINERS and j + 2 < len(words) and capital[j + 2]
+                  and not nxt.endswith((",", ";", "."))):
+                j += 2
+            else:
+                break
+        first = i
+        while first <= j and words[first][2].strip(_EDGE).lower() in _LEADERS | _JOINERS:
+            first += 1  # "The", "In the", "Though": sentence words, not part of the name
+        if first <= j and not (first == 0 and first == j):
+            text = sentence[words[first][0]:words[j][1]].strip(_EDGE)
+            if text.endswith(("'s", "’s")):
+                text = text[:-2]
+            if len(text) >= 3 or text.isupper() and len(text) >= 2:
+                runs.append((words[first][0], text))
+        i = j + 1
+    return runs
+
+
+def answer_spans(sentence: str, avoid: str = "") -> list[str]:
+    """Candidate answers in `sentence`, verbatim, by rules (no model): numbers and dates,
+    quoted phrases, runs of capitalized words (joined by "of", "de", ...); best first
+    (numbers, then multi-word names, then single names). A span that is only (part of)
+    `avoid` (the session's title) is left out, and so is one inside a better span."""
+    found: list[tuple[int, int, str]] = []  # (rank, position, span)
+    for m in _NUMBER.finditer(sentence):
+        span = m.group(0).strip(" ,.")
+        if span and not (len(span) == 1 and span.isdigit()):
+            found.append((0, m.start(), span))
+    for m in re.finditer(r"[\"“]([^\"”]{2,40})[\"”]", sentence):
+        found.append((1, m.start(), m.group(1).strip(" ,.")))
+    for position, text in _name_runs(sentence):
+        found.append((1 if len(text.split()) > 1 else 2, position, text))
+    norm_avoid = normalize(avoid)
+    out: list[str] = []
+    for _, _, span in sorted(found, key=lambda x: (x[0], x[1])):
+        key = normalize(span)
+        if (not key or len(span.split()) > 8 or (norm_avoid and key in norm_avoid)
+                or any(key in normalize(o) for o in out)):
+            continue
+        out.append(span)
+    return out
+
+
+def window(sentence: str, span: str, words: int = 28) -> str:
+    """`sentence` cut to about `words` words around the first occurrence of `span`."""
+    tokens = sentence.split()
+    if len(tokens) <= words:
+        return sentence
+    at = sentence.find(span)
+    first = len(sentence[:at].split()) if at >= 0 else 0
+    lo = max(0, min(first - words // 2, len(tokens) - words))
+    hi = lo + words
+    return ("... " if lo else "") + " ".join(tokens[lo:hi]) + (" ..." if hi < len(tokens) else "")
+
+
+def cloze_task(sentence: str, span: str, title: str = "") -> DreamTask:
+    """The fallback: `sentence` (windowed) with `span` blanked out."""
+    text = window(sentence, span)
+    blanked = text.replace(span, "___", 1) if span in text else text
+    about = f" about {title}" if title else ""
+    question = f"Fill in the blank in this sentence{about}: \"{blanked}\""
+    return DreamTask(task_id(question, span), question, [span], "match", sentence=sentence,
+                     source="cloze")
+
+
+def split_sentences(text: str, min_words: int = 5) -> list[str]:
+    """Sentences of `text`: like learn.probes.sentences, but a sentence may start with any
+    capital letter (É, Ł, ...) and an abbreviation ("U.S.", "St.") does not end one."""
+    parts = re.split(r"(?<=[.!?])[\"”)]?\s+", text.strip())
+    out: list[str] = []
+    for part in parts:
+        if out and (not part[:1].isupper() and not part[:1].isdigit() and part[:1] not in "\"“("
+                    or re.search(r"(?:\b[A-Z]\.|\b(?:St|Mr|Mrs|Dr|Jr|Sr|vs|No|Co|Inc)\.)$", out[-1])):
+            out[-1] += " " + part
+        else:
+            out.append(part)
+    return [p.strip() for p in out if len(p.split()) >= min_words]
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _attempt_params(attempt: int, max_new_tokens: int, stop: Sequence[str], seed: int,
+                    temperature: float) -> SamplingParams:
+    if attempt == 0:
+        return SamplingParams(max_tokens=max_new_tokens, stop=list(stop))
+    return SamplingParams(max_tokens=max_new_tokens, stop=list(stop), temperature=temperature,
+                          seed=seed + attempt)
+
+
 def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = "match",
-                max_tasks: int = 24, max_new_tokens: int = 48, batch: int = 8) -> DreamWriting:
-    """One task per sentence of `material` (greedy, batched). Duplicates are dropped."""
+                max_tasks: int = 24, max_new_tokens: int | None = None, batch: int = 8,
+                style: str = "span", attempts: int = 3, fallback: str = "cloze",
+                spans_per_sentence: int = 2, temperature: float = 0.8,
+                seed: int = 0) -> DreamWriting:
+    """Tasks for the sentences of `material` (batched; the first attempt greedy, retries
+    sampled, only for the units still without a task). Duplicates are dropped. With
+    style="span", each sentence gives up to `spans_per_sentence` units (one per answer span),
+    at most `max_tasks` units in all; with style="qa", one unit per sentence."""
     if checker not in CHECKERS:
         raise ValueError(f"checker must be one of {', '.join(CHECKERS)}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
+    if style == "span" and checker != "match":
+        raise ValueError("style 'span' writes match tasks only; use style 'qa' for program checks")
+    attempts = max(1, attempts)
     tok = lm.tokenizer
-    items = sentences(material)[:max_tasks]
-    prompts = [tok.encode(writer_prompt(material, s, title, checker), add_special_tokens=False)
-               for s in items]
     out = DreamWriting([])
+    # A unit: (sentence, answer span or None, prompt ids).
+    units: list[tuple[str, str | None, list[int]]] = []
+    if style == "qa":
+        new_tokens, stop = max_new_tokens or 48, ["\n\n", "Sentence:"]
+        for s in sentences(material)[:max_tasks]:
+            spans = answer_spans(s, title)
+            units.append((s, spans[0] if spans else None,
+                          tok.encode(writer_prompt(material, s, title, checker),
+                                     add_special_tokens=False)))
+    else:
+        new_tokens, stop = max_new_tokens or 32, ["\n"]
+        used: set[str] = set()
+        for s in split_sentences(material):
+            spans = [a for a in answer_spans(s, title) if normalize(a) not in used]
+            if not spans:
+                out.no_span.append(s)
+            for a in spans[:spans_per_sentence]:
+                used.add(normalize(a))
+                units.append((s, a, tok.encode(span_prompt(window(s, a), a),
+                                               add_special_tokens=False)))
+        units = units[:max_tasks]
+    out.units = len(units)
     seen: set[str] = set()
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        params = SamplingParams(max_tokens=max_new_tokens, stop=["\n\n", "Sentence:"])
-        for sentence, completion in zip(items[start:start + batch], generate(lm, chunk, params),
-                                        strict=True):
-            out.tokens += len(completion.prompt_ids) + len(completion.token_ids)
-            task = parse_task(completion.text, sentence, material, checker)
-            if not task.problem and task.id in seen:
-                task.problem = "duplicate of an earlier task"
-            (out.dropped if task.problem else out.tasks).append(task)
-            seen.add(task.id)
+    done = [False] * len(units)
+    for attempt in range(attempts):
+        todo = [i for i in range(len(units)) if not done[i]]
+        if not todo:
+            break
+        params = _attempt_params(attempt, new_tokens, stop, seed, temperature)
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            completions = generate(lm, [units[i][2] for i in chunk], params)
+            for i, completion in zip(chunk, completions, strict=True):
+                sentence, span, _ = units[i]
+                out.tokens += len(completion.prompt_ids) + len(completion.token_ids)
+                if style == "qa":
+                    task = parse_task(completion.text, sentence, material, checker)
+                else:
+                    task = parse_span_question(completion.text, sentence, span)
+                task.attempt = attempt
+                if not task.problem and task.id in seen:
+                    task.problem = "duplicate of an earlier task"
+                (out.dropped if task.problem else out.tasks).append(task)
+                if not task.problem:
+                    seen.add(task.id)
+                    done[i] = True
+    if fallback == "cloze":
+        for i, (sentence, span, _) in enumerate(units):
+            if not done[i] and span:
+                task = cloze_task(sentence, span, title)
+                if task.id not in seen:
+                    seen.add(task.id)
+                    out.tasks.append(task)
     return out
 
 

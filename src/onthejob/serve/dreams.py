@@ -109,9 +109,12 @@ def dream_json(run: Run) -> dict[str, Any]:
     except FileNotFoundError:
         return out
     out["tasks"] = [{"question": t["question"], "answers": t["answers"], "checker": t["checker"],
-                     "program": t["program"], "passed": t["gate"]["passed"],
-                     "reason": t["gate"]["reason"]} for t in record["tasks"]]
-    out["dropped"] = [{"problem": t["problem"], "raw": t["raw"]} for t in record["dropped"]]
+                     "program": t["program"], "source": t.get("source", "model"),
+                     "passed": t["gate"]["passed"], "reason": t["gate"]["reason"]}
+                    for t in record["tasks"]]
+    out["dropped"] = [{"problem": t["problem"], "raw": t["raw"], "attempt": t.get("attempt", 0)}
+                      for t in record["dropped"]]
+    out["counts"] = record.get("counts")
     out["outcome"] = record.get("outcome")
     return out
 
