@@ -17,6 +17,8 @@ Each step:
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,8 +129,14 @@ class Opsd:
         params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 seed=trainer.cfg.seed + 1)
         rows = [(i, p) for i, p in enumerate(self.probes) if not p.anchor]
+        started = time.time()
         with trainer.teacher():
             for start in range(0, len(rows), 8):
+                if start and (start // 8) % 4 == 0:
+                    rate = start / (time.time() - started)
+                    print(f"  teacher answers for the mixture: {start}/{len(rows)} probes, "
+                          f"{rate:.2f} probes/s, ETA {(len(rows) - start) / rate:.0f} s",
+                          file=sys.stderr, flush=True)
                 chunk = rows[start: start + 8]
                 prompts = [self.prefixes[p.lesson].ids + p.teacher_suffix
                            for _, p in chunk for _ in range(self.cfg.teacher_pool)]
