@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 
 from onthejob.learn.lesson import Lesson
@@ -36,9 +38,14 @@ class Notes(TextLoss):
         params = [SamplingParams(max_tokens=self.max_new_tokens),
                   SamplingParams(max_tokens=self.max_new_tokens, temperature=0.8,
                                  seed=trainer.cfg.seed)]
+        started = time.time()
         with trainer.teacher():
             outs = []
             for start in range(0, len(prompts), 8):
+                if start and (start // 8) % 2 == 0:
+                    rate = start / (time.time() - started)
+                    print(f"  notes written: {start}/{len(prompts)}, {rate:.2f} notes/s, "
+                          f"ETA {(len(prompts) - start) / rate:.0f} s", file=sys.stderr, flush=True)
                 chunk = prompts[start: start + 8]
                 greedy_rows = [k for k in range(len(chunk))
                                if (start + k) % self.notes_per_session == 0]
