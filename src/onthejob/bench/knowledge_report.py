@@ -177,11 +177,14 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
         f"Command: `{command}`  ",
         f"Date: {result['date']}; machine: {result['machine']}; total "
         f"{result['seconds'] / 60:.1f} min. Protocol: docs/BENCHMARKS.md.", "",
-        f"Each session consolidated from the base: {cfg['steps']} steps, lr {cfg['lr']:g}, "
-        f"seeds {', '.join(map(str, result['seeds']))}; LoRA on every projection; training in "
-        f"{'bf16 autocast' if cfg.get('bf16_used') else 'float32'}. Base (no "
-        f"context) {result['base']:.1%}, in context {result['in_context']:.1%} (token F1 "
-        f"{_f(result['base_f1'])} and {_f(result['in_context_f1'])}). Forgetting probes on the "
+        (f"Each session consolidated from the base: {cfg['steps']} steps, lr {cfg['lr']:g}, "
+         f"seeds {', '.join(map(str, result['seeds']))}; " if result["methods"] else "")
+        + f"LoRA on every projection; training in "
+        f"{'bf16 autocast' if cfg.get('bf16_used') else 'float32'}. "
+        + (f"Base (no context) {result['base']:.1%}, in context {result['in_context']:.1%} "
+           f"(token F1 {_f(result['base_f1'])} and {_f(result['in_context_f1'])}). "
+           if result["methods"] else "")
+        + f"Forgetting probes on the "
         f"base: in-context reading {_f(fb['reading'], '.1%')} ({sizes.get('reading_items', '?')} "
         f"passages from articles 1000+), general questions {_f(fb['general'], '.1%')} "
         f"({sizes.get('general_items', '?')} questions).", "",
