@@ -95,6 +95,31 @@ def test_dry_run_trains_nothing_and_foreign_sessions_are_refused(tmp_path):
         consolidate(store, lm, "acme", _opts(session_ids=[ids["down"]]), say=lambda s: None)
 
 
+def test_default_steps_scale_with_the_sessions_and_the_cli_uses_the_measured_recipe(tmp_path):
+    from onthejob.cli import build_parser
+    from onthejob.learn.cli import _options
+    from onthejob.learn.consolidate import MAX_AUTO_STEPS, STEPS_PER_SESSION, recommended_opsd
+
+    store, ids = _store_with_sessions(tmp_path)
+    s2 = store.create_session("acme", title="more")
+    store.add_message("acme", s2.id, "user", f"Also remember: {PASSAGE}")
+    store.add_message("acme", s2.id, "assistant", "Noted.")
+    store.set_review("acme", s2.id, "up", "")
+    lm = tiny_model(seed=0)
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True, steps_per_session=5),
+                       say=lambda s: None)
+    assert plan.message.startswith("plan: 10 steps") and len(plan.sessions) == 2
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True, steps_per_session=1000),
+                       say=lambda s: None)
+    assert plan.message.startswith(f"plan: {MAX_AUTO_STEPS} steps")
+    args = build_parser().parse_args(["consolidate", "--tenant", "acme"])
+    opts = _options(args)
+    assert opts.steps_per_session == STEPS_PER_SESSION and opts.opsd == recommended_opsd()
+    assert opts.opsd.anchor_target == "prior" and opts.train.lr == 3e-3
+    fixed = _options(build_parser().parse_args(["consolidate", "--tenant", "acme", "--steps", "7"]))
+    assert fixed.steps_per_session is None and fixed.train.steps == 7
+
+
 def test_gate_reuses_known_reading_scores(tmp_path, monkeypatch):
     """The parent's reading comes from its own gate metrics; the bare base's is cached beside
     the models, keyed by its weight files, and invalidated when they change."""

@@ -9,7 +9,14 @@ import sys
 import tempfile
 import time
 
-from onthejob.learn.consolidate import METHODS, ConsolidateOptions, consolidate
+from onthejob.learn.consolidate import (
+    MAX_AUTO_STEPS,
+    METHODS,
+    STEPS_PER_SESSION,
+    ConsolidateOptions,
+    consolidate,
+    recommended_opsd,
+)
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
@@ -29,12 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shared: learn from every tenant that allows it into the shared adapter")
     c.add_argument("--sessions", nargs="+", default=(), metavar="ID", help="only these sessions")
     c.add_argument("--dry-run", action="store_true", help="show the plan and cost; train nothing")
-    c.add_argument("--steps", type=int, default=30)
-    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: {STEPS_PER_SESSION} per session, at most "
+                   f"{MAX_AUTO_STEPS})")
+    c.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
     c.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    c.add_argument("--divergence", default="reverse_kl", choices=("reverse_kl", "forward_kl", "jsd"))
-    c.add_argument("--teacher-mix", type=float, default=0.5,
-                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy only)")
+    rec = recommended_opsd()
+    c.add_argument("--divergence", default=rec.divergence,
+                   choices=("reverse_kl", "forward_kl", "jsd"), help="default %(default)s")
+    c.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
+                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy "
+                   "only; default %(default)s)")
+    c.add_argument("--anchor-share", type=float, default=rec.anchor_share,
+                   help="share of OPSD prompts that are ordinary anchors (default %(default)s)")
+    c.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
+                   help="OPSD prompts per step, 2 samples each (default %(default)s)")
+    c.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
+                   help="length of each OPSD sample (default %(default)s)")
     c.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
     c.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
                    help="what anchor prompts are pulled toward: the model before this run, "
@@ -63,18 +81,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="A session teaches the model a fact it does not know; the "
                        "user approves it; consolidation runs; a new session without the old one "
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
-    d.add_argument("--steps", type=int, default=16)
+    d.add_argument("--steps", type=int, default=STEPS_PER_SESSION)
     d.add_argument("--lr", type=float, default=3e-3)
     d.add_argument("--divergence", choices=["reverse_kl", "forward_kl", "jsd"],
-                   default="forward_kl")
-    d.add_argument("--anchor-share", type=float, default=0.5,
+                   default=rec.divergence)
+    d.add_argument("--anchor-share", type=float, default=rec.anchor_share,
                    help="share of OPSD prompts that are ordinary anchor prompts")
     d.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
                    help="anchors pulled toward the model before the run (prior) or the teacher")
-    d.add_argument("--prompts-per-step", type=int, default=4,
+    d.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
                    help="OPSD prompts per step (2 samples each)")
-    d.add_argument("--max-new-tokens", type=int, default=16, help="OPSD sample length")
-    d.add_argument("--teacher-mix", type=float, default=1.0,
+    d.add_argument("--max-new-tokens", type=int, default=rec.max_new_tokens, help="OPSD sample length")
+    d.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
                    help="share of OPSD rows answered by the teacher (GKD lambda)")
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
@@ -86,10 +104,13 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
 
     return ConsolidateOptions(
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
-        train=TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+        train=TrainConfig(steps=args.steps or STEPS_PER_SESSION, lr=args.lr, seed=args.seed,
                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
+        steps_per_session=None if args.steps else STEPS_PER_SESSION,
         opsd=OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix, top_k=args.top_k,
-                        anchor_target=args.anchor_target),
+                        anchor_target=args.anchor_target, anchor_share=args.anchor_share,
+                        prompts_per_step=args.prompts_per_step,
+                        max_new_tokens=args.sample_tokens),
         gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                         max_retention_drop=args.max_retention_drop))
 

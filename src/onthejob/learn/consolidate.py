@@ -18,7 +18,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,13 +49,28 @@ log = logging.getLogger(__name__)
 METHODS = ("opsd", "sft", "notes")
 
 
+# Steps per consolidated session when no fixed step count is asked for, and the cap.
+STEPS_PER_SESSION = 16
+MAX_AUTO_STEPS = 160
+
+
+def recommended_opsd() -> OpsdConfig:
+    """The OPSD recipe measured to teach a fact and pass the gate (`onthejob demo`,
+    docs/RESULTS.md): forward KL on the teacher's own answers, half the prompts anchors
+    pulled toward the prior model, 4 prompts x 2 samples x 16 tokens a step."""
+    return OpsdConfig(divergence="forward_kl", teacher_mix=1.0, anchor_share=0.5,
+                      prompts_per_step=4, max_new_tokens=16)
+
+
 @dataclass
 class ConsolidateOptions:
     method: str = "opsd"
     scope: str = "tenant"
     session_ids: Sequence[str] = ()
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=30, lr=1e-3))
-    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=STEPS_PER_SESSION, lr=3e-3))
+    # When set, train.steps becomes this many per session (capped at MAX_AUTO_STEPS).
+    steps_per_session: int | None = None
+    opsd: OpsdConfig = field(default_factory=recommended_opsd)
     gate: GateConfig = field(default_factory=GateConfig)
     probe_kinds: Sequence[str] = ("question", "cloze", "topic")
     held_out_share: float = 0.25
@@ -155,6 +170,9 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
     below = [] if opts.scope == "shared" else _shared_below(store, tenant)
     say(f"consolidating {len(sessions)} session(s) of {tenant if owner else 'shared'} with "
         f"{opts.method}; parent adapter: {f'v{parent.version}' if parent else 'none (base)'}")
+    if opts.steps_per_session:
+        steps = min(opts.steps_per_session * len(sessions), MAX_AUTO_STEPS)
+        opts = replace(opts, train=replace(opts.train, steps=steps))
     lessons = build_lessons(lm, store, sessions, opts)
     n_probes = sum(len(x.probes) for x in lessons)
     say(f"probes: {n_probes} for training, {sum(len(x.held_out) for x in lessons)} held back")
