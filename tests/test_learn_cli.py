@@ -57,7 +57,7 @@ def test_bench_knowledge_smoke(tmp_path, tiny_dir):
 def test_demo_runs_the_whole_loop_and_reports_the_gate(tiny_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
-                 "--max-new-tokens", "4"]) == 0
+                 "--sample-tokens", "4"]) == 0
     out = capsys.readouterr().out
     for part in ("1. Before", "2. A co-work session", "3. The user approves", "4. After"):
         assert part in out

@@ -10,16 +10,13 @@ import sys
 from pathlib import Path
 
 from onthejob.envs.cli import _bench_subparsers
-from onthejob.learn.consolidate import recommended_opsd
-from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
+from onthejob.learn.cli import add_opsd_options, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
 SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "3e-3", "sequential": 10,
          "reading_items": 10, "max_questions": 10}
 SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "3e-3", "sequential": 2,
          "reading_items": 2, "general_items": 3, "max_questions": 2}
-# OPSD's defaults are consolidation's (the recipe `onthejob demo` measured to pass the gate).
-REC = recommended_opsd()
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json")
 
 
@@ -60,20 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"in-context reading items from articles 1000+ (default {SIZES['reading_items']})")
     k.add_argument("--general-items", type=int, default=None,
                    help="general questions (default: all of the shipped set)")
-    k.add_argument("--teacher-mix", type=float, default=REC.teacher_mix,
-                   help="OPSD: share of rows answered by the teacher (GKD lambda; default "
-                        "%(default)s)")
-    k.add_argument("--divergence", default=REC.divergence,
-                   choices=("reverse_kl", "forward_kl", "jsd"), help="OPSD (default %(default)s)")
-    k.add_argument("--anchor-share", type=float, default=REC.anchor_share,
-                   help="OPSD: share of prompts that are ordinary anchors (default %(default)s)")
-    k.add_argument("--anchor-target", default=REC.anchor_target, choices=ANCHOR_TARGETS,
-                   help="OPSD: anchors pulled toward the model before the run (prior: a KL "
-                        "penalty) or toward the teacher (default %(default)s)")
-    k.add_argument("--prompts-per-step", type=int, default=REC.prompts_per_step,
-                   help="OPSD prompts per step (default %(default)s)")
-    k.add_argument("--sample-tokens", type=int, default=REC.max_new_tokens,
-                   help="OPSD: length of each sampled answer (default %(default)s)")
+    add_opsd_options(k)
     k.add_argument("--notes-per-session", type=int, default=4,
                    help="notes baseline: notes written per session (default %(default)s)")
     k.add_argument("--max-questions", type=int, default=None,
@@ -134,9 +118,7 @@ def _knowledge(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --lrs {sizes['lrs']!r} is not a comma-separated list of numbers", file=sys.stderr)
         return 2
-    opsd = OpsdConfig(teacher_mix=args.teacher_mix, divergence=args.divergence,
-                      anchor_share=args.anchor_share, anchor_target=args.anchor_target,
-                      prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens)
+    opsd = opsd_options(args)
     if args.smoke:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
         opsd.teacher_pool = 1

@@ -17,6 +17,7 @@ from onthejob.learn.consolidate import (
     consolidate,
     recommended_opsd,
 )
+from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
@@ -41,22 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"{MAX_AUTO_STEPS})")
     c.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
     c.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    rec = recommended_opsd()
-    c.add_argument("--divergence", default=rec.divergence,
-                   choices=("reverse_kl", "forward_kl", "jsd"), help="default %(default)s")
-    c.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
-                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy "
-                   "only; default %(default)s)")
-    c.add_argument("--anchor-share", type=float, default=rec.anchor_share,
-                   help="share of OPSD prompts that are ordinary anchors (default %(default)s)")
-    c.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
-                   help="OPSD prompts per step, 2 samples each (default %(default)s)")
-    c.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
-                   help="length of each OPSD sample (default %(default)s)")
-    c.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
-    c.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
-                   help="what anchor prompts are pulled toward: the model before this run, "
-                   "without the session (prior: a KL penalty), or the teacher")
+    add_opsd_options(c)
     c.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
     c.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
     c.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
@@ -83,20 +69,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
     d.add_argument("--steps", type=int, default=STEPS_PER_SESSION)
     d.add_argument("--lr", type=float, default=3e-3)
-    d.add_argument("--divergence", choices=["reverse_kl", "forward_kl", "jsd"],
-                   default=rec.divergence)
-    d.add_argument("--anchor-share", type=float, default=rec.anchor_share,
-                   help="share of OPSD prompts that are ordinary anchor prompts")
-    d.add_argument("--anchor-target", default="prior", choices=ANCHOR_TARGETS,
-                   help="anchors pulled toward the model before the run (prior) or the teacher")
-    d.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
-                   help="OPSD prompts per step (2 samples each)")
-    d.add_argument("--max-new-tokens", type=int, default=rec.max_new_tokens, help="OPSD sample length")
-    d.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
-                   help="share of OPSD rows answered by the teacher (GKD lambda)")
+    add_opsd_options(d)
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_demo)
+
+
+def add_opsd_options(p: argparse.ArgumentParser) -> None:
+    """OPSD's knobs, with consolidation's recipe as the defaults (one place for every command)."""
+    rec = recommended_opsd()
+    p.add_argument("--divergence", default=rec.divergence, choices=DIVERGENCES,
+                   help="OPSD's per-token divergence (default %(default)s)")
+    p.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
+                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy "
+                   "only; default %(default)s)")
+    p.add_argument("--anchor-share", type=float, default=rec.anchor_share,
+                   help="share of OPSD prompts that are ordinary anchors (default %(default)s)")
+    p.add_argument("--anchor-target", default=rec.anchor_target, choices=ANCHOR_TARGETS,
+                   help="what anchors are pulled toward: the model before the run, without the "
+                   "session (prior: a KL penalty), or the teacher (default %(default)s)")
+    p.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
+                   help="OPSD prompts per step, 2 samples each (default %(default)s)")
+    p.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
+                   help="length of each OPSD sample (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
+
+
+def opsd_options(args: argparse.Namespace) -> OpsdConfig:
+    return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
+                      anchor_share=args.anchor_share, anchor_target=args.anchor_target,
+                      prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
+                      top_k=args.top_k)
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:
@@ -107,10 +110,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
         train=TrainConfig(steps=args.steps or STEPS_PER_SESSION, lr=args.lr, seed=args.seed,
                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
         steps_per_session=None if args.steps else STEPS_PER_SESSION,
-        opsd=OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix, top_k=args.top_k,
-                        anchor_target=args.anchor_target, anchor_share=args.anchor_share,
-                        prompts_per_step=args.prompts_per_step,
-                        max_new_tokens=args.sample_tokens),
+        opsd=opsd_options(args),
         gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                         max_retention_drop=args.max_retention_drop))
 
@@ -237,10 +237,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{args.teacher_mix}, anchors {args.anchor_share} toward the {args.anchor_target}), {args.steps} steps ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
         train=TrainConfig(steps=args.steps, lr=args.lr),
-        opsd=OpsdConfig(prompts_per_step=args.prompts_per_step,
-                        max_new_tokens=args.max_new_tokens, teacher_mix=args.teacher_mix,
-                        divergence=args.divergence, anchor_share=args.anchor_share,
-                        anchor_target=args.anchor_target)))
+        opsd=opsd_options(args)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
     after = _ask(lm, store, tenant, DEMO_QUESTION)
