@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "user approves it; consolidation runs; a new session without the old one "
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
     d.add_argument("--steps", type=int, default=STEPS_PER_SESSION)
+    d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
     d.add_argument("--lr", type=float, default=3e-3)
     add_opsd_options(d)
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
@@ -236,7 +237,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"model with the session in context ({args.divergence}, teacher-answered share "
           f"{args.teacher_mix}, anchors {args.anchor_share} toward the {args.anchor_target}), {args.steps} steps ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
-        train=TrainConfig(steps=args.steps, lr=args.lr),
+        train=TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed),
         opsd=opsd_options(args)))
     print(f"   {outcome.status}: {outcome.message}")
     print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
