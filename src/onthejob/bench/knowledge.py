@@ -175,7 +175,7 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
              + n_seq * len(cfg.sequential_methods) + (len(cfg.methods) if n_joint else 0))
     bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
     log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps "
-        f"({cfg.joint_steps or cfg.steps} for joint ones) "
+        + (f"({cfg.joint_steps or cfg.steps} for joint ones) " if n_joint else "") +
         f"({'bf16' if bf16 else 'float32'}): "
         f"independent {n_indep} x {list(cfg.methods)} x seeds {seeds}, sweep lrs {sweep_lrs}, "
         f"sequential {n_seq} x {list(cfg.sequential_methods)}, joint {n_joint} sessions x "
