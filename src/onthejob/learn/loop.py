@@ -192,6 +192,13 @@ def print_progress(prefix: str = "", write: Callable[[str], None] | None = None
     return show
 
 
+def report_rate(what: str, unit: str, done: int, total: int, started: float) -> None:
+    """One progress line for a long preparation phase: done/total, rate and ETA (stderr)."""
+    rate = done / max(time.time() - started, 1e-9)
+    print(f"  {what}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {(total - done) / rate:.0f} s",
+          file=sys.stderr, flush=True)
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 arithmetic is native here (not emulated)."""
     if device.type == "cuda":

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 
 from onthejob.learn.lesson import Lesson
-from onthejob.learn.loop import Trainer
+from onthejob.learn.loop import Trainer, report_rate
 from onthejob.learn.sft import TextLoss
 from onthejob.model import SamplingParams, generate, render_ids
 
@@ -43,9 +42,7 @@ class Notes(TextLoss):
             outs = []
             for start in range(0, len(prompts), 8):
                 if start and (start // 8) % 2 == 0:
-                    rate = start / (time.time() - started)
-                    print(f"  notes written: {start}/{len(prompts)}, {rate:.2f} notes/s, "
-                          f"ETA {(len(prompts) - start) / rate:.0f} s", file=sys.stderr, flush=True)
+                    report_rate("notes written", "notes", start, len(prompts), started)
                 chunk = prompts[start: start + 8]
                 greedy_rows = [k for k in range(len(chunk))
                                if (start + k) % self.notes_per_session == 0]

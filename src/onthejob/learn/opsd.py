@@ -17,7 +17,6 @@ Each step:
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 
 from onthejob.learn.divergence import per_token
 from onthejob.learn.lesson import Lesson, check_fits
-from onthejob.learn.loop import Trainer
+from onthejob.learn.loop import Trainer, report_rate
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
@@ -133,10 +132,7 @@ class Opsd:
         with trainer.teacher():
             for start in range(0, len(rows), 8):
                 if start and (start // 8) % 4 == 0:
-                    rate = start / (time.time() - started)
-                    print(f"  teacher answers for the mixture: {start}/{len(rows)} probes, "
-                          f"{rate:.2f} probes/s, ETA {(len(rows) - start) / rate:.0f} s",
-                          file=sys.stderr, flush=True)
+                    report_rate("teacher answers for the mixture", "probes", start, len(rows), started)
                 chunk = rows[start: start + 8]
                 prompts = [self.prefixes[p.lesson].ids + p.teacher_suffix
                            for _, p in chunk for _ in range(self.cfg.teacher_pool)]
