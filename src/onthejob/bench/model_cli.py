@@ -13,9 +13,9 @@ from onthejob.envs.cli import _bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
-SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "3e-3", "sequential": 10,
-         "reading_items": 10, "max_questions": 10}
-SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "3e-3", "sequential": 2,
+SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "1e-3", "sequential": 10,
+         "reading_items": 6, "general_items": 24, "max_questions": 10}
+SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "1e-3", "sequential": 2,
          "reading_items": 2, "general_items": 3, "max_questions": 2}
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json")
 
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seeds per method: mean and spread of the transfer ratio; forgetting "
                         f"probes run on the first seed (default {SIZES['seeds']})")
     k.add_argument("--steps", type=int, default=None, help=f"training steps per session (default {SIZES['steps']})")
-    k.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    k.add_argument("--lr", type=float, default=3e-3,
+                   help="learning rate, consolidate's default (default %(default)s)")
     k.add_argument("--lrs", default=None,
                    help="extra learning rates for sft and opsd, comma-separated, first seed only: "
                         f"the gain-vs-forgetting sweep ('' for none; default {SIZES['lrs']})")
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--reading-items", type=int, default=None,
                    help=f"in-context reading items from articles 1000+ (default {SIZES['reading_items']})")
     k.add_argument("--general-items", type=int, default=None,
-                   help="general questions (default: all of the shipped set)")
+                   help=f"general questions from the shipped set (default {SIZES['general_items']})")
     add_opsd_options(k)
     k.add_argument("--notes-per-session", type=int, default=4,
                    help="notes baseline: notes written per session (default %(default)s)")
@@ -109,7 +110,7 @@ def _knowledge(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sizes = {**SIZES, "general_items": None, **(SMOKE if args.smoke else {})}
+    sizes = {**SIZES, **(SMOKE if args.smoke else {})}
     for key in sizes:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
