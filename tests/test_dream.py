@@ -15,6 +15,9 @@ from onthejob.dream.tasks import (
     cloze_task,
     parse_span_question,
     parse_task,
+    question_lead,
+    rule_task,
+    span_kind,
     split_sentences,
     window,
     write_tasks,
@@ -142,19 +145,20 @@ def _completion(text):
     return Completion([1, 2], [3], [0.0], text, "stop")
 
 
-def test_span_writer_retries_then_falls_back_to_cloze(tiny_lm, monkeypatch):
-    calls = []
+def test_span_writer_retries_then_falls_back_to_a_rule_question(tiny_lm, monkeypatch):
+    calls, leads = [], {}
 
     def fake_generate(lm, prompts, params):
         calls.append(params.temperature)
         out = []
         for ids in prompts:
             prompt = lm.tokenizer.decode(ids)
-            answer = prompt.rsplit("Answer: ", 1)[1].split("\n")[0]
+            answer, lead = prompt.rsplit("Answer: ", 1)[1].split("\nQuestion: ")
+            leads[answer] = lead  # the prompt ends with the question's first words
             if answer == "Oslo" and params.temperature > 0:  # the retry writes a good question
-                out.append(_completion(" Where does the Bluefin project ship?\nSentence: x"))
+                out.append(_completion(" city does the Bluefin project ship from?\nSentence: x"))
             elif answer == "Ada Lind":
-                out.append(_completion(" Who is the lead engineer?"))
+                out.append(_completion(" is the lead engineer?"))
             else:
                 out.append(_completion(" Oslo Oslo"))
         return out
@@ -166,24 +170,59 @@ def test_span_writer_retries_then_falls_back_to_cloze(tiny_lm, monkeypatch):
     assert set(by_answer) == {"March 3", "Oslo", "Ada Lind", "Rust"} and out.units == 4
     assert by_answer["Ada Lind"].source == "span" and by_answer["Ada Lind"].attempt == 0
     assert by_answer["Oslo"].source == "span" and by_answer["Oslo"].attempt == 1
-    assert by_answer["Oslo"].question == "Where does the Bluefin project ship?"
-    assert by_answer["Rust"].source == by_answer["March 3"].source == "cloze"
+    assert by_answer["Oslo"].question == "What city does the Bluefin project ship from?"
+    assert by_answer["Ada Lind"].question == "Who is the lead engineer?"
+    assert leads == {"March 3": "When", "Oslo": "What", "Ada Lind": "Who", "Rust": "What"}
+    assert by_answer["Rust"].source == by_answer["March 3"].source == "rule"
+    assert by_answer["March 3"].question == "The Bluefin project ships on what date in Oslo?"
     # Every failed attempt is kept; retries were sampled and only for units still without a task.
     assert calls == [0.0, 0.8] and len(out.dropped) == 3 + 2
     assert all(t.problem and t.raw for t in out.dropped)
-    assert (out.written, len(out.model_tasks), len(out.cloze_tasks)) == (7, 2, 2)
+    assert (out.written, len(out.model_tasks), len(out.rule_tasks)) == (7, 2, 2)
     assert out.parse_rate == pytest.approx(2 / 7)  # the fallbacks do not count as parsed
     c = out.counts()
-    assert (c["parsed_first_attempt"], c["usable"], c["cloze"]) == (1, 4, 2)
+    assert (c["parsed_first_attempt"], c["usable"], c["by_rule"]) == (1, 4, 2)
     none = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=1, fallback="none")
     assert {t.source for t in none.tasks} == {"span"} and len(none.tasks) == 1
+    cloze = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=1, fallback="cloze")
+    assert {t.source for t in cloze.tasks} == {"span", "cloze"} and len(cloze.rule_tasks) == 3
+    calls.clear()
+    ruled = write_tasks(tiny_lm, MATERIAL, "Bluefin", style="rule")
+    assert calls == [] and ruled.written == 0 and ruled.units == 4  # no model writing at all
+    assert {t.source for t in ruled.tasks} == {"rule"} and len(ruled.tasks) == 4
+
+
+@pytest.mark.parametrize("span,kind,lead", [
+    ("1889", "year", "When"), ("March 3", "date", "When"), ("10 July 1856", "date", "When"),
+    ("45%", "percent", "What percentage"), ("120,000", "number", "How many"),
+    ("Ada Lind", "person", "Who"), ("Roman Catholic Church", "name", "What"),
+    ("University of Warsaw", "name", "What"), ("Oslo", "name", "What"),
+])
+def test_span_kinds_and_question_leads(span, kind, lead):
+    assert span_kind(span) == kind and question_lead(span) == lead
+
+
+@pytest.mark.parametrize("sentence,span,question", [
+    ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.", "1889",
+     "The Eiffel Tower was completed in what year for the World's Fair in Paris?"),
+    ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.", "Eiffel Tower",
+     "What was completed in 1889 for the World's Fair in Paris?"),
+    ("The bridge carries 120,000 cars a day.", "120,000",
+     "Paris: The bridge carries how many cars a day?"),
+    ("Paris had 2.1 million people in 2020.", "2.1 million", "Paris had how many people in 2020?"),
+    ("Its lead engineer is Ada Lind.", "Ada Lind", "Paris: Its lead engineer is who?"),
+])
+def test_rule_questions_put_a_question_phrase_in_place_of_the_answer(sentence, span, question):
+    t = rule_task(sentence, span, "Paris")
+    assert t.source == "rule" and t.answers == [span] and t.question == question
+    assert span not in t.question
 
 
 def test_span_writer_on_the_tiny_model_records_every_attempt(tiny_lm):
     out = write_tasks(tiny_lm, MATERIAL, "Bluefin", attempts=2, max_new_tokens=6)
     assert out.units == 4 and out.written == len(out.model_tasks) + len(out.dropped)
     assert len(out.dropped) >= 4 and all(t.problem for t in out.dropped)
-    assert len(out.tasks) == out.units  # each unit: the model's task or its cloze fallback
+    assert len(out.tasks) == out.units  # each unit: the model's task or its rule question
     assert all(a in MATERIAL for t in out.tasks for a in t.answers)
 
 
@@ -395,12 +434,13 @@ def test_cli_dream_then_show(tmp_path, tiny_dir, capsys):
     out = capsys.readouterr().out
     run_id = int(out.split("run ")[1].split(":")[0])
     # 3 answer spans (--max-tasks), 3 attempts each by default: the tiny model parses none,
-    # so each became a cloze fallback.
-    assert "tasks written 9, parsed 0, cloze fallbacks 3" in out
+    # so each became a rule-made question.
+    assert "tasks written 9, parsed 0, rule-made 3" in out
     assert main(["dream", "show", str(run_id), "--db", db]) == 0
     shown = capsys.readouterr().out
     assert f"dream run {run_id}" in shown and "9 written by the model" in shown
-    assert "(cloze) Fill in the blank" in shown and "(attempt 3)" in shown
+    assert "(rule) Bluefin: " in shown and "(attempt 3)" in shown
+    assert "3 made by rule (fallback rule)" in shown
     assert main(["dream", "show", str(run_id), "--db", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["session"] == sid
     assert main(["dream", "show", str(run_id), "--db", db, "--tenant", "other"]) == 1
@@ -429,7 +469,7 @@ def test_bench_dream_smoke(tmp_path, tiny_dir):
     # framing ("Here is a passage about Bluefin.", "I have read ...") without any.
     assert (d["units"], d["no_span"]) == (4, 2) and result["questions"] == 1
     assert d["written"] == d["parsed"] + len(result["rows"][0]["dream"]["dropped"])
-    assert d["usable"] == d["parsed"] + d["cloze"] == 4  # what did not parse fell back to cloze
+    assert d["usable"] == d["parsed"] + d["by_rule"] == 4  # what did not parse: rule questions
     assert "transfer ratio" in (tmp_path / "d.md").read_text()
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "dream", "--data", str(data), "--methods", "nap",
@@ -454,12 +494,12 @@ def test_bench_dream_tasks_only(tmp_path, tiny_dir):
     t = result["totals"]
     assert t["units"] == sum(r["dream"]["units"] for r in result["rows"]) and t["units"] >= 6
     assert t["written"] >= t["units"]  # every unit asked at least once, retried when it failed
-    assert t["usable"] == t["parsed"] + t["cloze"] == t["units"]
-    assert t["passed"] == t["passed_model"] + t["passed_cloze"]
+    assert t["usable"] == t["parsed"] + t["by_rule"] == t["units"]
+    assert t["passed"] == t["passed_model"] + t["passed_by_rule"]
     assert sum(result["rejections"].values()) == t["usable"] - t["passed"]
     assert sum(result["parse_problems"].values()) == t["written"] - t["parsed"]
     md = (tmp_path / "t.md").read_text()
-    assert "parse rate" in md and "cloze fallbacks" in md and "| Oslo |" in md
+    assert "parse rate" in md and "rule-made tasks" in md and "| Oslo |" in md
     assert main([*args[:-2], "--articles", "250", "--out", str(out)]) == 2
     assert main([*args[:-2], "--articles", "x", "--out", str(out)]) == 2
 

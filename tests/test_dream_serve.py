@@ -55,10 +55,10 @@ def test_dream_endpoint_runs_a_background_job_scoped_to_its_tenant(server):
         time.sleep(0.5)
     assert status["status"] == "done", status
     # The tiny random model writes no usable question: each answer span was tried 3 times
-    # (every failure kept) and then became a cloze task, labeled as such; none passed the gate.
+    # (every failure kept) and then became a rule-made question, labeled as such; none passed.
     assert status["counts"]["units"] == len(status["tasks"]) >= 2
     assert len(status["dropped"]) == 3 * status["counts"]["units"] == status["counts"]["written"]
-    assert {t["source"] for t in status["tasks"]} == {"cloze"}
+    assert {t["source"] for t in status["tasks"]} == {"rule"}
     assert [d["attempt"] for d in status["dropped"]][-1] == 2
     assert status["outcome"]["status"] == "nothing" and status["phase"] == "done"
     listed = client.get("/v1/dreams", headers=auth(keys["acme"])).json()["data"]

@@ -13,7 +13,7 @@ benchmark's sessions (SQuAD passages; data loading and sessions from bench/knowl
 - dream-both: OPSD and GRPO on alternate steps (`onthejob dream --mode both`).
 The three dream methods share one writing and gating per session (its compute is charged to
 each). `tasks_only` writes and gates the dreams without training: parse and gate pass rates
-per article, by who wrote the task (the model, or the cloze fallback).
+per article, by who wrote the task (the model, or a rule: the rule or cloze fallback).
 Each training method is evaluated without context at every budget in `budgets` (steps of
 one run, evaluation time excluded): pooled no-context accuracy, transfer ratio =
 (after - base) / (in context - base), KL to base on anchor prompts, in-context reading
@@ -35,6 +35,8 @@ import torch
 from onthejob.bench.knowledge import SPLITS, load_articles, load_data, session_for
 from onthejob.dream.gate import DreamGateConfig
 from onthejob.dream.run import Alternating, DreamOptions, dream_session, grpo_rule
+from onthejob.dream.tasks import RULE_SOURCES
+from onthejob.learn.consolidate import recommended_opsd
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer
 from onthejob.learn.gate import reading_accuracy
@@ -57,16 +59,16 @@ class DreamBenchConfig:
     sessions: int = 2
     methods: Sequence[str] = DEFAULT_METHODS
     budgets: Sequence[int] = (5, 15)
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     group: int = 6
     max_questions: int = 15
     model: str | None = None
-    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    opsd: OpsdConfig = field(default_factory=recommended_opsd)  # consolidation's recipe
     articles: Sequence[int] | None = None  # indices within the split (instead of the first n)
     style: str = "span"  # the dream writer (dream/tasks.py)
     attempts: int = 3
-    fallback: str = "cloze"
+    fallback: str = "rule"
     grpo_starts: int = 2  # dream-grpo / dream-both: tasks per GRPO step
 
     def dream_options(self) -> DreamOptions:
@@ -228,8 +230,8 @@ def _dream_stats(lm, context, title: str, cfg: DreamBenchConfig, log) -> tuple[d
     c = writing.counts()
     dreamed = {"seconds": dream_s, "tokens": writing.tokens + report.tokens, **c,
                "passed": len(passed),
-               "passed_model": sum(t.source != "cloze" for t in passed),
-               "passed_cloze": sum(t.source == "cloze" for t in passed),
+               "passed_model": sum(t.source not in RULE_SOURCES for t in passed),
+               "passed_by_rule": sum(t.source in RULE_SOURCES for t in passed),
                "rejections": reasons, "parse_problems": problems,
                "questions": [t.question for t in passed],
                "tasks": [{"q": t.question, "a": t.answers, "source": t.source,
@@ -243,8 +245,8 @@ def _dream_stats(lm, context, title: str, cfg: DreamBenchConfig, log) -> tuple[d
     return dreamed, passed
 
 
-DREAM_COUNTS = ("units", "written", "parsed", "parsed_first_attempt", "cloze", "usable",
-                "passed", "passed_model", "passed_cloze", "no_span")
+DREAM_COUNTS = ("units", "written", "parsed", "parsed_first_attempt", "by_rule", "usable",
+                "passed", "passed_model", "passed_by_rule", "no_span")
 
 
 def tasks_only(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
@@ -276,12 +278,12 @@ def tasks_only(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dic
 
 def rates(t: dict) -> dict:
     """Parse rate (the model's attempts), gate pass rates (of the model's parsed tasks, of the
-    cloze fallbacks, of all usable tasks)."""
+    rule-made tasks, of all usable tasks)."""
     return {"parse_rate": t["parsed"] / max(t["written"], 1),
             "first_attempt_parse_rate": t["parsed_first_attempt"]
             / max(t["units"] if t["units"] else t["written"], 1),
             "gate_rate_model": t["passed_model"] / max(t["parsed"], 1),
-            "gate_rate_cloze": t["passed_cloze"] / max(t["cloze"], 1),
+            "gate_rate_by_rule": t["passed_by_rule"] / max(t["by_rule"], 1),
             "gate_rate": t["passed"] / max(t["usable"], 1)}
 
 
@@ -299,19 +301,20 @@ def markdown_tasks(result: dict, command: str) -> str:
              f"answer span: {t['no_span']}",
              f"- the model's attempts: {t['written']}, parsed {t['parsed']} (parse rate "
              f"{r['parse_rate']:.0%}; {t['parsed_first_attempt']} on the first attempt)",
-             f"- cloze fallbacks (deterministic, not the model's): {t['cloze']}",
+             f"- rule-made tasks ({cfg['fallback']} fallbacks or the rule style; not the "
+             f"model's): {t['by_rule']}",
              f"- passed the gate: {t['passed']} of {t['usable']} usable tasks "
              f"({r['gate_rate']:.0%}): the model's {t['passed_model']}/{t['parsed']} "
-             f"({r['gate_rate_model']:.0%}), cloze {t['passed_cloze']}/{t['cloze']} "
-             f"({r['gate_rate_cloze']:.0%})",
+             f"({r['gate_rate_model']:.0%}), rule-made {t['passed_by_rule']}/{t['by_rule']} "
+             f"({r['gate_rate_by_rule']:.0%})",
              f"- parse failures: {result['parse_problems'] or 'none'}",
              f"- gate rejections: {result['rejections'] or 'none'}", "",
-             "| session | units | attempts | parsed | cloze | passed (model + cloze) | s |",
+             "| session | units | attempts | parsed | rule-made | passed (model + rule) | s |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         d = row["dream"]
         lines.append(f"| {row['article']} | {d['units']} | {d['written']} | {d['parsed']} | "
-                     f"{d['cloze']} | {d['passed']} ({d['passed_model']} + {d['passed_cloze']}) | "
+                     f"{d['by_rule']} | {d['passed']} ({d['passed_model']} + {d['passed_by_rule']}) | "
                      f"{d['seconds']:.0f} |")
     lines += ["", "Tasks that passed the gate:", ""]
     for row in result["rows"]:
@@ -399,9 +402,10 @@ def markdown(result: dict, command: str, png: str) -> str:
     if d:
         lines += ["", f"Dreams (writer {result['config'].get('style', 'qa')}): {d['written']} "
                       f"tasks written by the model, {d['parsed']} parsed "
-                      f"({d['parsed'] / max(d['written'], 1):.0%}), {d['cloze']} cloze "
-                      f"fallbacks; {d['passed']} passed the gate ({d['passed_model']} of the "
-                      f"model's, {d['passed_cloze']} cloze)."]
+                      f"({d['parsed'] / max(d['written'], 1):.0%}), {d['by_rule']} rule-made "
+                      f"(fallback {result['config'].get('fallback', 'cloze')}); {d['passed']} "
+                      f"passed the gate ({d['passed_model']} of the model's, "
+                      f"{d['passed_by_rule']} rule-made)."]
     lines += ["", "| method | budget (steps) | no-context accuracy | gain (pts) | transfer ratio "
               "| KL to base | reading drop (pts) | s / session | tokens / session |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -416,8 +420,8 @@ def markdown(result: dict, command: str, png: str) -> str:
               "", f"![gain vs compute]({png})", "", "Per session:", ""]
     for r in result["rows"]:
         dr = r.get("dream")
-        extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['cloze']} "
-                 f"cloze / {dr['passed']} passed (rejections: {dr['rejections']})" if dr else "")
+        extra = (f"; dreams {dr['written']} written / {dr['parsed']} parsed / {dr['by_rule']} "
+                 f"rule-made / {dr['passed']} passed (rejections: {dr['rejections']})" if dr else "")
         per = ", ".join(f"{m} {'/'.join(str(p['after']) for p in v['points'])}"
                         for m, v in r["methods"].items())
         lines.append(f"- {r['article']}: base {r['base']}/{r['questions']}, in context "

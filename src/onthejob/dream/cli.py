@@ -11,9 +11,9 @@ from pathlib import Path
 from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import CHECKERS, FALLBACKS, STYLES
 from onthejob.envs.cli import _bench_subparsers
+from onthejob.learn.cli import add_opsd_options, opsd_options
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
-from onthejob.learn.opsd import OpsdConfig
 from onthejob.store import Store
 from onthejob.store.cli import _command, _db_option
 
@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-tasks", type=int, default=24)
     _writer_options(d)
     d.add_argument("--group", type=int, default=6, help="student samples per task (gate, GRPO)")
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
     d.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    add_opsd_options(d)
     d.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
     d.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
     d.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--grpo-starts", type=int, default=2,
                    help="dream-grpo/dream-both: dreamed tasks per GRPO step (default: %(default)s)")
     b.add_argument("--budgets", default="5,15", help="training steps at which to evaluate")
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
+    add_opsd_options(b)
     b.add_argument("--max-questions", type=int, default=15)
     b.add_argument("--group", type=int, default=6, help="student samples per dreamed task (gate)")
     b.add_argument("--seed", type=int, default=0)
@@ -101,13 +103,15 @@ def _writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", default="span", choices=STYLES,
                    help="span: answers picked verbatim from the session by rules, the model "
                    "writes one question per answer; qa: the model writes question and answer "
-                   "(needed for --checker program) (default: %(default)s)")
+                   "(needed for --checker program); rule: no model writing, every answer gets "
+                   "a rule-made question (an ablation) (default: %(default)s)")
     p.add_argument("--attempts", type=int, default=3,
                    help="tries per task: the first greedy, the rest sampled (default: %(default)s)")
-    p.add_argument("--fallback", default="cloze", choices=FALLBACKS,
-                   help="cloze: a sentence with no parsed task becomes a fill-in-the-blank task "
-                   "built from the sentence (labeled 'cloze' and counted apart); none: no "
-                   "fallback (default: %(default)s)")
+    p.add_argument("--fallback", default="rule", choices=FALLBACKS,
+                   help="an answer span whose question did not parse after every attempt -> "
+                   "rule: a question made from the sentence by rule (the span replaced by "
+                   "'what year', 'who', ...); cloze: a fill-in-the-blank; both labeled and "
+                   "counted apart from the model's tasks; none: dropped (default: %(default)s)")
 
 
 def _dream(args: argparse.Namespace) -> int:
@@ -128,7 +132,7 @@ def _dream(args: argparse.Namespace) -> int:
                         style=args.style, attempts=args.attempts, fallback=args.fallback,
                         train=TrainConfig(lr=args.lr, seed=args.seed,
                                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
-                        opsd=OpsdConfig(),
+                        opsd=opsd_options(args),
                         gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                                         max_retention_drop=args.max_retention_drop))
     opts.env_gate.group, opts.env_gate.seed = args.group, args.seed
@@ -137,7 +141,7 @@ def _dream(args: argparse.Namespace) -> int:
         lm = load_model(args.model)
         out = dream(store, lm, args.tenant, args.session, opts)
         print(f"run {out.run_id}: {out.status}: {out.message}")
-        print(f"  tasks written {out.written}, parsed {out.parsed}, cloze fallbacks {out.cloze}, "
+        print(f"  tasks written {out.written}, parsed {out.parsed}, rule-made {out.by_rule}, "
               f"passed the gate {out.passed}; see `onthejob dream show {out.run_id}`")
         return 0 if out.status in ("promoted", "nothing") else 3
 
@@ -165,9 +169,11 @@ def _show(store: Store, args: argparse.Namespace) -> int:
           f"({record['title'] or 'untitled'}), tenant {record['tenant']}, mode {record['mode']}, "
           f"budget {record['budget']}")
     counts = record.get("counts") or {"written": len(tasks) + len(record["dropped"]),
-                                      "parsed": len(tasks), "cloze": 0}
+                                      "parsed": len(tasks)}
+    by_rule = counts.get("by_rule", counts.get("cloze", 0))  # "cloze": records before 2026-11-23
     print(f"tasks: {counts['written']} written by the model, {counts['parsed']} parsed "
-          f"({record['parse_rate']:.0%}), {counts['cloze']} cloze fallbacks; {passed} passed "
+          f"({record['parse_rate']:.0%}), {by_rule} made by rule (fallback "
+          f"{record.get('fallback', 'cloze')}); {passed} passed "
           f"the gate (writer: {record.get('style', 'qa')})")
     for i, t in enumerate(tasks, 1):
         g = t["gate"]
@@ -236,7 +242,8 @@ def _bench(args: argparse.Namespace) -> int:
                            budgets=budgets, lr=args.lr, seed=args.seed, group=args.group,
                            max_questions=args.max_questions, model=args.model,
                            articles=articles, style=args.style, attempts=args.attempts,
-                           fallback=args.fallback, grpo_starts=args.grpo_starts)
+                           fallback=args.fallback, grpo_starts=args.grpo_starts,
+                           opsd=opsd_options(args))
     command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -31,6 +31,7 @@ from onthejob.learn.consolidate import (
     StopTraining,
     _shared_below,
     _train_and_gate,
+    recommended_opsd,
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
@@ -114,14 +115,14 @@ class DreamOptions:
     budget: Budget = field(default_factory=lambda: Budget("steps", 20))
     checker: str = "match"
     max_tasks: int = 24
-    style: str = "span"  # the task writer (dream/tasks.py): "span" (answer first) or "qa"
+    style: str = "span"  # the task writer (dream/tasks.py): "span" (answer first), "qa", "rule"
     attempts: int = 3  # tries per task (the first greedy, the others sampled)
-    fallback: str = "cloze"  # a sentence with no parsed task -> a fill-in-the-blank task
+    fallback: str = "rule"  # a span with no parsed question -> a question made by rule
     held_out_share: float = 0.25
     with_probes: bool = False  # dream+opsd: consolidation's own probes beside the dreams
     grpo_starts: int = 2  # GRPO: tasks per step (each with a group of env_gate.group answers)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20, lr=1e-3))
-    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20, lr=3e-3))
+    opsd: OpsdConfig = field(default_factory=recommended_opsd)  # consolidation's recipe
     gate: GateConfig = field(default_factory=GateConfig)
     env_gate: DreamGateConfig = field(default_factory=DreamGateConfig)
 
@@ -137,7 +138,7 @@ class DreamOutcome:
     written: int = 0  # the model's attempts
     parsed: int = 0  # the model's attempts that parsed
     passed: int = 0  # tasks (the model's and the fallbacks) that passed the gate
-    cloze: int = 0  # deterministic fill-in-the-blank fallbacks
+    by_rule: int = 0  # rule-made tasks (the rule or cloze fallbacks, or the rule style)
     adapter_version: int | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -259,8 +260,9 @@ def dream_session(lm: LoadedModel, context: list, title: str, opts: DreamOptions
                           attempts=opts.attempts, fallback=opts.fallback, seed=opts.env_gate.seed)
     c = writing.counts()
     say(f"dreamed {c['parsed']} tasks from {c['written']} attempts on {c['units']} "
-        f"{'answer spans' if opts.style == 'span' else 'sentences'} (parse rate "
-        f"{writing.parse_rate:.0%}) + {c['cloze']} cloze fallbacks in "
+        f"{'sentences' if opts.style == 'qa' else 'answer spans'} (parse rate "
+        f"{writing.parse_rate:.0%}) + {c['by_rule']} rule-made ({opts.fallback} fallback"
+        f"{', rule style' if opts.style == 'rule' else ''}) in "
         f"{time.time() - started:.0f} s")
     report = gate(lm, context, writing.tasks, opts.env_gate)
     say(f"gate: {len(report.passed)}/{len(writing.tasks)} environments passed "
@@ -319,7 +321,7 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
     _save(run_id, record)
     passed = [t for t in writing.tasks if verdicts[t.id].passed]
     counts = dict(written=writing.written, parsed=len(writing.model_tasks), passed=len(passed),
-                  cloze=len(writing.cloze_tasks))
+                  by_rule=len(writing.rule_tasks))
     store.update_run(run_id, progress={"phase": "gated", **counts,
                                        "file": str(dream_file(run_id))})
     if not passed:

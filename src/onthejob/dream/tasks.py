@@ -14,17 +14,24 @@ few-shot completion, one sentence at a time. Two styles (`style`):
       Answer: 1889
       Question: When was the Eiffel Tower completed?
 
-  Long sentences are cut to a window of words around the answer. A task whose question
-  does not parse is retried (`attempts`: the first greedy, the others sampled), and only
-  the questions are retried, so a retry is cheap.
+  The question's first words are given by the answer's kind (answer-typed prompts: "When"
+  for a year or date, "How many" for a number, "Who" for a person's name, "What" else), so
+  the model writes a question that asks for that answer rather than another fact of the
+  sentence. Long sentences are cut to a window of words around the answer. A task whose
+  question does not parse is retried (`attempts`: the first greedy, the others sampled),
+  and only the questions are retried, so a retry is cheap.
+- "rule" (an ablation: no model writing): every answer span gets the rule-made question
+  below, so the gate and training can be measured on questions the model did not write.
 - "qa" (the first writer): the session's material, then "Sentence: ... / Question:", and
   the model writes the question *and* an "Answer:" line (and a "Check:" line with
   checker="program").
 
-Deterministic fallback (`fallback="cloze"`): a sentence for which no model-written task
-parsed after every attempt becomes a fill-in-the-blank task built from the sentence itself
-(the answer span blanked out). These are labeled `source="cloze"`, counted apart from the
-model's tasks, and never counted in the parse rate.
+Deterministic fallbacks, for an answer span whose model-written question did not parse after
+every attempt: `fallback="rule"` (the default) turns the sentence itself into a question by
+putting a question phrase in place of the span ("The tower was completed in what year?",
+source "rule"); `fallback="cloze"` blanks the span out ("Fill in the blank ...", source
+"cloze"). Both are rule-made: labeled, counted apart from the model's tasks, and never
+counted in the parse rate.
 
 Parsing is strict and every failure (every attempt) is kept with its reason, so the parse
 rate is measured.
@@ -43,8 +50,9 @@ from onthejob.learn.probes import sentences
 from onthejob.model import LoadedModel, SamplingParams, generate
 
 CHECKERS = ("match", "program")
-STYLES = ("span", "qa")
-FALLBACKS = ("cloze", "none")
+STYLES = ("span", "qa", "rule")
+FALLBACKS = ("rule", "cloze", "none")
+RULE_SOURCES = ("rule", "cloze")  # tasks made by rules, not written by the model
 
 _EXAMPLES = (
     ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
@@ -88,7 +96,8 @@ class DreamTask:
     """One dreamed task. `checker` is "match" (normalized containment, else token F1 against
     `answers`) or "program" (`program` is a Python expression over `answer`). `source` says
     who wrote it: "model" (question and answer), "span" (the model's question for an answer
-    span picked from the session) or "cloze" (the deterministic fill-in-the-blank fallback)."""
+    span picked from the session), "rule" (a question made from the sentence by rule) or
+    "cloze" (a fill-in-the-blank made from the sentence)."""
 
     id: str
     question: str
@@ -111,7 +120,7 @@ class DreamTask:
 
 @dataclass
 class DreamWriting:
-    tasks: list[DreamTask]  # parsed and usable (the model's and the cloze fallbacks)
+    tasks: list[DreamTask]  # parsed and usable (the model's and the rule-made fallbacks)
     dropped: list[DreamTask] = field(default_factory=list)  # every failed attempt, `problem` set
     tokens: int = 0  # prompt + generated tokens spent writing
     units: int = 0  # sentences (or answer spans) a task was asked for
@@ -119,15 +128,16 @@ class DreamWriting:
 
     @property
     def model_tasks(self) -> list[DreamTask]:
-        return [t for t in self.tasks if t.source != "cloze"]
+        return [t for t in self.tasks if t.source not in RULE_SOURCES]
 
     @property
-    def cloze_tasks(self) -> list[DreamTask]:
-        return [t for t in self.tasks if t.source == "cloze"]
+    def rule_tasks(self) -> list[DreamTask]:
+        """Tasks made by rules (the "rule" style, or the rule and cloze fallbacks)."""
+        return [t for t in self.tasks if t.source in RULE_SOURCES]
 
     @property
     def written(self) -> int:
-        """Model-written attempts (each parsed or dropped); cloze fallbacks are not counted."""
+        """Model-written attempts (each parsed or dropped); rule-made tasks are not counted."""
         return len(self.model_tasks) + len(self.dropped)
 
     @property
@@ -138,7 +148,7 @@ class DreamWriting:
     def counts(self) -> dict:
         first = [t for t in self.model_tasks if t.attempt == 0]
         return {"units": self.units, "written": self.written, "parsed": len(self.model_tasks),
-                "parsed_first_attempt": len(first), "cloze": len(self.cloze_tasks),
+                "parsed_first_attempt": len(first), "by_rule": len(self.rule_tasks),
                 "usable": len(self.tasks), "no_span": len(self.no_span),
                 "parse_rate": self.parse_rate}
 
@@ -160,11 +170,13 @@ def writer_prompt(material: str, sentence: str, title: str = "", checker: str = 
             f"by a few words of the sentence.\n\n{few_shot(checker)}Sentence: {sentence}\nQuestion:")
 
 
-def span_prompt(sentence: str, answer: str, checker: str = "match") -> str:
-    """The "span" writer: answer-first examples, then the sentence and its answer span."""
+def span_prompt(sentence: str, answer: str, lead: str = "") -> str:
+    """The "span" writer: answer-first examples, then the sentence, its answer span and the
+    question's first words (`lead`, see `question_lead`), which the model goes on from."""
     blocks = [f"Sentence: {s}\nAnswer: {a}\nQuestion: {q}\n" for s, a, q in _SPAN_EXAMPLES]
     return ("Quiz questions, each answered by the given words of the sentence.\n\n"
-            + "\n".join(blocks) + f"\nSentence: {sentence}\nAnswer: {answer}\nQuestion:")
+            + "\n".join(blocks) + f"\nSentence: {sentence}\nAnswer: {answer}\nQuestion:"
+            + (f" {lead}" if lead else ""))
 
 
 def task_id(question: str, answer: str) -> str:
@@ -204,10 +216,11 @@ def parse_task(completion: str, sentence: str, material: str, checker: str = "ma
     return task
 
 
-def parse_span_question(completion: str, sentence: str, answer: str) -> DreamTask:
-    """A "span" task: the model's question for `answer` (a span of `sentence`). The question
-    is the first line, up to its first '?'."""
-    line = completion.strip().split("\n")[0].strip()
+def parse_span_question(completion: str, sentence: str, answer: str, lead: str = "") -> DreamTask:
+    """A "span" task: the model's question for `answer` (a span of `sentence`): `lead` (the
+    words the prompt gave) and the first line of `completion`, up to its first '?'."""
+    line = (lead + " " + completion.split("\n")[0].strip() if lead
+            else completion.strip().split("\n")[0]).strip()
     question = line[:line.index("?") + 1].strip() if "?" in line else line
     task = DreamTask(task_id(question, answer), question, [answer], "match", sentence=sentence,
                      raw=completion, source="span")
@@ -322,6 +335,65 @@ def window(sentence: str, span: str, words: int = 28) -> str:
     return ("... " if lo else "") + " ".join(tokens[lo:hi]) + (" ..." if hi < len(tokens) else "")
 
 
+_YEAR = re.compile(r"(?:1[0-9]|20)\d\d")
+_PERCENT = re.compile(r".*\d\s*(?:%|percent)$")
+# Words that make a capitalized name an organization, place or thing rather than a person.
+_NOT_PERSON = {"university", "college", "school", "company", "corporation", "river", "city",
+               "church", "empire", "kingdom", "republic", "street", "state", "states", "united",
+               "north", "south", "east", "west", "new", "museum", "academy", "institute", "bank",
+               "party", "house", "park", "station", "bridge", "island", "islands", "mountains",
+               "sea", "ocean", "lake", "award", "prize", "war", "world", "national", "royal",
+               "council", "army", "league", "cup", "bowl", "hall", "centre", "center", "library",
+               "club", "society", "association", "group", "press", "times", "festival", "tower"}
+
+
+def span_kind(span: str) -> str:
+    """The kind of an answer span, by rule: year, date, percent, number, person or name."""
+    if _YEAR.fullmatch(span):
+        return "year"
+    if re.search(rf"\b(?:{_MONTHS})\b", span):
+        return "date"
+    if span[:1].isdigit():
+        return "percent" if _PERCENT.match(span) else "number"
+    words = span.split()
+    if (2 <= len(words) <= 3 and all(w[:1].isupper() and w.isalpha() for w in words)
+            and not {w.lower() for w in words} & (_NOT_PERSON | _JOINERS)):
+        return "person"
+    return "name"
+
+
+_LEADS = {"year": "When", "date": "When", "percent": "What percentage", "number": "How many",
+          "person": "Who", "name": "What"}
+_IN_PLACE = {"year": "what year", "date": "what date", "percent": "what percentage",
+             "number": "how many", "person": "who", "name": "what"}
+
+
+def question_lead(span: str) -> str:
+    """The first word(s) of a question whose answer is `span`."""
+    return _LEADS[span_kind(span)]
+
+
+def rule_task(sentence: str, span: str, title: str = "") -> DreamTask:
+    """A question made from `sentence` by rule: the span replaced in place by a question
+    phrase ("... completed in what year for the World's Fair?"), the session's title in front
+    when the question does not name it."""
+    text = window(sentence, span).removeprefix("... ").removesuffix(" ...")
+    phrase = _IN_PLACE[span_kind(span)]
+    if span in text:
+        at = text.index(span)
+        if span_kind(span) == "number" and re.match(r"\s*(?:million|billion|thousand)\b",
+                                                    text[at + len(span):]):
+            phrase = "how many"
+        before = re.sub(r"\b(?:the|a|an)\s+$", "", text[:at], flags=re.IGNORECASE)
+        text = before + phrase + text[at + len(span):]
+    question = text.strip().rstrip(".!;:, ") + "?"
+    question = question[:1].upper() + question[1:]
+    if title and normalize(title) not in normalize(question):
+        question = f"{title}: {question}"
+    return DreamTask(task_id(question, span), question, [span], "match", sentence=sentence,
+                     source="rule")
+
+
 def cloze_task(sentence: str, span: str, title: str = "") -> DreamTask:
     """The fallback: `sentence` (windowed) with `span` blanked out."""
     text = window(sentence, span)
@@ -357,7 +429,7 @@ def _attempt_params(attempt: int, max_new_tokens: int, stop: Sequence[str], seed
 
 def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = "match",
                 max_tasks: int = 24, max_new_tokens: int | None = None, batch: int = 8,
-                style: str = "span", attempts: int = 3, fallback: str = "cloze",
+                style: str = "span", attempts: int = 3, fallback: str = "rule",
                 spans_per_sentence: int = 2, temperature: float = 0.8,
                 seed: int = 0) -> DreamWriting:
     """Tasks for the sentences of `material` (batched; the first attempt greedy, retries
@@ -370,18 +442,18 @@ def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = 
         raise ValueError(f"style must be one of {', '.join(STYLES)}")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
-    if style == "span" and checker != "match":
-        raise ValueError("style 'span' writes match tasks only; use style 'qa' for program checks")
+    if style in ("span", "rule") and checker != "match":
+        raise ValueError(f"style {style!r} writes match tasks only; use style 'qa' for program checks")
     attempts = max(1, attempts)
     tok = lm.tokenizer
     out = DreamWriting([])
-    # A unit: (sentence, answer span or None, prompt ids).
-    units: list[tuple[str, str | None, list[int]]] = []
+    # A unit: (sentence, answer span or None, the question's lead, prompt ids).
+    units: list[tuple[str, str | None, str, list[int]]] = []
     if style == "qa":
         new_tokens, stop = max_new_tokens or 48, ["\n\n", "Sentence:"]
         for s in sentences(material)[:max_tasks]:
             spans = answer_spans(s, title)
-            units.append((s, spans[0] if spans else None,
+            units.append((s, spans[0] if spans else None, "",
                           tok.encode(writer_prompt(material, s, title, checker),
                                      add_special_tokens=False)))
     else:
@@ -393,27 +465,29 @@ def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = 
                 out.no_span.append(s)
             for a in spans[:spans_per_sentence]:
                 used.add(normalize(a))
-                units.append((s, a, tok.encode(span_prompt(window(s, a), a),
-                                               add_special_tokens=False)))
+                lead = question_lead(a)
+                prompt = [] if style == "rule" else tok.encode(span_prompt(window(s, a), a, lead),
+                                                                add_special_tokens=False)
+                units.append((s, a, lead, prompt))
         units = units[:max_tasks]
     out.units = len(units)
     seen: set[str] = set()
     done = [False] * len(units)
-    for attempt in range(attempts):
+    for attempt in range(0 if style == "rule" else attempts):
         todo = [i for i in range(len(units)) if not done[i]]
         if not todo:
             break
         params = _attempt_params(attempt, new_tokens, stop, seed, temperature)
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            completions = generate(lm, [units[i][2] for i in chunk], params)
+            completions = generate(lm, [units[i][3] for i in chunk], params)
             for i, completion in zip(chunk, completions, strict=True):
-                sentence, span, _ = units[i]
+                sentence, span, lead, _ = units[i]
                 out.tokens += len(completion.prompt_ids) + len(completion.token_ids)
                 if style == "qa":
                     task = parse_task(completion.text, sentence, material, checker)
                 else:
-                    task = parse_span_question(completion.text, sentence, span)
+                    task = parse_span_question(completion.text, sentence, span, lead)
                 task.attempt = attempt
                 if not task.problem and task.id in seen:
                     task.problem = "duplicate of an earlier task"
@@ -421,10 +495,11 @@ def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = 
                 if not task.problem:
                     seen.add(task.id)
                     done[i] = True
-    if fallback == "cloze":
-        for i, (sentence, span, _) in enumerate(units):
+    make = rule_task if style == "rule" or fallback == "rule" else cloze_task
+    if style == "rule" or fallback != "none":
+        for i, (sentence, span, _, _) in enumerate(units):
             if not done[i] and span:
-                task = cloze_task(sentence, span, title)
+                task = make(sentence, span, title)
                 if task.id not in seen:
                     seen.add(task.id)
                     out.tasks.append(task)
