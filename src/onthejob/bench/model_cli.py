@@ -13,7 +13,7 @@ from onthejob.envs.cli import _bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
-SIZES = {"sessions": 2, "seeds": 2, "steps": 8, "lrs": "1e-3", "sequential": 10,
+SIZES = {"sessions": 2, "seeds": 2, "steps": 6, "lrs": "1e-3", "sequential": 10,
          "reading_items": 6, "general_items": 24, "max_questions": 10}
 SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "1e-3", "sequential": 2,
          "reading_items": 2, "general_items": 3, "max_questions": 2}
