@@ -31,7 +31,7 @@ class DreamGateConfig:
     group: int = 6  # student samples per task
     temperature: float = 1.0
     min_spread: float = 0.2  # max - min reward across the group
-    max_new_tokens: int = 24
+    max_new_tokens: int = 48  # the model restates the question before answering
     seed: int = 0
 
 
