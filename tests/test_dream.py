@@ -421,6 +421,10 @@ def test_dream_refuses_foreign_sessions_and_unwired_modes(tmp_path, tiny_lm):
         dream(store, tiny_lm, "other", sid, _loose(), say=lambda s: None)
     with pytest.raises(ValueError, match="mode"):
         dream(store, tiny_lm, "acme", sid, _loose(mode="dance"), say=lambda s: None)
+    with pytest.raises(ValueError, match="style 'rule'"):
+        dream(store, tiny_lm, "acme", sid, _loose(style="rule", checker="program"),
+              say=lambda s: None)
+    assert store.list_runs(kind="dream") == []  # refused before a run was created
 
 
 # -- the CLI ---------------------------------------------------------------------------------
