@@ -9,10 +9,9 @@ from onthejob.cli import main
 from onthejob.store import Store
 
 
-def test_chat_command(tiny_lm, tmp_path, monkeypatch, capsys):
-    model_dir = tmp_path / "tiny"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
+def test_chat_command(tiny_dir, tmp_path, monkeypatch, capsys):
+    # tiny_dir, not the shared tiny_lm: other tests leave adapters attached to tiny_lm's model.
+    model_dir = tiny_dir
     db = f"sqlite:///{tmp_path / 'c.db'}"
     Store(db).create_tenant("acme")
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/review down off topic\n/end\n"))
