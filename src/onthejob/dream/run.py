@@ -24,7 +24,7 @@ from pathlib import Path
 
 from onthejob import config
 from onthejob.dream.gate import DreamGateConfig, GateReport, gate
-from onthejob.dream.tasks import DreamTask, DreamWriting, materials, write_tasks
+from onthejob.dream.tasks import DreamTask, DreamWriting, check_writer, materials, write_tasks
 from onthejob.learn.consolidate import (
     ConsolidateOptions,
     Outcome,
@@ -277,9 +277,7 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
         raise ValueError(f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
     if opts.style == "span" and opts.checker == "program":
         opts.style = "qa"  # program checks are written by the "qa" writer only
-    if opts.style == "rule" and opts.checker == "program":
-        raise ValueError("style 'rule' makes match tasks only; use --style qa (or span) for "
-                         "--checker program")
+    check_writer(opts.style, opts.checker, opts.fallback)  # before a run is created
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
     review = store.get_review(tenant, session_id)

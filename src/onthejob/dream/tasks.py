@@ -378,10 +378,11 @@ def rule_task(sentence: str, span: str, title: str = "") -> DreamTask:
     phrase ("... completed in what year for the World's Fair?"), the session's title in front
     when the question does not name it."""
     text = window(sentence, span).removeprefix("... ").removesuffix(" ...")
-    phrase = _IN_PLACE[span_kind(span)]
+    kind = span_kind(span)
+    phrase = _IN_PLACE[kind]
     if span in text:
         at = text.index(span)
-        if span_kind(span) == "number" and re.match(r"\s*(?:million|billion|thousand)\b",
+        if kind == "number" and re.match(r"\s*(?:million|billion|thousand)\b",
                                                     text[at + len(span):]):
             phrase = "how many"
         before = re.sub(r"\b(?:the|a|an)\s+$", "", text[:at], flags=re.IGNORECASE)
@@ -427,6 +428,18 @@ def _attempt_params(attempt: int, max_new_tokens: int, stop: Sequence[str], seed
                           seed=seed + attempt)
 
 
+def check_writer(style: str, checker: str, fallback: str = "rule") -> None:
+    """ValueError, saying what to use instead, unless the writer options go together."""
+    if checker not in CHECKERS:
+        raise ValueError(f"checker must be one of {', '.join(CHECKERS)}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
+    if style in ("span", "rule") and checker != "match":
+        raise ValueError(f"style {style!r} writes match tasks only; use style 'qa' for program checks")
+
+
 def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = "match",
                 max_tasks: int = 24, max_new_tokens: int | None = None, batch: int = 8,
                 style: str = "span", attempts: int = 3, fallback: str = "rule",
@@ -436,14 +449,7 @@ def write_tasks(lm: LoadedModel, material: str, title: str = "", checker: str = 
     sampled, only for the units still without a task). Duplicates are dropped. With
     style="span", each sentence gives up to `spans_per_sentence` units (one per answer span),
     at most `max_tasks` units in all; with style="qa", one unit per sentence."""
-    if checker not in CHECKERS:
-        raise ValueError(f"checker must be one of {', '.join(CHECKERS)}")
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
-    if style in ("span", "rule") and checker != "match":
-        raise ValueError(f"style {style!r} writes match tasks only; use style 'qa' for program checks")
+    check_writer(style, checker, fallback)
     attempts = max(1, attempts)
     tok = lm.tokenizer
     out = DreamWriting([])
