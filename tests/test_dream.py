@@ -11,15 +11,10 @@ from onthejob.dream.run import Budget, Budgeted, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import (
     DreamTask,
     DreamWriting,
-    answer_spans,
     cloze_task,
     parse_span_question,
     parse_task,
-    question_lead,
     rule_task,
-    span_kind,
-    split_sentences,
-    window,
     write_tasks,
 )
 from onthejob.envs.base import EnvError
@@ -27,6 +22,7 @@ from onthejob.learn.consolidate import StopTraining
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import OpsdConfig
+from onthejob.learn.spans import answer_spans, question_lead, span_kind, split_sentences, window
 from onthejob.store import Store
 
 MATERIAL = ("The Bluefin project ships on March 3 in Oslo. Its lead engineer is Ada Lind. "
