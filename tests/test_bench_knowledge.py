@@ -48,7 +48,7 @@ def test_smoke_writes_consistent_report_json_and_plots(tmp_path, tiny_dir):
         assert v["transfer"]["n"] in (0, 2) and set(v["per_seed"]) == {"0", "1"}
         after = [p["after"] for p in v["per_seed"].values()]
         assert v["after"] == pytest.approx(sum(after) / 2)
-        runs = [r for r in result["runs"] if r["method"] == m and r["lr"] == 3e-3]
+        runs = [r for r in result["runs"] if r["method"] == m and r["lr"] == 1e-3]
         assert v["after"] == pytest.approx(sum(r["after"] for r in runs) / 2 / result["questions"])
         assert len(runs) == 2 and {r["seed"] for r in runs} == {0, 1}
         # forgetting probes on the first seed; KL to base on every run

@@ -32,7 +32,8 @@ def _store_with_sessions(tmp_path):
 def _opts(**kw):
     base = dict(train=TrainConfig(steps=2, lr=1e-3, bf16=False),
                 opsd=OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
-                                teacher_pool=1),
+                                teacher_tokens=4, batch=8),
+                visits=None,
                 gate=GateConfig(min_gain=-1.0, max_kl=100, max_retention_drop=1.0,
                                 max_earlier_drop=1.0))
     base.update(kw)
@@ -95,10 +96,11 @@ def test_dry_run_trains_nothing_and_foreign_sessions_are_refused(tmp_path):
         consolidate(store, lm, "acme", _opts(session_ids=[ids["down"]]), say=lambda s: None)
 
 
-def test_default_steps_scale_with_the_sessions_and_the_cli_uses_the_measured_recipe(tmp_path):
+def test_default_steps_give_each_probe_its_visits_and_the_cli_uses_the_recipe(tmp_path):
     from onthejob.cli import build_parser
     from onthejob.learn.cli import _options
-    from onthejob.learn.consolidate import MAX_AUTO_STEPS, STEPS_PER_SESSION, recommended_opsd
+    from onthejob.learn.consolidate import MAX_AUTO_STEPS, VISITS, recommended_opsd
+    from onthejob.learn.opsd import steps_for_visits
 
     store, ids = _store_with_sessions(tmp_path)
     s2 = store.create_session("acme", title="more")
@@ -106,18 +108,21 @@ def test_default_steps_scale_with_the_sessions_and_the_cli_uses_the_measured_rec
     store.add_message("acme", s2.id, "assistant", "Noted.")
     store.set_review("acme", s2.id, "up", "")
     lm = tiny_model(seed=0)
-    plan = consolidate(store, lm, "acme", _opts(dry_run=True, steps_per_session=5),
-                       say=lambda s: None)
-    assert plan.message.startswith("plan: 10 steps") and len(plan.sessions) == 2
-    plan = consolidate(store, lm, "acme", _opts(dry_run=True, steps_per_session=1000),
-                       say=lambda s: None)
+    lines = []
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True, visits=5), say=lines.append)
+    n_probes = int(next(x for x in lines if x.startswith("probes:")).split()[1])
+    cfg = _opts().opsd
+    want = steps_for_visits(n_probes, 5, cfg)
+    assert n_probes > 0 and want == -(-n_probes * 5 // (cfg.prompts_per_step - 0))
+    assert plan.message.startswith(f"plan: {want} steps") and len(plan.sessions) == 2
+    plan = consolidate(store, lm, "acme", _opts(dry_run=True, visits=10_000), say=lambda s: None)
     assert plan.message.startswith(f"plan: {MAX_AUTO_STEPS} steps")
     args = build_parser().parse_args(["consolidate", "--tenant", "acme"])
     opts = _options(args)
-    assert opts.steps_per_session == STEPS_PER_SESSION and opts.opsd == recommended_opsd()
-    assert opts.opsd.anchor_target == "prior" and opts.train.lr == 3e-3
+    assert opts.visits == VISITS and opts.opsd == recommended_opsd()
+    assert opts.opsd.anchor_target == "base" and opts.opsd.divergence == "forward_kl"
     fixed = _options(build_parser().parse_args(["consolidate", "--tenant", "acme", "--steps", "7"]))
-    assert fixed.steps_per_session is None and fixed.train.steps == 7
+    assert fixed.visits is None and fixed.train.steps == 7
 
 
 def test_gate_reuses_known_reading_scores(tmp_path, monkeypatch):

@@ -338,7 +338,7 @@ def _store(tmp_path, review="up"):
 def _loose(**kw):
     base = dict(budget=Budget("steps", 2), train=TrainConfig(lr=1e-3, bf16=False),
                 opsd=OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
-                                teacher_pool=1),
+                                teacher_tokens=4),
                 gate=GateConfig(min_gain=-1.0, max_kl=100, max_retention_drop=1.0,
                                 max_earlier_drop=1.0),
                 env_gate=DreamGateConfig(group=2, max_new_tokens=4))
@@ -519,7 +519,7 @@ def test_bench_dream_compares_opsd_grpo_and_both_on_the_dreams(tmp_path, tiny_di
                                  methods=["dream", "dream-grpo", "dream-both"], budgets=[1, 2],
                                  group=2, grpo_starts=1, model=tiny_dir,
                                  opsd=OpsdConfig(prompts_per_step=2, samples_per_prompt=1,
-                                                 max_new_tokens=4, teacher_pool=1))
+                                                 max_new_tokens=4, teacher_tokens=4))
     monkeypatch.setattr(bench, "load_data", lambda path: data)
     monkeypatch.setattr(bench, "load_articles", lambda path, split, n: data[200:200 + n])
     result = bench.run(cfg, log=lambda s: None)

@@ -73,7 +73,8 @@ def test_opsd_trains_only_the_adapter_and_lowers_the_loss():
     base_params = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     trainer = Trainer(lm, TrainConfig(steps=12, lr=5e-3, bf16=False))
     rule = Opsd([_lesson()], ["Say hi."], OpsdConfig(prompts_per_step=2, samples_per_prompt=2,
-                                                     max_new_tokens=6, teacher_mix=0.5))
+                                                     max_new_tokens=6, teacher_tokens=6,
+                                                     teacher_mix=0.5))
     history = trainer.run(rule, drift=AnchorDrift(["Say hi."], max_new_tokens=4))
     assert len(history) == 12 and all("kl_to_base" in h for h in history)
     assert sum(h["loss"] for h in history[-4:]) < sum(h["loss"] for h in history[:4])
@@ -85,24 +86,70 @@ def test_opsd_trains_only_the_adapter_and_lowers_the_loss():
     assert rule.tokens_teacher > 0 and rule.tokens_student > 0
 
 
-def test_anchor_rows_are_pulled_toward_the_prior_model_by_default():
-    # Before any step the student equals the base, so a KL penalty toward the prior is zero on
-    # anchors, while the teacher with the session in context differs from it.
+def test_anchor_rows_are_held_to_the_base_model_by_default():
+    # Before any step the student equals the base, so the KL toward the base (or the prior,
+    # here the same) is zero on anchors, while the teacher with the session differs from it.
     losses = {}
-    for target in ("prior", "teacher"):
+    for target in ("base", "prior", "teacher"):
         lm = tiny_model(seed=6)
         trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
         rule = Opsd([_lesson()], ["Say hi.", "Name a color."],
                     OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
-                               teacher_mix=0.0, anchor_share=1.0, anchor_target=target))
+                               teacher_tokens=4, anchor_share=1.0, anchor_target=target))
         rule.prepare(trainer)
         with torch.no_grad():
-            loss, _ = rule.step(trainer, 0)
+            loss, metrics = rule.step(trainer, 0)
         losses[target] = float(loss)
-    assert OpsdConfig().anchor_target == "prior"
-    assert abs(losses["prior"]) < 1e-5 < losses["teacher"]
+        assert metrics["anchor_loss"] == pytest.approx(float(loss))
+    assert OpsdConfig().anchor_target == "base"
+    assert abs(losses["base"]) < 1e-5 and abs(losses["prior"]) < 1e-5 < losses["teacher"]
     with pytest.raises(ValueError, match="anchor target"):
         OpsdConfig(anchor_target="bogus")
+
+
+def test_teacher_rows_drop_answers_that_miss_a_known_span_and_fall_back_to_the_span():
+    from onthejob.learn.practice import PracticePrompt
+
+    lm = tiny_model(seed=2)
+    lesson = _lesson()
+    lesson.practice = [PracticePrompt("What is the codename?", "rule", answer="Bluefin"),
+                       PracticePrompt("When does it ship?", "replay", given="On March 3.")]
+    trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+    rule = Opsd([lesson], [], OpsdConfig(teacher_tokens=4, teacher_samples=1, anchor_share=0.0))
+    rule.prepare(trainer)
+    tok = lm.tokenizer
+    span_probe = next(i for i, p in enumerate(rule.probes) if p.prompt.answer)
+    texts = [tok.decode(t.response, skip_special_tokens=True) for t in rule.targets[span_probe]]
+    # The random tiny model never says "Bluefin": both its answers are dropped, the span stays.
+    assert texts == ["Bluefin"] and rule.counts["missed_span"] == 2
+    assert rule.counts["span_fallback"] == 1 and rule.counts["given"] == 1
+    given_probe = next(i for i, p in enumerate(rule.probes) if p.prompt.given)
+    assert "On March 3." in [tok.decode(t.response, skip_special_tokens=True)
+                             for t in rule.targets[given_probe]]
+    target = rule.targets[span_probe][0]
+    assert target.top_ids.shape == (len(target.response), 32) == target.top_logprobs.shape
+
+
+def test_teacher_rows_visit_every_probe_once_before_any_twice():
+    lm = tiny_model(seed=3)
+    lesson = Lesson("s1", CONTEXT, [f"Question {k}?" for k in range(5)])
+    trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+    rule = Opsd([lesson], [], OpsdConfig(teacher_tokens=3, teacher_samples=0, anchor_share=0.0))
+    rule.prepare(trainer)
+    seen = [rule._next(False, trainer.rng) for _ in range(10)]
+    assert sorted(seen[:5]) == sorted(seen[5:]) == list(range(5))
+
+
+def test_forward_kl_on_the_teachers_top_k_equals_the_full_one_when_k_covers_the_mass():
+    from onthejob.learn.divergence import per_token_top
+
+    student, teacher = torch.randn(4, 40), torch.randn(4, 40) * 3
+    top = torch.log_softmax(teacher, -1).topk(40, dim=-1)
+    full = per_token(student, teacher, "forward_kl")
+    assert torch.allclose(per_token_top(student, top.indices, top.values, "forward_kl"), full, atol=1e-5)
+    few = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+    assert (per_token_top(student, few.indices, few.values, "reverse_kl") >= 0).all()
+    assert per_token_top(teacher, few.indices, few.values, "reverse_kl").abs().max() < 1e-5
 
 
 def test_opsd_refuses_a_session_longer_than_the_context():

@@ -1,9 +1,17 @@
 """The knowledge-transfer benchmark (SQuAD passages as co-work sessions); protocol in
 docs/BENCHMARKS.md, split fixed by ../shared/data/README.md.
 
-Each article is one session in which the user shares the passage and the model acknowledges
-it. Its questions are asked without the passage (base), with the session in context (the
-ceiling), and without it after consolidating the session into an adapter. Four parts:
+Each article is one co-work session: the user pastes the passage as notes for their work and
+asks what stands out; the model answers (its own greedy answer, with the notes in front of
+it); the user asks it to keep the notes in mind, and the model's short reply is scripted.
+The practice material is made from those turns alone (learn/practice.py; the title is not
+given to it), and no evaluation question may appear in it (asserted). The questions are
+asked without the session (base), with it in context (the ceiling), and without it after
+consolidating the session into an adapter; scored by containment, exact match and token F1.
+Methods: opsd (consolidation's recipe) and its ablation variants (OPSD_VARIANTS), sft,
+notes, dream (practice material plus the dream writer's own questions at twice the visits)
+and compact (no training: the questions are asked with the model's summary in context).
+Parts:
   - independent: each session consolidated from the base, per method and seed;
     transfer ratio = (after - base) / (in-context - base), pooled over the questions;
   - sweep: the same at other learning rates (sft, opsd; first seed): gain vs forgetting;
@@ -44,19 +52,29 @@ from onthejob.bench.measures import (
     reading_prompt,
     reading_set,
 )
+from onthejob.learn.consolidate import lesson_from
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import QaResult, answer
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
-from onthejob.learn.opsd import Opsd, OpsdConfig
-from onthejob.learn.probes import make_probes, probe_quality
+from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
+from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, coverage
+from onthejob.learn.probes import probe_quality
 from onthejob.learn.sft import Sft
-from onthejob.model import LoadedModel, load_model, render_ids
+from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import save
 
 SPLITS = {"dev": (0, 200), "test": (200, 400)}
-METHODS = ("opsd", "sft", "notes")
+# The ablation of the learning rule (issue 13): what each variant changes in OpsdConfig.
+OPSD_VARIANTS = {
+    "opsd": {},  # (a) teacher-answered rows, forward KL on the teacher's top-k
+    "opsd-onpolicy-fkl": {"teacher_mix": 0.0, "divergence": "forward_kl"},  # (b) as SDFT
+    "opsd-onpolicy-rkl": {"teacher_mix": 0.0, "divergence": "reverse_kl"},  # (c)
+    "opsd-then-onpolicy": {"on_policy_from": 0.5},  # (d) (a) for half the steps, then (b)
+}
+METHODS = (*OPSD_VARIANTS, "sft", "notes", "dream", "compact")
+TRAINED = tuple(m for m in METHODS if m != "compact")
 SWEEP_METHODS = ("sft", "opsd")
 
 
@@ -65,8 +83,9 @@ class KnowledgeConfig:
     data: str
     split: str = "test"
     sessions: int = 4  # independent part: articles, each consolidated from the base
-    methods: Sequence[str] = METHODS
-    steps: int = 20
+    methods: Sequence[str] = ("opsd", "sft", "notes")
+    steps: int = 20  # used when visits is None
+    visits: float | None = 8.0  # the budget: visits per practice prompt (steps follow from it)
     lr: float = 1e-3
     seed: int = 0
     seeds: int = 1  # seed, seed + 1, ...
@@ -81,17 +100,28 @@ class KnowledgeConfig:
     general_items: int | None = None  # general questions (None: all of data/general.json)
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
     notes_tokens: int = 160  # length of each note the notes baseline writes
+    practice_kinds: Sequence[str] = KINDS  # learn/practice.py
     bf16: bool | None = None  # bf16 autocast for training; None: where it is fast (measures.py)
     model: str | None = None
     device: str = "cpu"
 
 
-def session_for(article: dict) -> list[dict]:
-    return [
-        {"role": "user", "content": f"Here is a passage about {article['title']}. "
-                                    f"Please read it carefully.\n\n{article['context']}"},
-        {"role": "assistant", "content": "I have read the passage carefully and will remember it."},
-    ]
+COWORK_ASK = "What stands out to you in these notes?"
+COWORK_KEEP = "Good. Keep these notes in mind; I will come back to them later."
+COWORK_REPLY = "Understood, I will keep them in mind."  # scripted
+
+
+def session_for(article: dict, lm: LoadedModel | None = None) -> list[dict]:
+    """The article as a co-work session (module docstring). With `lm`, the model's own answer
+    to the first turn; without it (tests of the layout only) a scripted one."""
+    first = {"role": "user", "content": f"Here are my notes on {article['title']} for our "
+                                        f"work:\n\n{article['context']}\n\n{COWORK_ASK}"}
+    reply = "The notes are clear."
+    if lm is not None:
+        prompt = render_ids(lm.tokenizer, [first])
+        reply = generate(lm, [prompt], SamplingParams(max_tokens=48))[0].text.strip() or reply
+    return [first, {"role": "assistant", "content": reply},
+            {"role": "user", "content": COWORK_KEEP}, {"role": "assistant", "content": COWORK_REPLY}]
 
 
 def load_data(path: str) -> list[dict]:
@@ -109,15 +139,41 @@ def load_articles(path: str | list[dict], split: str, n: int) -> list[dict]:
     return articles
 
 
+def opsd_variant(method: str, base: OpsdConfig) -> OpsdConfig:
+    from dataclasses import replace
+
+    return replace(base, **OPSD_VARIANTS[method])
+
+
 def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: KnowledgeConfig):
-    if method == "opsd":
-        return Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd)
+    if method in OPSD_VARIANTS:
+        return Opsd(lessons, list(TRAINING_ANCHORS), opsd_variant(method, cfg.opsd))
+    if method == "dream":
+        return Opsd([_with_dreams(lm, lesson) for lesson in lessons], list(TRAINING_ANCHORS), cfg.opsd)
     if method == "sft":
         return Sft(lessons, lm.tokenizer)
     if method == "notes":
         return Notes(lessons, notes_per_session=cfg.notes_per_session,
                      max_new_tokens=cfg.notes_tokens)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(TRAINED)}")
+
+
+def _with_dreams(lm: LoadedModel, lesson: Lesson) -> Lesson:
+    """The lesson plus the dream writer's questions (dream/tasks.py: the model's own question
+    per answer span, retried with samples, rule-made where none parses), each with its span:
+    teacher answers that miss the span are dropped, so every kept task is one the teacher
+    solves, whether or not the student's samples do (no reward-spread filter: that is GRPO's)."""
+    from dataclasses import replace
+
+    from onthejob.dream.tasks import write_tasks
+    from onthejob.learn.practice import material
+
+    writing = write_tasks(lm, material(lesson.context), max_tasks=48, seed=1)
+    known = {p.text for p in lesson.practice}
+    dreamed = [PracticePrompt(t.question, "dream", answer=t.answers[0], sentence=t.sentence)
+               for t in writing.tasks if t.answers and t.question not in known]
+    return replace(lesson, probes=[*lesson.probes, *(p.text for p in dreamed)],
+                   practice=[*lesson.practice, *dreamed])
 
 
 @dataclass
@@ -130,6 +186,8 @@ class Session:
     questions: list[str]
     golds: list[str]
     probes: list[str]
+    practice: list[PracticePrompt]
+    coverage: float
     probe_quality: dict
     base: QaResult
     in_context: QaResult
@@ -137,7 +195,8 @@ class Session:
     probe_seconds: float
 
     def lesson(self) -> Lesson:
-        return Lesson(f"article-{self.index}", self.context, list(self.probes), title=self.title)
+        return Lesson(f"article-{self.index}", self.context, list(self.probes),
+                      practice=list(self.practice))
 
 
 class _Clock:
@@ -173,6 +232,9 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     total = (n_indep * len(cfg.methods) * len(seeds)
              + n_indep * len(sweep_lrs) * sum(m in SWEEP_METHODS for m in cfg.methods)
              + n_seq * len(cfg.sequential_methods) + (len(cfg.methods) if n_joint else 0))
+    if "compact" in cfg.methods and (n_indep or n_seq):
+        raise ValueError("compact trains nothing: use it in the joint part only (--sessions 0 "
+                         "--sequential 0 --joint N)")
     bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
     log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps "
         + (f"({cfg.joint_steps or cfg.steps} for joint ones) " if n_joint else "") +
@@ -215,7 +277,8 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
                                          adapters_dir)
     joint = {}
     for method in cfg.methods if n_joint else ():
-        joint[method] = _joint(cfg, sessions[:n_joint], method, probes_ctx, kv, log)
+        joint[method] = _joint(cfg, sessions[:n_joint], method, probes_ctx, kv, log,
+                               forgetting_base)
         j = joint[method]
         clock.tick(f"joint {method} ({n_joint} sessions): after {sum(j['after'])}/"
                    f"{sum(len(s.questions) for s in sessions[:n_joint])}, KL "
@@ -231,17 +294,23 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
                      log: Callable[[str], None]) -> Session:
     qs = article["questions"][: cfg.max_questions]
     questions, golds = [q["question"] for q in qs], [q["answer"] for q in qs]
-    context = session_for(article)
+    context = session_for(article, lm)
     base = answer(lm, questions, golds, batch=16)
-    ceiling = answer(lm, questions, golds, context=context)
+    ceiling = answer(lm, questions, golds, context=context, batch=8)
     t0 = time.time()
-    probes = make_probes(lm, article["context"], article["title"])
+    lesson = lesson_from(lm, f"article-{index}", context, cfg.practice_kinds, held_out_share=0.0)
     probe_s = time.time() - t0
+    # No evaluation question may reach training: not as a practice prompt, nor as a turn of
+    # the session that is replayed, nor inside the session's own answers used as rows.
+    assert_unseen(questions, [*lesson.probes, *(p.given for p in lesson.practice if p.given)])
+    cover = coverage(lesson.practice, golds)
     tokens = len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
     log(f"session {index} {article['title']}: base {sum(base.correct)}/{len(qs)}, in context "
-        f"{sum(ceiling.correct)}/{len(qs)}, {len(probes)} probes, {tokens} context tokens")
-    return Session(index, article["title"], context, questions, golds, probes,
-                   asdict(probe_quality(probes, article["context"])), base, ceiling, tokens, probe_s)
+        f"{sum(ceiling.correct)}/{len(qs)}, {len(lesson.probes)} practice prompts (coverage "
+        f"{cover:.0%} of the gold answers), {tokens} context tokens")
+    return Session(index, article["title"], context, questions, golds, lesson.probes,
+                   lesson.practice, cover, asdict(probe_quality(lesson.probes, article["context"])),
+                   base, ceiling, tokens, probe_s)
 
 
 def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Session],
@@ -254,16 +323,24 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Se
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
         bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        lessons = [s.lesson() for s in group]
+        if steps is None and cfg.visits:
+            # One budget for every method: the steps that give OPSD's prompts `visits` visits
+            # (dream: twice that, over its larger material).
+            n = sum(len(x.probes) for x in lessons)
+            steps = steps_for_visits(n, cfg.visits * (2 if method == "dream" else 1), cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps or cfg.steps, lr=lr, seed=seed, bf16=bf16,
-                                          log_every=5), parent=parent)
-        rule = _rule(method, [s.lesson() for s in group], lm, cfg)
+                                          log_every=10), parent=parent)
+        rule = _rule(method, lessons, lm, cfg)
         progress = None
         if log is not None:
             progress = print_progress(f"  [{method}] ", write=log)
-        history = trainer.run(rule, progress=progress, drift=AnchorDrift())
+        history = trainer.run(rule, progress=progress)
+        history[-1]["kl_to_base"] = AnchorDrift()(trainer)  # drift measured once, after training
     seconds = time.time() - t0
-    probe_s = sum(s.probe_seconds for s in group) if method == "opsd" else 0.0
-    cost = {"seconds": seconds + probe_s,
+    probe_s = sum(s.probe_seconds for s in group) if isinstance(rule, Opsd) else 0.0
+    cost = {"seconds": seconds + probe_s, "steps": len(history),
+            "teacher_rows": dict(getattr(rule, "counts", {})),
             "train_seconds": seconds, "peak_mb": peak.peak_mb, "peak_kind": peak.kind,
             "tokens_student": getattr(rule, "tokens_student", 0),
             "tokens_teacher": getattr(rule, "tokens_teacher", 0)}
@@ -287,7 +364,8 @@ def evaluate(lm: LoadedModel, sessions: Sequence[Session], probes_ctx=None,
     questions += [it["question"] for it in general_items]
     golds += [it["answers"][0] for it in general_items]
     got = answer(lm, questions, golds, batch=batch) if questions else QaResult([], [], [])
-    per_session = [QaResult(got.answers[a:b], got.correct[a:b], got.f1[a:b]) for a, b in spans]
+    per_session = [QaResult(got.answers[a:b], got.correct[a:b], got.f1[a:b], got.exact[a:b])
+                   for a, b in spans]
     forgetting = {}
     if probes_ctx is not None:
         forgetting["reading"] = _mean([float(c) for c in got.correct[r0:g0]])
@@ -361,9 +439,39 @@ def _sequential(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, 
             "forgetting": forgetting, "adapters": str(root) if adapters_dir else None}
 
 
+def _compact_joint(cfg: KnowledgeConfig, sessions: Sequence[Session], forgetting_base: dict,
+                   kv: dict[int, int]) -> dict:
+    """No training: each session's questions asked with the model's summary of the session
+    (the server's /compact) as the only context. The weights do not change, so forgetting is
+    the base's by construction."""
+    from onthejob.serve.turns import COMPACT_INSTRUCTION
+    from onthejob.store.context import SUMMARY_HEADER
+
+    lm = load_model(cfg.model, device=cfg.device)
+    t0 = time.time()
+    got, summaries, tokens = [], [], 0
+    for s in sessions:
+        prompt = render_ids(lm.tokenizer, [*s.context, {"role": "user", "content": COMPACT_INSTRUCTION}])
+        summary = generate(lm, [prompt], SamplingParams(max_tokens=256))[0]
+        tokens += len(prompt) + len(summary.token_ids)
+        summaries.append(summary.text.strip())
+        got.append(answer(lm, s.questions, s.golds, batch=8, context=[
+            {"role": "system", "content": SUMMARY_HEADER + summary.text.strip()}]))
+    return {"method": "compact", "after": [sum(g.correct) for g in got],
+            "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
+            "answers": [g.answers for g in got], "summaries": summaries,
+            "forgetting": {**forgetting_base, "kl_to_base": 0.0},
+            "cost": {"seconds": time.time() - t0, "train_seconds": 0.0, "peak_mb": float("nan"),
+                     "tokens_teacher": tokens, "tokens_student": 0, "adapter_bytes": 0,
+                     "kv_cache_bytes": sum(kv[s.index] for s in sessions)},
+            "kl_curve": [], "loss_curve": []}
+
+
 def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probes_ctx,
-           kv: dict[int, int], log: Callable[[str], None]) -> dict:
+           kv: dict[int, int], log: Callable[[str], None], forgetting_base: dict) -> dict:
     """Consolidate `sessions` together into one adapter; answer all their questions after."""
+    if method == "compact":
+        return _compact_joint(cfg, sessions, forgetting_base, kv)
     lm = load_model(cfg.model, device=cfg.device)
     log(f"joint {method}: {len(sessions)} sessions into one adapter, "
         f"{cfg.joint_steps or cfg.steps} steps")
@@ -378,7 +486,8 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
         cost["adapter_bytes"] = adapter_bytes(Path(tmp) / "adapter")
     cost["kv_cache_bytes"] = sum(kv[s.index] for s in sessions)
     return {"method": method, "after": [sum(g.correct) for g in got],
-            "after_f1": [g.mean_f1 for g in got], "answers": [g.answers for g in got],
+            "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
+            "answers": [g.answers for g in got],
             "forgetting": forgetting, "cost": cost,
             "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
             "loss_curve": [h["loss"] for h in history]}
@@ -393,14 +502,18 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
     ceiling = sum(sum(s.in_context.correct) for s in sessions) / total
     base_f1 = _mean([f for s in sessions for f in s.base.f1])
     ceil_f1 = _mean([f for s in sessions for f in s.in_context.f1])
+    base_em = _mean([float(e) for s in sessions for e in s.base.exact])
+    ceil_em = _mean([float(e) for s in sessions for e in s.in_context.exact])
     methods = {}
     for m, j in joint.items():
         after = sum(j["after"]) / total
         after_f1 = sum(f * q for f, q in zip(j["after_f1"], n_q, strict=True)) / total
+        after_em = sum(e * q for e, q in zip(j["after_em"], n_q, strict=True)) / total
         methods[m] = {
-            "after": after, "after_f1": after_f1, "per_session": j["after"],
+            "after": after, "after_f1": after_f1, "after_em": after_em, "per_session": j["after"],
             "transfer_ratio": _ratio(after, base, ceiling),
             "transfer_ratio_f1": _ratio(after_f1, base_f1, ceil_f1),
+            "transfer_ratio_em": _ratio(after_em, base_em, ceil_em),
             "reading_drop_pts": 100 * (forgetting_base["reading"] - j["forgetting"]["reading"]),
             "general_drop_pts": 100 * (forgetting_base["general"] - j["forgetting"]["general"]),
             "kl_to_base": j["forgetting"]["kl_to_base"],
@@ -410,6 +523,9 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "questions": n_q, "base_per_session": [sum(s.base.correct) for s in sessions],
             "in_context_per_session": [sum(s.in_context.correct) for s in sessions],
             "base": base, "in_context": ceiling, "base_f1": base_f1, "in_context_f1": ceil_f1,
+            "base_em": base_em, "in_context_em": ceil_em,
+            "coverage": _mean([s.coverage for s in sessions]),
+            "practice_prompts": [len(s.probes) for s in sessions],
             "methods": methods}
 
 

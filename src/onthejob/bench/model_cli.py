@@ -13,9 +13,9 @@ from onthejob.envs.cli import _bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
-SIZES = {"sessions": 2, "seeds": 2, "steps": 6, "lrs": "1e-3", "sequential": 10,
+SIZES = {"sessions": 2, "seeds": 2, "steps": 6, "visits": 8.0, "lrs": "3e-3", "sequential": 10,
          "reading_items": 6, "general_items": 24, "max_questions": 10}
-SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "lrs": "1e-3", "sequential": 2,
+SMOKE = {"sessions": 1, "seeds": 2, "steps": 1, "visits": 0.0, "lrs": "3e-3", "sequential": 2,
          "reading_items": 2, "general_items": 3, "max_questions": 2}
 DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json")
 
@@ -34,12 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dev = articles 0-199 (tune here), test = 200-399 (report); default %(default)s")
     k.add_argument("--sessions", type=int, default=None,
                    help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
-    k.add_argument("--methods", default="opsd,sft,notes")
+    k.add_argument("--methods", default="opsd,sft,notes",
+                   help="comma-separated, from: opsd (the default recipe), its ablation variants "
+                   "opsd-onpolicy-fkl, opsd-onpolicy-rkl, opsd-then-onpolicy, and sft, notes, "
+                   "dream, compact (compact: joint part only); default %(default)s")
     k.add_argument("--seeds", type=int, default=None,
                    help="seeds per method: mean and spread of the transfer ratio; forgetting "
                         f"probes run on the first seed (default {SIZES['seeds']})")
-    k.add_argument("--steps", type=int, default=None, help=f"training steps per session (default {SIZES['steps']})")
-    k.add_argument("--lr", type=float, default=3e-3,
+    k.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per session when --visits is 0 (default {SIZES['steps']})")
+    k.add_argument("--visits", type=float, default=None,
+                   help="the budget: visits per practice prompt, steps follow from it, the "
+                   f"same for every method (0: --steps; default {SIZES['visits']})")
+    k.add_argument("--lr", type=float, default=1e-3,
                    help="learning rate, consolidate's default (default %(default)s)")
     k.add_argument("--lrs", default=None,
                    help="extra learning rates for sft and opsd, comma-separated, first seed only: "
@@ -122,9 +129,10 @@ def _knowledge(args: argparse.Namespace) -> int:
     opsd = opsd_options(args)
     if args.smoke:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
-        opsd.teacher_pool = 1
+        opsd.teacher_tokens = 8
     cfg = KnowledgeConfig(data=args.data, split=args.split, sessions=sizes["sessions"],
-                          methods=_names(args.methods), steps=sizes["steps"], lr=args.lr,
+                          methods=_names(args.methods), steps=sizes["steps"],
+                          visits=sizes["visits"] or None, lr=args.lr,
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
                           sequential=sizes["sequential"],
                           sequential_methods=_names(args.sequential_methods), lrs=lrs,

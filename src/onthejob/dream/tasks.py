@@ -51,6 +51,7 @@ from onthejob.learn.spans import (
     question_lead,
     rule_question,
     span_prompt,
+    span_question_problem,
     split_sentences,
     window,
 )
@@ -199,16 +200,7 @@ def parse_span_question(completion: str, sentence: str, answer: str, lead: str =
     question = line[:line.index("?") + 1].strip() if "?" in line else line
     task = DreamTask(task_id(question, answer), question, [answer], "match", sentence=sentence,
                      raw=completion, source="span")
-    words = question.split()
-    sentence_words = {w for w in normalize(sentence).split() if len(w) > 3}
-    if not question.endswith("?") or len(words) < 3:
-        task.problem = "no question (a line ending in '?', at least 3 words)"
-    elif len(words) > 30:
-        task.problem = "question longer than 30 words"
-    elif normalize(answer) in normalize(question):
-        task.problem = "the question gives its own answer away"
-    elif sentence_words and not sentence_words & set(normalize(question).split()):
-        task.problem = "the question shares no word with the sentence (off topic)"
+    task.problem = span_question_problem(question, sentence, answer)
     return task
 
 

@@ -12,7 +12,7 @@ import time
 from onthejob.learn.consolidate import (
     MAX_AUTO_STEPS,
     METHODS,
-    STEPS_PER_SESSION,
+    VISITS,
     ConsolidateOptions,
     consolidate,
     recommended_opsd,
@@ -38,9 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--sessions", nargs="+", default=(), metavar="ID", help="only these sessions")
     c.add_argument("--dry-run", action="store_true", help="show the plan and cost; train nothing")
     c.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: {STEPS_PER_SESSION} per session, at most "
+                   help="training steps (default: what --visits asks for, at most "
                    f"{MAX_AUTO_STEPS})")
-    c.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
+    c.add_argument("--visits", type=float, default=VISITS,
+                   help="the budget: visits per training probe (default %(default)s)")
+    c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     c.add_argument("--rank", type=int, default=16, help="LoRA rank")
     add_opsd_options(c)
     c.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
@@ -67,9 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="A session teaches the model a fact it does not know; the "
                        "user approves it; consolidation runs; a new session without the old one "
                        "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
-    d.add_argument("--steps", type=int, default=STEPS_PER_SESSION)
+    d.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: what --visits asks for)")
+    d.add_argument("--visits", type=float, default=VISITS,
+                   help="the budget: visits per training probe (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
-    d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--lr", type=float, default=1e-3)
     add_opsd_options(d)
     d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
@@ -82,22 +87,31 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--divergence", default=rec.divergence, choices=DIVERGENCES,
                    help="OPSD's per-token divergence (default %(default)s)")
     p.add_argument("--teacher-mix", type=float, default=rec.teacher_mix,
-                   help="share of OPSD rows answered by the teacher (GKD lambda; 0 = on-policy "
-                   "only; default %(default)s)")
+                   help="share of OPSD rows that are the teacher's stored answers (1 = teacher "
+                   "rows only; 0 = on-policy only: the student samples, the teacher scores; "
+                   "default %(default)s)")
+    p.add_argument("--on-policy-from", type=float, default=rec.on_policy_from,
+                   help="after this share of the steps every row is on-policy (0.5 with "
+                   "--teacher-mix 1: teacher rows, then on-policy; default %(default)s)")
+    p.add_argument("--teacher-samples", type=int, default=rec.teacher_samples,
+                   help="teacher samples per probe beside its greedy answer (default %(default)s)")
     p.add_argument("--anchor-share", type=float, default=rec.anchor_share,
-                   help="share of OPSD prompts that are ordinary anchors (default %(default)s)")
+                   help="share of OPSD rows that are ordinary anchors (default %(default)s)")
     p.add_argument("--anchor-target", default=rec.anchor_target, choices=ANCHOR_TARGETS,
-                   help="what anchors are pulled toward: the model before the run, without the "
-                   "session (prior: a KL penalty), or the teacher (default %(default)s)")
+                   help="what anchors are held to: the base model (no drift compounds over "
+                   "versions), the model before the run (prior) or the teacher "
+                   "(default %(default)s)")
     p.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
-                   help="OPSD prompts per step, 2 samples each (default %(default)s)")
+                   help="OPSD rows per step (default %(default)s)")
     p.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
-                   help="length of each OPSD sample (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=None, help="divergence over the teacher's top-k")
+                   help="length of each on-policy sample (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=rec.top_k,
+                   help="teacher log-probs kept per token (default %(default)s)")
 
 
 def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
+                      on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k)
@@ -108,9 +122,9 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
 
     return ConsolidateOptions(
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
-        train=TrainConfig(steps=args.steps or STEPS_PER_SESSION, lr=args.lr, seed=args.seed,
+        train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
-        steps_per_session=None if args.steps else STEPS_PER_SESSION,
+        visits=None if args.steps else args.visits,
         opsd=opsd_options(args),
         gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                         max_retention_drop=args.max_retention_drop))

@@ -26,6 +26,23 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
     """KL(student||teacher) (reverse, mode-seeking), KL(teacher||student) (forward), or the
     generalized JSD_beta = beta KL(t||m) + (1-beta) KL(s||m) with m = beta t + (1-beta) s."""
     log_s, log_t = _log_probs(student_logits, teacher_logits.detach(), top_k)
+    return _between(log_s, log_t, kind, beta)
+
+
+def per_token_top(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                  kind: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """The same divergences against a teacher kept as its top-k ([N, k] token ids and their
+    full-vocabulary log-probs). Forward KL is the sum of its terms over those k tokens, with
+    the student's full-vocabulary log-probs (exact but for the teacher's tail, 0 when the two
+    agree); the others renormalize both distributions over the k."""
+    log_t = top_logprobs.float()
+    full = F.log_softmax(student_logits.float(), -1).gather(-1, top_ids)
+    if kind == "forward_kl":
+        return (log_t.exp() * (log_t - full)).sum(-1)
+    return _between(F.log_softmax(full, -1), F.log_softmax(log_t, -1), kind, beta)
+
+
+def _between(log_s: torch.Tensor, log_t: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
     if kind == "reverse_kl":
         return (log_s.exp() * (log_s - log_t)).sum(-1)
     if kind == "forward_kl":

@@ -7,7 +7,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
 from onthejob.model.chat import Message
@@ -39,8 +39,13 @@ def f1(prediction: str, gold: str) -> float:
 @dataclass
 class QaResult:
     answers: list[str]
-    correct: list[bool]
-    f1: list[float]
+    correct: list[bool]  # the normalized answer contains the normalized gold (lenient)
+    f1: list[float]  # token F1 against the gold (strict on length: a recited passage scores low)
+    exact: list[bool] = field(default_factory=list)  # normalized answer == normalized gold
+
+    @property
+    def mean_exact(self) -> float:
+        return sum(self.exact) / max(len(self.exact), 1)
 
     @property
     def accuracy(self) -> float:
@@ -63,4 +68,6 @@ def answer(lm: LoadedModel, questions: Sequence[str], golds: Sequence[str],
         answers += [o.text for o in outs]
     correct = [contains(a, g) for a, g in zip(answers, golds, strict=True)]
     scores = [f1(a, g) for a, g in zip(answers, golds, strict=True)]
-    return QaResult(answers, correct, scores)
+    exact = [bool(normalize(g)) and normalize(a) == normalize(g)
+             for a, g in zip(answers, golds, strict=True)]
+    return QaResult(answers, correct, scores, exact)

@@ -1,8 +1,9 @@
 """The promotion gate: a candidate adapter becomes active only if it learned and did not forget.
 
-- learned: on probes held back from training, the student's answer *without* the session is
-  compared (token F1) with the teacher's answer *with* it; the gain over the parent must
-  reach `min_gain`;
+- learned: on probes held back from training (a fact's question in a phrasing training never
+  saw), the student's answer *without* the session is scored against the known answer span
+  (or, where none is known, the teacher's answer *with* the session): 1 if it contains it,
+  else token F1; the gain over the parent must reach `min_gain`;
 - forgot: (a) KL to the base on anchor prompts at most `max_kl`; (b) in-context reading
   comprehension on passages never trained on (shipped with the package) drops at most
   `max_retention_drop`; (c) earlier sessions' held-back probes, recorded in the parent
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 
-from onthejob.learn.evaluate import ANSWER_HINT, answer, f1
+from onthejob.learn.evaluate import ANSWER_HINT, answer, contains, f1
 from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
 from onthejob.model.chat import Message
 
@@ -61,11 +62,13 @@ def references(lm: LoadedModel, probes: Sequence[tuple[Sequence[Message], str]],
 
 
 def probe_f1(lm: LoadedModel, questions: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean token F1 of answers without context against the teacher's references."""
+    """Mean score of answers without context against the references (a known answer span, or
+    the teacher's answer): 1 where the answer contains the reference, else token F1."""
     if not questions:
         return 0.0
     result = answer(lm, questions, refs)
-    return sum(f1(a, r) for a, r in zip(result.answers, refs, strict=True)) / len(refs)
+    return sum(1.0 if contains(a, r) else f1(a, r)
+               for a, r in zip(result.answers, refs, strict=True)) / len(refs)
 
 
 def decide(cfg: GateConfig, *, gain: float, kl: float, retention_drop: float,

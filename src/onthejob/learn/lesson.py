@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from onthejob.learn.practice import PracticePrompt
 from onthejob.model import LoadedModel, render_ids
 from onthejob.model.chat import Message
 from onthejob.store.context import context_messages as store_context
@@ -26,6 +27,14 @@ class Lesson:
     probes: list[str] = field(default_factory=list)  # student prompts (replayed + self-written)
     held_out: list[str] = field(default_factory=list)  # probes kept back for the gate
     title: str = ""
+    # The probes with what is known about each (the span asked for, the session's own
+    # answer); learn/practice.py. Where a probe has no entry it is a plain question.
+    practice: list[PracticePrompt] = field(default_factory=list)
+
+    def prompts(self) -> list[PracticePrompt]:
+        """Every training probe, as a PracticePrompt (known answers attached where known)."""
+        known = {p.text: p for p in self.practice}
+        return [known.get(text, PracticePrompt(text, "question")) for text in self.probes]
 
 
 def context_messages(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:

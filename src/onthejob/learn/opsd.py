@@ -1,68 +1,109 @@
 """On-policy self-distillation (OPSD), the default learning rule.
 
 Teacher = the model with the session in its context; student = the model without it.
+
+Preparation (once per run):
+  1. encode each session once into a KV cache (the teacher's prefix) and render every probe
+     twice, as the student sees it and after the session, checking that both give the same
+     answer token ids (the template trap);
+  2. teacher targets, computed once: the teacher answers every probe (greedy, plus
+     `teacher_samples` samples at `teacher_temperature`, up to `teacher_tokens` tokens); where
+     the probe asks for a known span (learn/practice.py), answers that miss it are dropped,
+     and when none is left the span itself is the answer (`span_fallback`); the session's
+     own answer to a replayed turn is one more teacher sample. The teacher then scores each
+     answer once, with the session cached in front, and keeps its top-k log-probs per token;
+  3. anchor targets, also once: ordinary prompts (and in-context reading of the session's
+     own sentences) answered greedily by the model the anchors hold to (`anchor_target`:
+     the base, by default, so that drift cannot compound over versions) and scored by it.
+
 Each step:
-  1. pick student prompts: probes of the lessons (replayed user turns, self-written probes)
-     and anchor prompts (ordinary requests, whose answers must not change);
-  2. the student samples its own answers (on-policy); with probability `teacher_mix` a row
-     uses an answer the teacher sampled with the context instead (GKD's mixture, which lets
-     the student see good answers early, when its own are all wrong);
-  3. the teacher scores exactly those tokens with the session in front of them (its KV cache
-     computed once per session and reused);
-  4. loss = mean over response tokens of D(student || teacher) over the vocabulary
-     (reverse KL by default; forward KL or generalized JSD; optionally the teacher's top-k).
-     Anchor rows are scored, by default, by the model as it was before the run without the
-     session: on ordinary prompts the loss is then a KL penalty toward the prior model.
+  4. the next `prompts_per_step` probes in visit order (every probe once before any twice;
+     a budget is a number of visits, `steps_for_visits`), `anchor_share` of them anchors;
+  5. rows: a stored teacher answer (teacher rows, the default), or the student's own sample
+     (on-policy rows: with probability 1 - `teacher_mix`, or every row once `on_policy_from`
+     of the steps are done), which the teacher scores live with the session in front;
+  6. loss = mean over lesson rows of (mean over the row's answer tokens of D) + `anchor_weight`
+     x the same over anchor rows, D the divergence between the student's next-token
+     distribution and the teacher's: forward KL by default (it can raise a token the student
+     gives ~0 probability; reverse KL on the student's samples cannot), reverse KL or
+     generalized JSD as options.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from onthejob.learn.divergence import per_token
+from onthejob.learn.divergence import per_token, per_token_top
+from onthejob.learn.evaluate import contains
 from onthejob.learn.lesson import Lesson, check_fits
 from onthejob.learn.loop import Trainer, report_rate
+from onthejob.learn.practice import PracticePrompt
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
 
-ANCHOR_TARGETS = ("prior", "teacher")
+ANCHOR_TARGETS = ("base", "prior", "teacher")
 
 
 @dataclass
 class OpsdConfig:
-    divergence: str = "reverse_kl"
+    divergence: str = "forward_kl"
     beta: float = 0.5
-    top_k: int | None = None
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 2
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    teacher_mix: float = 0.5
-    teacher_pool: int = 2  # teacher samples drawn once per probe for the mixture
+    top_k: int | None = 32  # teacher log-probs kept per answer token (None: full vocabulary, live)
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 1  # student samples per on-policy prompt
+    max_new_tokens: int = 32  # length of each student sample
+    temperature: float = 1.0  # the student's sampling temperature
+    teacher_mix: float = 1.0  # share of lesson rows that are stored teacher answers
+    on_policy_from: float = 1.0  # after this share of the steps every row is on-policy
+    teacher_samples: int = 1  # teacher samples per probe beside its greedy answer
+    teacher_temperature: float = 0.7
+    teacher_tokens: int = 32
+    span_fallback: bool = True  # the known span as the answer when every teacher answer misses it
     anchor_share: float = 0.25
-    # What anchor rows are pulled toward: "prior" = the model as it was before this run,
-    # without the session (the parent adapters, or the base): a KL penalty that holds
-    # ordinary answers in place; "teacher" = the teacher with the session in context.
-    anchor_target: str = "prior"
+    anchor_weight: float = 1.0
+    # What anchor rows are pulled toward: "base" = the model without any adapter (no drift
+    # compounds from version to version); "prior" = the model as it was before this run,
+    # without the session (parent adapters); "teacher" = the teacher with the session.
+    anchor_target: str = "base"
+    reading_anchors: int = 2  # per session: in-context reading of its own sentences
+    batch: int = 16  # generation and scoring batch in preparation
 
     def __post_init__(self) -> None:
         if self.anchor_target not in ANCHOR_TARGETS:
             raise ValueError(f"unknown anchor target {self.anchor_target!r}; choose one of "
                              f"{', '.join(ANCHOR_TARGETS)}")
+        if not 0.0 <= self.teacher_mix <= 1.0 or not 0.0 <= self.on_policy_from <= 1.0:
+            raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
+
+
+def steps_for_visits(n_probes: int, visits: float, cfg: OpsdConfig) -> int:
+    """Steps that give each of `n_probes` lesson probes about `visits` visits."""
+    per_step = cfg.prompts_per_step - round(cfg.prompts_per_step * cfg.anchor_share)
+    return max(1, math.ceil(n_probes * visits / max(per_step, 1)))
 
 
 @dataclass
 class _Probe:
-    lesson: int  # index into lessons; anchors borrow a lesson's context as the teacher's
-    text: str
+    lesson: int  # index into lessons (anchors borrow a lesson's context for anchor_target="teacher")
+    prompt: PracticePrompt
     student_ids: list[int]
     teacher_suffix: list[int]
     anchor: bool = False
+
+
+@dataclass
+class _Target:
+    """One stored answer and the teacher's top-k log-probs at each of its tokens."""
+
+    response: list[int]
+    top_ids: torch.Tensor  # [T, k]
+    top_logprobs: torch.Tensor  # [T, k]
 
 
 def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -82,37 +123,41 @@ class Opsd:
         self.cfg = cfg or OpsdConfig()
         self.prefixes: list[Prefix] = []
         self.probes: list[_Probe] = []
-        self.pool: dict[int, list[list[int]]] = {}
+        self.targets: dict[int, list[_Target]] = {}
+        self.queues: dict[bool, list[int]] = {False: [], True: []}
+        self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0,
+                       "given": 0}
         self.tokens_student = 0
         self.tokens_teacher = 0
 
-    # -- preparation: encode each session once, render every probe twice, check alignment ----
+    # -- preparation -------------------------------------------------------------------------
     def prepare(self, trainer: Trainer) -> None:
         lm, tok = trainer.lm, trainer.lm.tokenizer
         self._eot = min(end_of_turn_ids(tok) - {None})
         system_len = _system_prefix_len(tok)
         with trainer.teacher():
             for index, lesson in enumerate(self.lessons):
-                check_fits(lm, lesson, room=64 + self.cfg.max_new_tokens)
+                check_fits(lm, lesson, room=64 + max(self.cfg.max_new_tokens, self.cfg.teacher_tokens))
                 context_ids = render_ids(tok, lesson.context, add_generation_prompt=False)
                 self.prefixes.append(encode_prefix(lm, context_ids))
                 self.tokens_teacher += len(context_ids)
-                for text in lesson.probes:
-                    self.probes.append(self._probe(tok, index, lesson, context_ids, text, system_len))
-        for j, text in enumerate(self.anchors):
+                for prompt in lesson.prompts():
+                    self.probes.append(self._probe(tok, index, lesson, context_ids, prompt, system_len))
+        if not self.probes:
+            raise ValueError("the lessons have no probes: nothing to learn from")
+        for j, text in enumerate([*self.anchors, *self._reading_anchors()]):
             index = j % len(self.lessons)
-            context_ids = self.prefixes[index].ids
-            probe = self._probe(tok, index, self.lessons[index], context_ids, text, system_len)
+            probe = self._probe(tok, index, self.lessons[index], self.prefixes[index].ids,
+                                PracticePrompt(text, "anchor"), system_len)
             probe.anchor = True
             self.probes.append(probe)
-        if not any(not p.anchor for p in self.probes):
-            raise ValueError("the lessons have no probes: nothing to learn from")
-        if self.cfg.teacher_mix > 0:
-            self._fill_pool(trainer)
+        if self.cfg.teacher_mix > 0 and self.cfg.on_policy_from > 0:
+            self._teacher_targets(trainer)
+        self._anchor_targets(trainer)
 
-    def _probe(self, tok, index: int, lesson: Lesson, context_ids: list[int], text: str,
-               system_len: int) -> _Probe:
-        user = [{"role": "user", "content": text}]
+    def _probe(self, tok, index: int, lesson: Lesson, context_ids: list[int],
+               prompt: PracticePrompt, system_len: int) -> _Probe:
+        user = [{"role": "user", "content": prompt.text}]
         student_ids = render_ids(tok, user)
         full = render_ids(tok, [*lesson.context, *user])
         if full[: len(context_ids)] != context_ids:
@@ -121,88 +166,211 @@ class Opsd:
         # same chat template and the same token ids.
         if common_suffix(full, student_ids) < len(student_ids) - system_len:
             raise AssertionError("teacher and student render the probe turn differently")
-        return _Probe(index, text, student_ids, full[len(context_ids):])
+        return _Probe(index, prompt, student_ids, full[len(context_ids):])
 
-    def _fill_pool(self, trainer: Trainer) -> None:
-        lm = trainer.lm
-        params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                seed=trainer.cfg.seed + 1)
-        rows = [(i, p) for i, p in enumerate(self.probes) if not p.anchor]
+    def _reading_anchors(self) -> list[str]:
+        """In-context reading of the sessions' own sentences: the passage is in the prompt,
+        so the answer must not change (sft destroyed this ability in the benchmarks)."""
+        out = []
+        for lesson in self.lessons:
+            rule = [p for p in lesson.prompts() if p.kind == "rule" and p.sentence]
+            for p in rule[: self.cfg.reading_anchors]:
+                out.append(f"{p.sentence}\n\nQuestion: {p.text}")
+        return out
+
+    def _teacher_targets(self, trainer: Trainer) -> None:
+        cfg, lm, tok = self.cfg, trainer.lm, trainer.lm.tokenizer
+        lesson_probes = [i for i, p in enumerate(self.probes) if not p.anchor]
+        answers: dict[int, list[list[int]]] = {i: [] for i in lesson_probes}
         started = time.time()
         with trainer.teacher():
-            for start in range(0, len(rows), 8):
-                if start and (start // 8) % 4 == 0:
-                    report_rate("teacher answers for the mixture", "probes", start, len(rows), started)
-                chunk = rows[start: start + 8]
-                prompts = [self.prefixes[p.lesson].ids + p.teacher_suffix
-                           for _, p in chunk for _ in range(self.cfg.teacher_pool)]
-                outs = generate(lm, prompts, params)
-                for k, (i, _) in enumerate(chunk):
-                    group = outs[k * self.cfg.teacher_pool: (k + 1) * self.cfg.teacher_pool]
-                    self.pool[i] = [self._with_eot(o) for o in group]
-                    self.tokens_teacher += sum(len(o.prompt_ids) + len(o.token_ids) for o in group)
+            runs = [(0.0, None)] + [(cfg.teacher_temperature, trainer.cfg.seed * 7919 + k + 1)
+                                    for k in range(cfg.teacher_samples)]
+            done, total = 0, len(lesson_probes) * len(runs)
+            for temperature, seed in runs:
+                params = SamplingParams(max_tokens=cfg.teacher_tokens, temperature=temperature,
+                                        seed=seed)
+                for start in range(0, len(lesson_probes), cfg.batch):
+                    chunk = lesson_probes[start:start + cfg.batch]
+                    prompts = [self.prefixes[self.probes[i].lesson].ids + self.probes[i].teacher_suffix
+                               for i in chunk]
+                    for i, out in zip(chunk, generate(lm, prompts, params), strict=True):
+                        self.tokens_teacher += len(out.prompt_ids) + len(out.token_ids)
+                        answers[i].append(self._with_eot(out))
+                    done += len(chunk)
+                    if (done // cfg.batch) % 4 == 0 or done == total:
+                        report_rate("teacher answers", "answers", done, total, started)
+            for i in lesson_probes:
+                prompt = self.probes[i].prompt
+                self.counts["teacher_answers"] += len(answers[i])
+                kept = [a for a in answers[i] if a]
+                if prompt.answer:
+                    hit = [a for a in kept if contains(tok.decode(a, skip_special_tokens=True),
+                                                       prompt.answer)]
+                    self.counts["missed_span"] += len(kept) - len(hit)
+                    kept = hit
+                    if not kept and cfg.span_fallback:
+                        kept = [tok.encode(prompt.answer, add_special_tokens=False) + [self._eot]]
+                        self.counts["span_fallback"] += 1
+                if prompt.given:
+                    kept.append(tok.encode(prompt.given, add_special_tokens=False) + [self._eot])
+                    self.counts["given"] += 1
+                unique = list({tuple(a): a for a in kept}.values())
+                self.counts["kept"] += len(unique)
+                answers[i] = unique
+            self._score(trainer, answers, with_session=True)
+
+    def _anchor_targets(self, trainer: Trainer) -> None:
+        cfg, lm = self.cfg, trainer.lm
+        anchors = [i for i, p in enumerate(self.probes) if p.anchor]
+        if not anchors:
+            return
+        view = trainer.base if cfg.anchor_target == "base" else trainer.teacher
+        with_session = cfg.anchor_target == "teacher"
+        answers: dict[int, list[list[int]]] = {}
+        with view():
+            params = SamplingParams(max_tokens=cfg.teacher_tokens)
+            for start in range(0, len(anchors), cfg.batch):
+                chunk = anchors[start:start + cfg.batch]
+                prompts = [self._scoring_prompt(i, with_session, full=True) for i in chunk]
+                for i, out in zip(chunk, generate(lm, prompts, params), strict=True):
+                    answers[i] = [self._with_eot(out)] if out.token_ids else []
+            self._score(trainer, answers, with_session=with_session)
+
+    def _scoring_prompt(self, i: int, with_session: bool, full: bool = False) -> list[int]:
+        probe = self.probes[i]
+        if not with_session:
+            return probe.student_ids
+        return (self.prefixes[probe.lesson].ids if full else []) + probe.teacher_suffix
+
+    def _score(self, trainer: Trainer, answers: dict[int, list[list[int]]],
+               with_session: bool) -> None:
+        """Teacher-force every answer once and keep the top-k log-probs per token (run inside
+        the view that scores: the teacher's, the base's or the prior's)."""
+        k = self.cfg.top_k or 32
+        rows = [(i, a) for i, group in answers.items() for a in group]
+        by_lesson: dict[int, list[tuple[int, list[int]]]] = {}
+        for i, a in rows:
+            by_lesson.setdefault(self.probes[i].lesson if with_session else -1, []).append((i, a))
+        for lesson, items in by_lesson.items():
+            for start in range(0, len(items), self.cfg.batch):
+                chunk = items[start:start + self.cfg.batch]
+                prompts = [self._scoring_prompt(i, with_session) for i, _ in chunk]
+                logits = response_logits(trainer.lm, prompts, [a for _, a in chunk],
+                                         prefix=self.prefixes[lesson] if lesson >= 0 else None)
+                logprobs = torch.log_softmax(logits.float(), -1)
+                top = logprobs.topk(k, dim=-1)
+                offset = 0
+                for (i, a), p in zip(chunk, prompts, strict=True):
+                    n = len(a)
+                    self.targets.setdefault(i, []).append(
+                        _Target(a, top.indices[offset:offset + n].clone(),
+                                top.values[offset:offset + n].clone()))
+                    offset += n
+                    self.tokens_teacher += len(p) + n
 
     def _with_eot(self, completion) -> list[int]:
         ids = list(completion.token_ids)
         return ids + [self._eot] if completion.finish_reason == "stop" else ids
 
     # -- one step ----------------------------------------------------------------------------
+    def _next(self, anchor: bool, rng) -> int:
+        queue = self.queues[anchor]
+        if not queue:
+            # Anchors and teacher-only runs visit the probes that have a stored target.
+            stored_only = anchor or (self.cfg.teacher_mix == 1.0 and self.cfg.on_policy_from == 1.0)
+            queue.extend(i for i, p in enumerate(self.probes) if p.anchor == anchor
+                         and (not stored_only or i in self.targets))
+            if not queue:
+                raise ValueError("no probe has a teacher answer to train on")
+            rng.shuffle(queue)
+        return queue.pop()
+
     def step(self, trainer: Trainer, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, rng, lm = self.cfg, trainer.rng, trainer.lm
-        lesson_probes = [i for i, p in enumerate(self.probes) if not p.anchor]
-        anchor_probes = [i for i, p in enumerate(self.probes) if p.anchor]
-        n_anchor = round(cfg.prompts_per_step * cfg.anchor_share) if anchor_probes else 0
-        chosen = [rng.choice(lesson_probes) for _ in range(cfg.prompts_per_step - n_anchor)]
-        chosen += [rng.choice(anchor_probes) for _ in range(n_anchor)]
-        rows = [i for i in chosen for _ in range(cfg.samples_per_prompt)]
-        from_teacher = [i in self.pool and rng.random() < cfg.teacher_mix for i in rows]
+        has_anchors = any(p.anchor and i in self.targets for i, p in enumerate(self.probes))
+        n_anchor = round(cfg.prompts_per_step * cfg.anchor_share) if has_anchors else 0
+        chosen = [(self._next(False, rng), False) for _ in range(cfg.prompts_per_step - n_anchor)]
+        chosen += [(self._next(True, rng), True) for _ in range(n_anchor)]
+        late = step >= cfg.on_policy_from * trainer.cfg.steps
+        stored, live = [], []  # (probe, target) rows; probes whose rows the student samples
+        for i, anchor in chosen:
+            teacher_row = anchor or (not late and i in self.targets and rng.random() < cfg.teacher_mix)
+            if teacher_row:
+                stored.append((i, rng.choice(self.targets[i])))
+            else:
+                live.extend([i] * cfg.samples_per_prompt)
 
-        params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                seed=trainer.cfg.seed * 100003 + step)
-        on_policy = [i for i, t in zip(rows, from_teacher, strict=True) if not t]
-        with trainer.frozen_student():
-            sampled = iter(generate(lm, [self.probes[i].student_ids for i in on_policy], params)) \
-                if on_policy else iter(())
-        responses = []
-        for i, t in zip(rows, from_teacher, strict=True):
-            responses.append(rng.choice(self.pool[i]) if t else self._with_eot(next(sampled)))
-        keep = [k for k, r in enumerate(responses) if r]
-        rows = [rows[k] for k in keep]
-        responses = [responses[k] for k in keep]
-
-        teacher_logits = self._teacher_logits(trainer, rows, responses)
-        student_logits = response_logits(lm, [self.probes[i].student_ids for i in rows], responses)
-        losses = per_token(student_logits, teacher_logits, cfg.divergence, cfg.beta, cfg.top_k)
-        n_tokens = sum(len(r) for r in responses)
-        self.tokens_student += sum(len(self.probes[i].student_ids) for i in rows) + n_tokens
-        return losses.mean(), {
-            "kl": float(losses.detach().mean()),
-            "resp_len": n_tokens / max(len(responses), 1),
-            "teacher_rows": sum(from_teacher) / max(len(from_teacher), 1),
+        sampled = self._sample(trainer, live, step) if live else []
+        losses, n_tokens = [], 0
+        if stored:
+            prompts = [self.probes[i].student_ids for i, _ in stored]
+            responses = [t.response for _, t in stored]
+            logits = response_logits(lm, prompts, responses)
+            per_tok = per_token_top(logits, torch.cat([t.top_ids for _, t in stored]),
+                                    torch.cat([t.top_logprobs for _, t in stored]),
+                                    cfg.divergence, cfg.beta)
+            losses += _row_means(per_tok, [len(r) for r in responses], [p.anchor for p in
+                                                                        (self.probes[i] for i, _ in stored)])
+            n_tokens += sum(len(r) for r in responses)
+            self.tokens_student += sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+        if sampled:
+            rows, responses = zip(*sampled, strict=True)
+            teacher = self._live_teacher(trainer, list(rows), list(responses))
+            student = response_logits(lm, [self.probes[i].student_ids for i in rows], responses)
+            per_tok = per_token(student, teacher, cfg.divergence, cfg.beta, cfg.top_k)
+            losses += _row_means(per_tok, [len(r) for r in responses], [False] * len(rows))
+            n_tokens += sum(len(r) for r in responses)
+            self.tokens_student += sum(len(self.probes[i].student_ids) + len(r)
+                                       for i, r in sampled)
+        lesson = [loss for loss, anchor in losses if not anchor]
+        anchor = [loss for loss, anchor in losses if anchor]
+        total = torch.stack(lesson).mean() if lesson else torch.zeros((), device=lm.device)
+        if anchor:
+            total = total + cfg.anchor_weight * torch.stack(anchor).mean()
+        return total, {
+            "lesson_loss": float(torch.stack(lesson).detach().mean()) if lesson else 0.0,
+            "anchor_loss": float(torch.stack(anchor).detach().mean()) if anchor else 0.0,
+            "resp_len": n_tokens / max(len(losses), 1),
+            "on_policy_rows": len(sampled) / max(len(sampled) + len(stored), 1),
         }
 
-    def _teacher_logits(self, trainer: Trainer, rows: list[int],
-                        responses: list[list[int]]) -> torch.Tensor:
-        # One pass per session, each reusing that session's cached prefix, and one pass without
-        # any session for anchors pulled toward the prior; back in row order.
-        prior = self.cfg.anchor_target == "prior"
+    def _sample(self, trainer: Trainer, rows: list[int], step: int) -> list[tuple[int, list[int]]]:
+        params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                seed=trainer.cfg.seed * 100003 + step)
+        with trainer.frozen_student():
+            outs = generate(trainer.lm, [self.probes[i].student_ids for i in rows], params)
+        return [(i, r) for i, r in zip(rows, (self._with_eot(o) for o in outs), strict=True) if r]
+
+    def _live_teacher(self, trainer: Trainer, rows: list[int],
+                      responses: list[list[int]]) -> torch.Tensor:
+        """The teacher's logits on the student's own samples: one pass per session, each
+        reusing that session's cached prefix; back in row order."""
         by_lesson: dict[int, list[int]] = {}
         for k, i in enumerate(rows):
-            probe = self.probes[i]
-            by_lesson.setdefault(-1 if prior and probe.anchor else probe.lesson, []).append(k)
+            by_lesson.setdefault(self.probes[i].lesson, []).append(k)
         parts: dict[int, torch.Tensor] = {}
         with trainer.teacher():
             for lesson, ks in by_lesson.items():
-                prompts = [self.probes[rows[k]].student_ids if lesson < 0
-                           else self.probes[rows[k]].teacher_suffix for k in ks]
+                prompts = [self.probes[rows[k]].teacher_suffix for k in ks]
                 logits = response_logits(trainer.lm, prompts, [responses[k] for k in ks],
-                                         prefix=None if lesson < 0 else self.prefixes[lesson])
+                                         prefix=self.prefixes[lesson])
                 self.tokens_teacher += sum(len(p) + len(responses[k]) for p, k in zip(prompts, ks, strict=True))
                 offset = 0
                 for k in ks:
                     parts[k] = logits[offset: offset + len(responses[k])]
                     offset += len(responses[k])
         return torch.cat([parts[k] for k in range(len(rows))])
+
+
+def _row_means(per_tok: torch.Tensor, lengths: Sequence[int],
+               anchors: Sequence[bool]) -> list[tuple[torch.Tensor, bool]]:
+    """Each row's mean loss over its answer tokens, with whether the row is an anchor."""
+    out, offset = [], 0
+    for n, anchor in zip(lengths, anchors, strict=True):
+        out.append((per_tok[offset:offset + n].mean(), anchor))
+        offset += n
+    return out
 
 
 def _system_prefix_len(tok) -> int:

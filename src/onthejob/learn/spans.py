@@ -200,3 +200,19 @@ def rule_question(sentence: str, span: str, title: str = "") -> str:
     if title and normalize(title) not in normalize(question):
         question = f"{title}: {question}"
     return question
+
+
+def span_question_problem(question: str, sentence: str, answer: str) -> str:
+    """'' when `question` is usable as a question for `answer` (a span of `sentence`), else
+    what is wrong with it."""
+    words = question.split()
+    sentence_words = {w for w in normalize(sentence).split() if len(w) > 3}
+    if not question.endswith("?") or len(words) < 3:
+        return "no question (a line ending in '?', at least 3 words)"
+    if len(words) > 30:
+        return "question longer than 30 words"
+    if normalize(answer) in normalize(question):
+        return "the question gives its own answer away"
+    if sentence_words and not sentence_words & set(normalize(question).split()):
+        return "the question shares no word with the sentence (off topic)"
+    return ""

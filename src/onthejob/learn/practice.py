@@ -1,0 +1,187 @@
+"""Practice material (self-study): what a session revealed, turned into many student prompts
+that look like what a user will ask later. Consolidation and dreaming both use this module.
+
+Where the material is: the session's own turns (the teacher's context, learn/lesson.py):
+every user turn (pasted text included), tool observations, the assistant's answers and the
+reviewer's words. A real session has no title, so none is needed.
+
+The prompts, for each sentence of the material:
+  - per answer span (numbers, dates, names, quoted phrases; learn/spans.py), the same fact
+    asked two ways: "rule", the question made by rule in place ("... opened in what year?"),
+    and "span", the model's own question for that span (answer-typed few-shot prompt), in
+    the short-answer form (" Answer in a few words."). Both keep the span they ask for, so a
+    teacher answer that misses it can be dropped and the gate can score against it;
+  - "question": the model's question for the sentence (few-shot, learn/probes.py), whose
+    answer is not known in advance;
+  - "topic": "What do you know about NAME?" for the names the material mentions most (the
+    fact asked the other way round: name -> sentence);
+and from the session itself: "replay", its short user turns, each with the assistant's
+answer as it was given (a teacher sample: it was produced with the session in context).
+
+`coverage` measures, never selects: the share of a benchmark's gold answers that some
+prompt's known span matches (token F1 >= 0.5). `assert_unseen` makes sure no evaluation
+question reached training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from onthejob.learn.evaluate import ANSWER_HINT, f1, normalize
+from onthejob.learn.probes import question_probes
+from onthejob.learn.spans import (
+    answer_spans,
+    question_lead,
+    rule_question,
+    span_kind,
+    span_prompt,
+    span_question_problem,
+    split_sentences,
+    window,
+)
+from onthejob.model import LoadedModel, SamplingParams, generate
+
+KINDS = ("rule", "span", "question", "topic", "replay")
+REPLAY_MAX_CHARS = 400  # longer user turns carry material: replayed, they would put it in context
+FEEDBACK_PREFIX = "My feedback on this session:"
+
+
+@dataclass(frozen=True)
+class PracticePrompt:
+    text: str  # the student's prompt (a user turn, without the session)
+    kind: str  # one of KINDS
+    answer: str = ""  # the span it asks for, when known ("rule", "span")
+    given: str = ""  # the session's own answer to it ("replay")
+    sentence: str = ""  # the sentence of the material it was made from
+
+
+def material(context: Sequence[dict]) -> str:
+    """The text a session revealed: user turns, tool observations, the assistant's answers
+    and the review, in order (the teacher's context less its system prompt)."""
+    parts = []
+    for m in context:
+        if m["role"] in ("user", "assistant", "tool") and m["content"].strip():
+            parts.append(m["content"].removeprefix(FEEDBACK_PREFIX).strip())
+    return "\n".join(parts)
+
+
+def replayed(context: Sequence[dict], max_chars: int = REPLAY_MAX_CHARS) -> list[PracticePrompt]:
+    """The session's short user turns with the assistant's answer that followed each."""
+    out = []
+    for i, m in enumerate(context):
+        if m["role"] != "user" or not 0 < len(m["content"]) <= max_chars:
+            continue
+        if m["content"].startswith(FEEDBACK_PREFIX):
+            continue
+        nxt = context[i + 1] if i + 1 < len(context) else None
+        given = nxt["content"] if nxt and nxt["role"] == "assistant" else ""
+        out.append(PracticePrompt(m["content"], "replay", given=given))
+    return out
+
+
+def sentences_of(text: str) -> list[str]:
+    """Sentences of `text`, paragraph by paragraph (a line break always ends a sentence)."""
+    return [s for para in text.splitlines() for s in split_sentences(para)]
+
+
+def span_units(text: str, spans_per_sentence: int = 4) -> list[tuple[str, str]]:
+    """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first."""
+    units, used = [], set()
+    for s in sentences_of(text):
+        spans = [a for a in answer_spans(s) if normalize(a) not in used]
+        for a in spans[:spans_per_sentence]:
+            used.add(normalize(a))
+            units.append((s, a))
+    return units
+
+
+def model_span_questions(lm: LoadedModel, units: Sequence[tuple[str, str]],
+                         max_new_tokens: int = 32, batch: int = 16) -> list[str]:
+    """The model's question for each (sentence, span), greedy; "" where it did not parse."""
+    tok = lm.tokenizer
+    prompts, leads = [], []
+    for s, a in units:
+        lead = question_lead(a)
+        leads.append(lead)
+        prompts.append(tok.encode(span_prompt(window(s, a), a, lead), add_special_tokens=False))
+    out = []
+    for start in range(0, len(prompts), batch):
+        done = generate(lm, prompts[start:start + batch],
+                        SamplingParams(max_tokens=max_new_tokens, stop=["\n"]))
+        for (s, a), lead, c in zip(units[start:start + batch], leads[start:start + batch], done,
+                                   strict=True):
+            line = f"{lead} {c.text.split(chr(10))[0].strip()}".strip()
+            question = line[:line.index("?") + 1] if "?" in line else line
+            out.append("" if span_question_problem(question, s, a) else question)
+    return out
+
+
+def topic_names(text: str, n: int = 8) -> list[str]:
+    """The names (multi-word capitalized spans first) the material mentions most."""
+    counts: Counter[str] = Counter()
+    for s in sentences_of(text):
+        for a in answer_spans(s):
+            if span_kind(a) in ("person", "name"):
+                counts[a] += 1 + (len(a.split()) > 1)
+    return [name for name, _ in counts.most_common(n)]
+
+
+def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
+                     kinds: Sequence[str] = KINDS, spans_per_sentence: int = 4,
+                     max_prompts: int | None = None) -> list[PracticePrompt]:
+    """Student prompts for one session (see the module docstring); `lm` writes the "span" and
+    "question" kinds (None: rule-made kinds only). Duplicates are dropped."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown practice kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    text = material(context)
+    out: list[PracticePrompt] = []
+    units = span_units(text, spans_per_sentence)
+    if "rule" in kinds:
+        out += [PracticePrompt(rule_question(s, a) + ANSWER_HINT, "rule", answer=a, sentence=s)
+                for s, a in units]
+    if "span" in kinds and lm is not None and units:
+        for (s, a), q in zip(units, model_span_questions(lm, units), strict=True):
+            if q:
+                out.append(PracticePrompt(q + ANSWER_HINT, "span", answer=a, sentence=s))
+    if "question" in kinds and lm is not None:
+        out += [PracticePrompt(q, "question") for q in question_probes(lm, text)]
+    if "topic" in kinds:
+        out += [PracticePrompt(f"What do you know about {name}?", "topic")
+                for name in topic_names(text)]
+    if "replay" in kinds:
+        out += replayed(context)
+    seen, unique = set(), []
+    for p in out:
+        key = normalize(p.text)
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique[:max_prompts] if max_prompts else unique
+
+
+def coverage(prompts: Iterable[PracticePrompt], golds: Sequence[str],
+             threshold: float = 0.5) -> float:
+    """Share of `golds` that some prompt's known answer span matches (token F1 >= threshold).
+    Measured only: it never picks prompts."""
+    spans = {p.answer for p in prompts if p.answer}
+    if not golds:
+        return float("nan")
+    hit = sum(any(f1(s, g) >= threshold for s in spans) for g in golds)
+    return hit / len(golds)
+
+
+class LeakError(AssertionError):
+    """An evaluation question reached training."""
+
+
+def assert_unseen(questions: Iterable[str], training_texts: Iterable[str]) -> None:
+    """Raise LeakError when an evaluation question appears (normalized) in any text that
+    training saw: a practice prompt, a replayed turn, a training row."""
+    seen = [normalize(t) for t in training_texts]
+    for q in questions:
+        key = normalize(q)
+        if key and any(key in t for t in seen):
+            raise LeakError(f"evaluation question {q!r} appears in the training material")
