@@ -34,7 +34,11 @@ def assert_same(fast, ref):
         assert f.logprobs == pytest.approx(r.logprobs, rel=1e-5, abs=2e-5)
 
 
-def test_greedy_is_token_identical_to_transformers(lm):
+@pytest.mark.parametrize("packed", [True, False])
+def test_greedy_is_token_identical_to_transformers(lm, packed, monkeypatch):
+    from onthejob.model import decoder
+
+    monkeypatch.setitem(decoder._PACKING, torch.float32, packed)
     prompts = _prompts(lm)
     fast = generate(lm, prompts, GREEDY, fast=True)
     assert_same(fast, generate(lm, prompts, GREEDY, fast=False))
@@ -44,6 +48,7 @@ def test_greedy_is_token_identical_to_transformers(lm):
     hf = lm.model.generate(torch.tensor([prompts[1]]), max_new_tokens=20, min_new_tokens=20,
                            do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     assert hf[0, len(prompts[1]):].tolist() == fast[1].token_ids
+    assert (lm.decoder_cache.layers[0].qkv.packed is not None) == packed
 
 
 def test_sampling_matches_transformers_for_a_seed(lm):
