@@ -1,19 +1,32 @@
-"""Generation throughput: onthejob's batched decoding vs transformers' model.generate one
-prompt at a time, same prompts and the same number of new tokens; and model load times."""
+"""Generation throughput of an engine at batch 1, 8 and 32, with a LoRA adapter applied the way
+the server and the trainer apply one, on the default model; and "before" figures from the
+same measurement run on an older checkout, folded in for the speedup.
+
+The measuring code uses only what every version of the model layer has (load_model,
+render_ids, generate, SamplingParams, the adapters module), so the very same file measures
+an older checkout: `python PATH/TO/THIS/generate.py --out before` with PYTHONPATH at the old
+tree's src (Python then imports the old onthejob), then
+`onthejob bench generate --before before.json`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import statistics
+import subprocess
 import tempfile
 import time
-from datetime import date
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from onthejob.model import SamplingParams, generate, load_model, render_ids
-from onthejob.model.load import convert_default_model
+from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short story about a robot.",
@@ -21,64 +34,168 @@ PROMPTS = [
     "What makes a good friend?", "Summarize the plot of Cinderella.",
     "Give advice to a new programmer.", "Describe a busy market in the morning.",
 ]
+BATCHES = (1, 8, 32)
 
 
-def _timed(fn) -> float:
+def bench_adapter(lm, folder: str) -> str:
+    """A LoRA like the trainer's (r=16 on every projection) with small random B, so it changes
+    the outputs; saved as an adapter directory and detached again."""
+    attach(lm, "bench", spec=LoraSpec(), trainable=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name and ".bench." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    activate(lm, ["bench"])
+    path = str(Path(folder) / "bench-adapter")
+    save(lm.model, "bench", path)
+    lm.model = lm.model.unload()
+    return path
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(gen: Callable[[list[list[int]], SamplingParams], list], prompts: list[list[int]],
+            batches: Sequence[int], tokens: int, repeats: int) -> dict:
+    """tokens/s of one generate call per batch size (new tokens over wall time, prefill
+    included), the median of `repeats`; the time to the first token at batch 1; and the greedy
+    token ids of every prompt at batch 8, to compare engines and versions."""
+    forced = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    gen(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+    out: dict = {"tok_s": {}}
+    for b in batches:
+        rows = [prompts[i % len(prompts)] for i in range(b)]
+        seconds = _median_time(lambda rows=rows: gen(rows, forced), repeats)
+        out["tok_s"][str(b)] = b * tokens / seconds
+    out["first_token_s"] = _median_time(lambda: gen(prompts[:1], SamplingParams(max_tokens=1)),
+                                        repeats)
+    greedy = gen(prompts[:8], SamplingParams(max_tokens=tokens))
+    out["greedy_ids"] = [c.token_ids for c in greedy]
+    return out
+
+
+def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = BATCHES,
+        tokens: int = 32, repeats: int = 3, model: str | None = None) -> dict:
+    """Measure `engine` (by name, from model/engine.py) at each precision; engine None measures
+    the plain generate() of whatever onthejob is imported (an older checkout has no engines)."""
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def run(model: str | None, n_prompts: int, tokens: int) -> dict:
-    load_cached = _timed(lambda: load_model(model))
-    load_cold = None
-    if model is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            load_cold = _timed(lambda: convert_default_model(Path(tmp) / "m"))
     lm = load_model(model)
-    tok = lm.tokenizer
-    prompts = [render_ids(tok, [{"role": "user", "content": p}])
-               for p in (PROMPTS * (n_prompts // len(PROMPTS) + 1))[:n_prompts]]
-    # Forced length: no early stop, so every path produces exactly `tokens` per prompt.
-    eos = tok.eos_token_id
-
-    def hf_one_at_a_time():
-        for p in prompts:
-            with torch.no_grad():
-                lm.model.generate(torch.tensor([p]), max_new_tokens=tokens, min_new_tokens=tokens,
-                                  do_sample=False, pad_token_id=eos)
-
-    def ours(batch: int):
-        def go():
-            for start in range(0, len(prompts), batch):
-                generate(lm, prompts[start:start + batch],
-                         SamplingParams(max_tokens=tokens, ignore_eos=True))
-        return go
-
-    generate(lm, prompts[:2], SamplingParams(max_tokens=4))  # warm-up
-    total = tokens * len(prompts)
-    hf = _timed(hf_one_at_a_time)
-    b1 = _timed(ours(1))
-    b8 = _timed(ours(8))
-    return {
-        "date": date.today().isoformat(),
+    load_s = time.perf_counter() - started
+    prompts = [render_ids(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    result: dict = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "code": _code_version(), "model": lm.name,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
-        "model": lm.name, "prompts": len(prompts), "new_tokens_each": tokens,
-        "hf_generate_tok_s": total / hf, "ours_batch1_tok_s": total / b1,
-        "ours_batch8_tok_s": total / b8, "speedup_batch8": hf / b8, "speedup_batch1": hf / b1,
-        "load_cached_s": load_cached, "load_cold_convert_s": load_cold,
+        "tokens_each": tokens, "repeats": repeats, "load_cached_s": load_s,
+        "adapter": "LoRA r=16 on all projections, random B (std 0.02)", "runs": {},
     }
+    with tempfile.TemporaryDirectory() as folder:
+        adapter = bench_adapter(lm, folder)
+        for precision in precisions:
+            if engine is None:
+                if precision != "float32":
+                    raise ValueError("without an engine only float32 can be measured")
+
+                def gen(rows, params, adapter=adapter):
+                    use_adapter(lm, [adapter])
+                    return generate(lm, rows, params)
+            else:
+                from onthejob.model.engine import make_engine
+
+                backend = make_engine(engine, lm, precision=precision)
+
+                def gen(rows, params, backend=backend, adapter=adapter):
+                    return backend.generate(rows, params, [adapter])
+            label = f"{engine or 'generate'} {precision}"
+            result["runs"][label] = measure(gen, prompts, batches, tokens, repeats)
+            use_adapter(lm, None)
+            lm.decoder_cache = None  # free this precision's weights before the next
+    return result
 
 
-def markdown(r: dict, command: str) -> str:
-    cold = f"{r['load_cold_convert_s']:.1f} s" if r["load_cold_convert_s"] else "n/a"
-    return (f"# Generation throughput\n\nCommand: `{command}`  \nDate: {r['date']}; "
-            f"machine: {r['machine']}; model {r['model']}; {r['prompts']} prompts x "
-            f"{r['new_tokens_each']} new tokens (greedy, no early stop)\n\n"
-            "| path | tokens/s | speedup vs model.generate |\n|---|---|---|\n"
-            f"| transformers model.generate, one prompt at a time | {r['hf_generate_tok_s']:.1f} | 1.00 |\n"
-            f"| onthejob generate, batch 1 | {r['ours_batch1_tok_s']:.1f} | {r['speedup_batch1']:.2f} |\n"
-            f"| onthejob generate, batch 8 | {r['ours_batch8_tok_s']:.1f} | {r['speedup_batch8']:.2f} |\n\n"
-            f"Model load: cached safetensors {r['load_cached_s']:.2f} s; cold (GGUF dequantize "
-            f"and convert) {cold}.\n")
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def compare(after: dict, before: dict | None) -> dict:
+    """Speedups of every run in `after` over the float32 run in `before`, per batch size, and
+    how many greedy outputs are token-identical to it."""
+    if not before:
+        return {}
+    base = next(iter(before["runs"].values()))
+    out = {}
+    for label, run_ in after["runs"].items():
+        same = sum(a == b for a, b in zip(run_["greedy_ids"], base["greedy_ids"], strict=True))
+        out[label] = {"speedup": {b: run_["tok_s"][b] / base["tok_s"][b]
+                                  for b in run_["tok_s"] if b in base["tok_s"]},
+                      "greedy_identical": f"{same}/{len(base['greedy_ids'])}"}
+    return out
+
+
+def markdown(after: dict, before: dict | None, command: str, before_command: str | None) -> str:
+    speed = compare(after, before)
+    batches = list(next(iter(after["runs"].values()))["tok_s"])
+    head = ("| run | " + " | ".join(f"batch {b} tok/s" for b in batches)
+            + " | first token (s) | greedy = before |\n" + "|---" * (len(batches) + 3) + "|\n")
+    lines = []
+    if before:
+        for label, r in before["runs"].items():
+            lines.append(f"| before ({before['code']}): {label} | "
+                         + " | ".join(f"{r['tok_s'][b]:.1f}" for b in batches)
+                         + f" | {r['first_token_s']:.3f} | |")
+    for label, r in after["runs"].items():
+        cells = []
+        for b in batches:
+            cell = f"{r['tok_s'][b]:.1f}"
+            if label in speed and b in speed[label]["speedup"]:
+                cell += f" ({speed[label]['speedup'][b]:.2f}x)"
+            cells.append(cell)
+        same = speed.get(label, {}).get("greedy_identical", "")
+        lines.append(f"| after ({after['code']}): {label} | " + " | ".join(cells)
+                     + f" | {r['first_token_s']:.3f} | {same} |")
+    text = (f"# Generation throughput\n\nCommand: `{command}`  \n")
+    if before_command:
+        text += f"Before: `{before_command}`  \n"
+    text += (f"Date: {after['date']}; machine: {after['machine']}; model {after['model']}; "
+             f"{after['tokens_each']} new tokens a row (greedy, no early stop), the median of "
+             f"{after['repeats']} calls; adapter: {after['adapter']}. tokens/s = new tokens over "
+             "the wall time of one generate call, prefill included.\n\n" + head
+             + "\n".join(lines) + "\n")
+    if before and "8" in batches:
+        label = next(iter(after["runs"]))
+        text += f"\ngenerate speedup batch 8: {speed[label]['speedup']['8']:.1f}x ({label})\n"
+        for label in list(after["runs"])[1:]:
+            text += f"generate speedup batch 8, {label}: {speed[label]['speedup']['8']:.1f}x\n"
+    text += (f"\nModel load (cached safetensors): {after['load_cached_s']:.2f} s. "
+             "'greedy = before': of 8 prompts, how many greedy answers are token-identical to "
+             "the before run's.\n")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run as a script against any checkout (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="output prefix (PREFIX.json)")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    result = run(None, ["float32"], tokens=args.tokens, repeats=args.repeats)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

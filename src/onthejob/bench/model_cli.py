@@ -89,13 +89,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a folder (report.md, report.json, *.png); default %(default)s")
     k.set_defaults(func=_knowledge)
 
-    g = bsub.add_parser("generate", help="batched generation vs model.generate one at a time",
-                        description="Throughput of onthejob's batched generation against plain "
-                        "transformers model.generate one prompt at a time, same prompts and "
-                        "lengths, at batch 1 and 8; plus cold and cached model load times.")
+    g = bsub.add_parser("generate", help="generation tokens/s at batch 1, 8, 32, before vs after",
+                        description="Tokens/s of a generation engine at batch 1, 8 and 32 with a "
+                        "LoRA adapter applied, time to first token, and greedy agreement; with "
+                        "--before, the speedup over figures the same measurement took on an "
+                        "older checkout (see src/onthejob/bench/generate.py).")
     g.add_argument("--model", help="local HF model directory (default: embedded)")
-    g.add_argument("--tokens", type=int, default=48, help="new tokens per prompt")
-    g.add_argument("--prompts", type=int, default=8)
+    g.add_argument("--engine", default="torch", help="engine to measure (default %(default)s)")
+    g.add_argument("--precisions", default="float32,bfloat16",
+                   help="comma-separated; bfloat16 is skipped where the CPU lacks native bf16")
+    g.add_argument("--batches", default="1,8,32")
+    g.add_argument("--tokens", type=int, default=32, help="new tokens per row")
+    g.add_argument("--repeats", type=int, default=3, help="calls per figure (the median is kept)")
+    g.add_argument("--before", metavar="JSON", help="figures of the same measurement on older code")
     g.add_argument("--out", default="docs/results/generate", help="output path prefix (.md, .json)")
     g.set_defaults(func=_generate)
 
@@ -178,9 +184,38 @@ def _names(text: str) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from onthejob.bench.generate import markdown, run
+    import torch
 
-    result = run(args.model, args.prompts, args.tokens)
+    from onthejob.bench.generate import compare, markdown, run
+    from onthejob.model.engine import ENGINES, native_bf16
+
+    if args.engine not in ENGINES:
+        print(f"error: unknown engine {args.engine!r}: choose one of {', '.join(sorted(ENGINES))}",
+              file=sys.stderr)
+        return 2
+    precisions = _names(args.precisions)
+    if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
+        print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")
+        precisions.remove("bfloat16")
+    before = None
+    if args.before:
+        try:
+            before = json.loads(Path(args.before).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read --before {args.before}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        batches = [int(b) for b in _names(args.batches)]
+    except ValueError:
+        print(f"error: --batches {args.batches!r} is not a comma-separated list of integers",
+              file=sys.stderr)
+        return 2
+    result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model)
     command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    _write(args.out, result, markdown(result, command))
+    before_command = before.get("command") if before else None
+    result["command"] = command
+    result["before"] = before
+    result["compare"] = compare(result, before)
+    _write(args.out, result, markdown(result, before, command, before_command))
     return 0
+

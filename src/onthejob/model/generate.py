@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from onthejob.model.chat import end_of_turn_ids
+from onthejob.model.decoder import FastDecoder, decoder_for, unsupported
 from onthejob.model.load import LoadedModel
 
 
@@ -69,20 +70,76 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | N
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+class _FastSteps:
+    """Steps on the fast decoder (model/decoder.py): merged weights, a KV cache allocated once."""
+
+    def __init__(self, decoder: FastDecoder, valid: torch.Tensor) -> None:
+        self.decoder, self.valid = decoder, valid  # valid: (batch, width + max_tokens) columns
+        self.cache = decoder.new_cache(valid.shape[0], valid.shape[1])
+        self.column = 0
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        # A padding query sees only itself, so no row of the mask is empty (that would be NaN).
+        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool)
+        self.column = t
+        return self.decoder.forward(ids, positions, self.cache, 0, mask)
+
+    def step(self, token: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        c = self.column
+        self.column += 1
+        return self.decoder.forward(token[:, None], positions, self.cache, c,
+                                    self.valid[:, None, None, : c + 1])
+
+
+class _TransformersSteps:
+    """Steps on the transformers forward, for architectures the fast decoder does not know."""
+
+    def __init__(self, lm: LoadedModel, mask: torch.Tensor) -> None:
+        self.model, self.mask, self.cache = lm.model, mask, DynamicCache()
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def step(self, token: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, alive[:, None].long()], dim=1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+
+def _steps(lm: LoadedModel, mask: torch.Tensor, max_tokens: int, fast: bool | None):
+    decoder = decoder_for(lm, lm.decode_dtype) if fast is not False else None
+    if decoder is None:
+        if fast:
+            raise ValueError(f"the fast decoder cannot run this model: {unsupported(lm)}")
+        return _TransformersSteps(lm, mask)
+    generated = torch.ones(mask.shape[0], max_tokens, dtype=torch.bool, device=mask.device)
+    return _FastSteps(decoder, torch.cat([mask.bool(), generated], dim=1))
+
+
 @torch.no_grad()
-def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 fast: bool | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens, logprobs, alive) for each step of batched decoding.
 
     Prompts are left-padded; finished rows keep decoding padding until all are done
     (the caller decides when a row is done by setting `alive` entries to False).
+    `fast`: None uses the fast decoder where it supports the model, True requires it,
+    False uses the transformers forward (the reference the tests compare against).
+    Any autocast around the call is switched off for the model's arithmetic: precision is
+    lm.decode_dtype, chosen where the model is loaded, never inherited by accident.
     """
     params.validate()
     for p in prompts:
         if not p:
             raise ValueError("a prompt has no tokens")
         check_fits(lm, len(p), params.max_tokens)
-    model, tok = lm.model, lm.tokenizer
+    tok = lm.tokenizer
     device = lm.device
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id
@@ -96,10 +153,10 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     gen = None
     if params.seed is not None and params.temperature > 0:
         gen = torch.Generator(device=device).manual_seed(params.seed)
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True)
-    logits = out.logits[:, -1, :].float()
+    no_autocast = torch.autocast(device.type, enabled=False)
+    with no_autocast:
+        steps = _steps(lm, mask, params.max_tokens, fast)
+        logits = steps.prefill(ids, positions)
     next_pos = positions[:, -1:] + 1
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     for _ in range(params.max_tokens):
@@ -109,16 +166,14 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]],
         yield token, logprob, alive
         if not bool(alive.any()):
             return
-        mask = torch.cat([mask, alive[:, None].long()], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :].float()
+        with no_autocast:
+            logits = steps.step(token, next_pos, alive)
         next_pos = next_pos + 1
 
 
 def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
-             params: SamplingParams | None = None) -> list[Completion]:
-    """Complete every prompt (token ids) in one batch."""
+             params: SamplingParams | None = None, *, fast: bool | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) in one batch (`fast` as in decode_steps)."""
     params = params or SamplingParams()
     tok = lm.tokenizer
     stops = end_of_turn_ids(tok)
@@ -127,7 +182,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     texts: list[str | None] = [None] * n
-    for step_tokens, step_logprobs, alive in decode_steps(lm, prompts, params):
+    for step_tokens, step_logprobs, alive in decode_steps(lm, prompts, params, fast):
         for row in range(n):
             if not alive[row]:
                 continue

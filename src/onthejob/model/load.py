@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,11 @@ class LoadedModel:
     tokenizer: object
     name: str
     path: str
+    # Precision of generation's matrix products (the KV cache and norms stay float32):
+    # float32 reproduces the model exactly; bfloat16 halves the bytes read per step.
+    decode_dtype: torch.dtype = torch.float32
+    # The fast decoder's merged weights for the current adapter state (model/decoder.py).
+    decoder_cache: object = field(default=None, repr=False, compare=False)
 
     @property
     def context_length(self) -> int:

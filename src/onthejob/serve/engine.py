@@ -1,4 +1,5 @@
-"""The generation engine: one worker thread owns the model. Requests queue up; concurrent
+"""The server's generation worker: one thread owns the model and its GenerationEngine
+(model/engine.py: torch, or another chosen by `--engine`). Requests queue up; concurrent
 non-streaming requests with the same adapters and sampling parameters are decoded together
 in one batched `generate` call. Streaming requests run one at a time, cancellably.
 
@@ -16,8 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from onthejob.model import Completion, LoadedModel, SamplingParams, generate, stream
-from onthejob.model.adapters import use_adapter
+from onthejob.model import Completion, LoadedModel, SamplingParams
+from onthejob.model.engine import GenerationEngine, TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class Engine:
     """Serializes all use of one model. `lock` is held while the model runs; hold it too if
     you touch the model (e.g. switch adapters) outside the engine."""
 
-    def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64,
+                 backend: GenerationEngine | None = None) -> None:
         self.lm = lm
+        self.backend = backend or TorchEngine(lm)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.lock = threading.RLock()
@@ -128,11 +131,11 @@ class Engine:
                 continue
             try:
                 with self.lock:
-                    use_adapter(self.lm, list(live[0].adapters) or None)
                     if live[0].streaming:
                         completions = [self._stream(live[0])]
                     else:
-                        completions = generate(self.lm, [j.prompt for j in live], live[0].params)
+                        completions = self.backend.generate([j.prompt for j in live],
+                                                            live[0].params, live[0].adapters)
                     self.batches_run += 1
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
                 log.exception("generation failed")
@@ -150,7 +153,7 @@ class Engine:
 
     def _stream(self, job: _Job) -> Completion:
         text = []
-        for item in stream(self.lm, job.prompt, job.params):
+        for item in self.backend.stream(job.prompt, job.params, job.adapters):
             if isinstance(item, Completion):
                 return item
             text.append(item)

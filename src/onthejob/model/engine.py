@@ -1,0 +1,83 @@
+"""Generation engines: the small interface the server and the benchmarks generate through,
+so that what runs the model is chosen by a flag (`--engine`) and measured.
+
+An engine completes token-id prompts with a request's adapters (adapter directories,
+stacked in order: shared first, then the tenant's). Engines are not thread-safe: the
+server's worker (serve/engine.py) owns one and calls it from one thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from onthejob.model.adapters import use_adapter
+from onthejob.model.generate import Completion, SamplingParams, generate, stream
+from onthejob.model.load import LoadedModel
+
+AdapterPaths = Sequence[str | os.PathLike]
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class GenerationEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 adapters: AdapterPaths = ()) -> list[Completion]:
+        """Complete every prompt in one batch with `adapters` applied."""
+        ...
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams,
+               adapters: AdapterPaths = ()) -> Iterator[str | Completion]:
+        """Yield text pieces as they are decoded, then the final Completion."""
+        ...
+
+
+class TorchEngine:
+    """The in-process engine: onthejob's own generation path on the loaded torch model."""
+
+    name = "torch"
+
+    def __init__(self, lm: LoadedModel, precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.lm = lm
+        lm.decode_dtype = PRECISIONS[precision]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 adapters: AdapterPaths = ()) -> list[Completion]:
+        use_adapter(self.lm, list(adapters) or None)
+        return generate(self.lm, prompts, params)
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams,
+               adapters: AdapterPaths = ()) -> Iterator[str | Completion]:
+        use_adapter(self.lm, list(adapters) or None)
+        return stream(self.lm, prompt, params)
+
+
+ENGINES = {"torch": TorchEngine}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is native on `device` (CUDA with bf16, or a CPU with AVX512-BF16
+    or AMX); elsewhere it is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_engine(name: str, lm: LoadedModel, precision: str = "float32") -> GenerationEngine:
+    """The engine called `name` over `lm`; ValueError naming the choices otherwise."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](lm, precision=precision)

@@ -1,0 +1,30 @@
+"""`onthejob bench generate` on the tiny model: the engine path and the plain generate() path
+(what an older checkout is measured with) give the same greedy tokens, and the report says so."""
+
+import json
+
+from onthejob.bench.generate import compare, markdown, run
+from onthejob.cli import main
+
+
+def test_engine_and_plain_generate_agree_and_report(tiny_dir):
+    before = run(None, ["float32"], batches=[1, 8], tokens=4, repeats=1, model=tiny_dir)
+    after = run("torch", ["float32"], batches=[1, 8], tokens=4, repeats=1, model=tiny_dir)
+    speed = compare(after, before)["torch float32"]
+    assert speed["greedy_identical"] == "8/8"
+    assert set(speed["speedup"]) == {"1", "8"} and all(v > 0 for v in speed["speedup"].values())
+    text = markdown(after, before, "onthejob bench generate", "python generate.py")
+    assert "generate speedup batch 8: " in text and "| 8/8 |" in text
+
+
+def test_cli_writes_both_files(tiny_dir, tmp_path):
+    before = run(None, ["float32"], batches=[1, 8], tokens=2, repeats=1, model=tiny_dir)
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    out = tmp_path / "gen"
+    assert main(["bench", "generate", "--model", tiny_dir, "--precisions", "float32",
+                 "--batches", "1,8", "--tokens", "2", "--repeats", "1",
+                 "--before", str(tmp_path / "before.json"), "--out", str(out)]) == 0
+    written = json.loads((tmp_path / "gen.json").read_text())
+    assert written["compare"]["torch float32"]["greedy_identical"] == "8/8"
+    assert "generate speedup batch 8:" in (tmp_path / "gen.md").read_text()
+    assert main(["bench", "generate", "--engine", "nope", "--out", str(out)]) == 2

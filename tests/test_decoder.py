@@ -1,0 +1,123 @@
+"""The fast decoder (model/decoder.py) against the transformers forward it replaces: same greedy
+tokens, same log-probabilities, with and without adapters, as weights change under training."""
+
+import pytest
+import torch
+
+from onthejob.model import SamplingParams, generate, render_ids, tiny_model
+from onthejob.model.adapters import LoraSpec, activate, attach
+
+QUESTIONS = ["hi", "Explain why the sky is blue, in some detail please.", "2+2?", "Name a colour."]
+GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture
+def lm():
+    return tiny_model(seed=1, layers=3, hidden=64)
+
+
+def _prompts(lm):
+    return [render_ids(lm.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def _randomize_lora(lm, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def assert_same(fast, ref):
+    for f, r in zip(fast, ref, strict=True):
+        assert f.token_ids == r.token_ids
+        assert f.logprobs == pytest.approx(r.logprobs, rel=1e-5, abs=2e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_greedy_is_token_identical_to_transformers(lm, packed, monkeypatch):
+    from onthejob.model import decoder
+
+    monkeypatch.setitem(decoder._PACKING, torch.float32, packed)
+    prompts = _prompts(lm)
+    fast = generate(lm, prompts, GREEDY, fast=True)
+    assert_same(fast, generate(lm, prompts, GREEDY, fast=False))
+    # Left padding changes nothing: each prompt alone gives what it gave in the batch.
+    for prompt, out in zip(prompts, fast, strict=True):
+        assert generate(lm, [prompt], GREEDY, fast=True)[0].token_ids == out.token_ids
+    hf = lm.model.generate(torch.tensor([prompts[1]]), max_new_tokens=20, min_new_tokens=20,
+                           do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert hf[0, len(prompts[1]):].tolist() == fast[1].token_ids
+    assert (lm.decoder_cache.layers[0].qkv.packed is not None) == packed
+
+
+def test_sampling_matches_transformers_for_a_seed(lm):
+    prompts = _prompts(lm)
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+    assert_same(generate(lm, prompts, params, fast=True), generate(lm, prompts, params, fast=False))
+
+
+def test_stacked_adapters_are_merged_exactly(lm):
+    attach(lm, "shared", spec=LoraSpec(rank=4, alpha=8), trainable=False)
+    attach(lm, "tenant", spec=LoraSpec(rank=8, alpha=8), trainable=False)
+    _randomize_lora(lm, 0.3, seed=0)
+    prompts = _prompts(lm)
+    activate(lm, ["shared", "tenant"])
+    both = generate(lm, prompts, GREEDY, fast=True)
+    assert_same(both, generate(lm, prompts, GREEDY, fast=False))
+    activate(lm, ["tenant"])
+    assert_same(generate(lm, prompts, GREEDY, fast=True), generate(lm, prompts, GREEDY, fast=False))
+    activate(lm, None)
+    base = generate(lm, prompts, GREEDY, fast=True)
+    assert_same(base, generate(lm, prompts, GREEDY, fast=False))
+    assert [c.token_ids for c in base] != [c.token_ids for c in both]  # the adapters do something
+
+
+def test_a_training_student_samples_with_its_current_weights(lm):
+    """The trainer's pattern: a trainable adapter, sampled, then changed in place by the optimizer."""
+    attach(lm, "student", spec=LoraSpec(rank=4, alpha=8), trainable=True)
+    _randomize_lora(lm, 0.3, seed=1)
+    activate(lm, ["student"], trainable="student")
+    prompts = _prompts(lm)
+    before = generate(lm, prompts, GREEDY, fast=True)
+    assert_same(before, generate(lm, prompts, GREEDY, fast=False))
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    loss = sum((p * torch.randn_like(p)).sum() for p in params)
+    loss.backward()
+    optimizer.step()
+    after = generate(lm, prompts, GREEDY, fast=True)
+    assert_same(after, generate(lm, prompts, GREEDY, fast=False))
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+
+
+def test_autocast_around_the_call_is_not_inherited(lm):
+    """Training runs rule steps under bf16 autocast; sampling inside them stays float32."""
+    prompts = _prompts(lm)
+    plain = generate(lm, prompts, GREEDY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = generate(lm, prompts, GREEDY)
+    assert_same(inside, plain)
+
+
+def test_bfloat16_decoding_is_opt_in_and_close(lm):
+    prompts = _prompts(lm)
+    exact = generate(lm, prompts, GREEDY)
+    lm.decode_dtype = torch.bfloat16
+    rounded = generate(lm, prompts, SamplingParams(max_tokens=1))
+    assert lm.decoder_cache.layers[0].qkv.dtype == torch.bfloat16
+    first = [c.logprobs[0] for c in exact]
+    assert [c.logprobs[0] for c in rounded] == pytest.approx(first, abs=0.05)
+    assert [c.logprobs[0] for c in rounded] != pytest.approx(first, abs=1e-6)
+
+
+def test_unsupported_adapters_fall_back_to_transformers(lm):
+    from peft import LoraConfig
+
+    attach(lm, "dora", trainable=False)
+    lm.model.add_adapter("dora2", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    activate(lm, ["dora2"])
+    prompts = _prompts(lm)
+    with pytest.raises(ValueError, match="not vanilla LoRA"):
+        generate(lm, prompts, GREEDY, fast=True)
+    assert_same(generate(lm, prompts, GREEDY), generate(lm, prompts, GREEDY, fast=False))
