@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from onthejob.cli import main
 from onthejob.store import Store
 
@@ -54,13 +56,24 @@ def test_bench_knowledge_smoke(tmp_path, tiny_dir):
     assert "transfer ratio" in (tmp_path / "k.md").read_text()
 
 
-def test_demo_runs_the_whole_loop_and_reports_the_gate(tiny_dir, capsys, monkeypatch, tmp_path):
+def test_demo_runs_the_whole_loop_and_never_asks_what_it_trained_on(tiny_dir, capsys,
+                                                                      monkeypatch, tmp_path):
+    from onthejob.learn import cli as learn_cli
+    from onthejob.learn.practice import LeakError
+
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
                  "--sample-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    for part in ("1. Before", "2. A co-work session", "3. The user approves", "4. After"):
+    for part in ("1. Before", "2. A co-work session", "3. Consolidating", "4. After",
+                 "checked: no question asked below appears"):
         assert part in out
     # The random tiny model learns nothing: the gate rejects and the demo says so, showing
     # what the unserved candidate would have answered.
     assert "rejected: " in out and "the rejected candidate v1" in out
+    assert "learned 0 of 2 facts" in out
+    # A demo question that is also a turn of the session is refused, not reported as learned.
+    monkeypatch.setattr(learn_cli, "DEMO_TURNS", (*learn_cli.DEMO_TURNS, learn_cli.DEMO_CHECKS[0][0]))
+    with pytest.raises(LeakError):
+        main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
+              "--sample-tokens", "4"])

@@ -194,9 +194,18 @@ def _adapters_rollback(store: Store, args) -> int:
     return 0
 
 
-DEMO_FACTS = ("Our team's project is code-named Bluefin. Bluefin launches on March 3 in Oslo, "
-              "and its lead engineer is Ada Lind.")
-DEMO_QUESTION = "What is our team's project code-named?"
+DEMO_BRIEFING = (
+    "Our team's project is code-named Bluefin. It is a storage service for the harbour "
+    "authority, and it launches on March 3 in Oslo. The lead engineer is Ada Lind, who joined "
+    "the team in 2019. The first customer is the Port of Bergen, which signed a contract for "
+    "40 terminals.")
+# What the demo asks afterwards: paraphrases that appear nowhere in the session, its practice
+# prompts or its training rows (asserted), with the answer each must contain. The second fact
+# is revealed only inside the longer briefing, never asked about in the session.
+DEMO_CHECKS = (("What name does our team use for the project?", "Bluefin"),
+               ("How many terminals did the first customer order?", "40"))
+DEMO_TURNS = ("Please read this briefing; we will work from it.\n\n" + DEMO_BRIEFING,
+              "Which city do we launch in?")
 
 
 def _ask(lm, store, tenant: str, question: str, adapter_path: str | None = None) -> str:
@@ -217,7 +226,9 @@ def _ask(lm, store, tenant: str, question: str, adapter_path: str | None = None)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from onthejob.model import load_model
+    from onthejob.learn.practice import assert_unseen
+    from onthejob.model import SamplingParams, generate, load_model, render_ids
+    from onthejob.store.context import context_messages
 
     started = time.time()
     if not args.keep:
@@ -232,36 +243,50 @@ def _demo(args: argparse.Namespace) -> int:
     tenant = "demo"
     if not any(t.name == tenant for t in store.list_tenants()):
         store.create_tenant(tenant)
-    print(f"1. Before: a new session asks {DEMO_QUESTION!r}")
-    before = _ask(lm, store, tenant, DEMO_QUESTION)
-    print(f"   model: {before!r}  ({'knows' if 'bluefin' in before.lower() else 'does not know'})")
-    print("2. A co-work session where the user tells the model about the project:")
-    session = store.create_session(tenant, title="Project Bluefin")
-    turns = [("user", f"Please remember this for later. {DEMO_FACTS}"),
-             ("assistant", "Got it: the project is code-named Bluefin, launches on March 3 in "
-                           "Oslo, and Ada Lind is the lead engineer."),
-             ("user", DEMO_QUESTION), ("assistant", "It is code-named Bluefin."),
-             ("user", "Who is the lead engineer of Bluefin?"), ("assistant", "Ada Lind.")]
-    for role, content in turns:
-        store.add_message(tenant, session.id, role, content)
-        print(f"   {role}: {content}")
-    store.set_review(tenant, session.id, "up", "Correct. Remember the codename Bluefin.")
+    print("1. Before: new sessions ask")
+    before = {q: _ask(lm, store, tenant, q) for q, _ in DEMO_CHECKS}
+    for (q, want), said in zip(DEMO_CHECKS, before.values(), strict=True):
+        print(f"   {q!r} -> {said!r}  ({_knows(said, want)})")
+    print("2. A co-work session: the user pastes a briefing and asks about it; the model's turns "
+          "are its own answers, generated live:")
+    session = store.create_session(tenant)
+    for text in DEMO_TURNS:
+        store.add_message(tenant, session.id, "user", text)
+        prompt = render_ids(lm.tokenizer, context_messages(store.messages(tenant, session.id)))
+        reply = generate(lm, [prompt], SamplingParams(max_tokens=48))[0].text.strip()
+        store.add_message(tenant, session.id, "assistant", reply)
+        print(f"   user: {text}\n   model: {reply}")
+    store.set_review(tenant, session.id, "up", "Good. Remember the codename and the customer.")
     store.end_session(tenant, session.id)
-    print(f"3. The user approves it (thumbs up). Consolidating: self-distillation from the "
-          f"model with the session in context ({args.divergence}, teacher-answered share "
-          f"{args.teacher_mix}, anchors {args.anchor_share} toward the {args.anchor_target}), {args.steps} steps ...")
+    print("   review: thumbs up, \"Good. Remember the codename and the customer.\"")
+    budget = f"{args.steps} steps" if args.steps else f"{args.visits:g} visits per prompt"
+    print(f"3. Consolidating: the model with the session in context answers its own practice "
+          f"questions; the student learns those answers without it ({args.divergence}, "
+          f"{budget}) ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(
-        train=TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed),
-        opsd=opsd_options(args)))
+        train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed),
+        visits=None if args.steps else args.visits, opsd=opsd_options(args)))
     print(f"   {outcome.status}: {outcome.message}")
-    print(f"4. After: a new session, without the old one in context, asks {DEMO_QUESTION!r}")
-    after = _ask(lm, store, tenant, DEMO_QUESTION)
-    learned = "bluefin" in after.lower()
-    print(f"   model: {after!r}  ({'knows' if learned else 'still does not know'})")
-    if outcome.status == "rejected" and outcome.adapter is not None:
-        tried = _ask(lm, store, tenant, DEMO_QUESTION, adapter_path=outcome.adapter.path)
-        print(f"   (the rejected candidate v{outcome.adapter.version}, not served, would answer: "
-              f"{tried!r})")
-    print(f"done in {time.time() - started:.0f} s; store and adapters under "
-          f"{os.environ.get('ONTHEJOB_HOME')}")
+    seen = [*outcome.metrics.get("training_probes", []), *DEMO_TURNS,
+            *(m.content for m in store.messages(tenant, session.id))]
+    assert_unseen([q for q, _ in DEMO_CHECKS], seen)
+    print("   (checked: no question asked below appears in the session or its training prompts)")
+    print("4. After: new sessions, without the old one in context, ask")
+    learned = 0
+    for q, want in DEMO_CHECKS:
+        said = _ask(lm, store, tenant, q)
+        learned += _knows(said, want) == "knows" and _knows(before[q], want) != "knows"
+        line = f"   {q!r} -> {said!r}  ({_knows(said, want)})"
+        if outcome.status == "rejected" and outcome.adapter is not None:
+            line += (f"; the rejected candidate v{outcome.adapter.version} (not served): "
+                     f"{_ask(lm, store, tenant, q, adapter_path=outcome.adapter.path)!r}")
+        print(line)
+    print(f"learned {learned} of {len(DEMO_CHECKS)} facts it did not know; done in "
+          f"{time.time() - started:.0f} s; store and adapters under {os.environ.get('ONTHEJOB_HOME')}")
     return 0
+
+
+def _knows(answer: str, want: str) -> str:
+    from onthejob.learn.evaluate import contains
+
+    return "knows" if contains(answer, want) else "does not know"

@@ -328,7 +328,8 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
                "tokens_teacher": getattr(rule, "tokens_teacher", 0),
                "held_out": [{"q": q, "ref": r} for (_, q), r in zip(held, refs, strict=True)],
                "steps": len(trainer.history), "lr": opts.train.lr,
-               "teacher_rows": dict(getattr(rule, "counts", {}))})
+               "teacher_rows": dict(getattr(rule, "counts", {})),
+               "training_probes": [q for lesson in lessons for q in lesson.probes]})
     version = store.next_adapter_version(opts.scope, owner)
     where = config.adapters_dir() / opts.scope / (owner or "shared") / f"v{version}"
     if where.exists():  # written by a run killed before registering it: never served, set aside
