@@ -128,3 +128,36 @@ def test_kv_cache_bytes_formula():
     c = lm.model.config  # 2 layers, 2 kv heads, head_dim 16
     assert kv_cache_bytes(c, 100, 4) == 2 * 2 * 2 * 16 * 100 * 4
     assert not math.isnan(kv_cache_bytes(c, 1, 2))
+
+
+def test_joint_runs_the_ablation_variants_dream_and_compact_on_cowork_sessions(tmp_path, tiny_dir):
+    out = tmp_path / "a"
+    methods = "opsd,opsd-onpolicy-fkl,opsd-onpolicy-rkl,opsd-then-onpolicy,dream,compact"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", methods, "--sessions", "0", "--seeds", "1",
+                 "--lrs", "", "--sequential", "0", "--joint", "2", "--joint-steps", "2",
+                 "--threads", "1", "--out", str(out) + "/"]) == 0
+    joint = json.loads((out / "report.json").read_text())["joint"]
+    assert set(joint["methods"]) == set(methods.split(","))
+    assert 0.0 <= joint["coverage"] <= 1.0 and all(n > 0 for n in joint["practice_prompts"])
+    on_policy = joint["methods"]["opsd-onpolicy-fkl"]["cost"]["teacher_rows"]
+    assert on_policy["teacher_answers"] == 0  # on-policy rows: the teacher only scores
+    assert joint["methods"]["opsd"]["cost"]["teacher_rows"]["teacher_answers"] > 0
+    compact = joint["methods"]["compact"]
+    assert compact["kl_to_base"] == 0.0 and compact["reading_drop_pts"] == 0.0
+    for m in joint["methods"].values():
+        assert "transfer_ratio_em" in m and "after_em" in m
+
+
+def test_cowork_session_has_the_models_own_answer_and_no_title_reaches_practice(tiny_dir):
+    from onthejob.bench.knowledge import COWORK_REPLY, session_for
+    from onthejob.learn.practice import practice_prompts
+    from onthejob.model import load_model
+
+    lm = load_model(tiny_dir)
+    article = {"title": "Zorblat", "context": "The river Orm was bridged in 1820 by Ada Lind."}
+    turns = session_for(article, lm)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert article["context"] in turns[0]["content"] and turns[3]["content"] == COWORK_REPLY
+    prompts = practice_prompts(None, turns)
+    assert any(p.answer == "1820" for p in prompts)

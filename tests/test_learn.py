@@ -187,3 +187,14 @@ def test_answer_matching_and_probes():
     probes = cloze_probes(text, "Super Bowl 50")
     assert all(p.startswith("Complete this sentence about Super Bowl 50") for p in probes)
     assert probe_quality(probes, text).grounded == 1.0
+
+
+def test_top_k_forward_kl_is_never_negative_and_zero_when_student_equals_teacher():
+    from onthejob.learn.divergence import per_token_top
+
+    teacher = torch.randn(6, 60) * 2
+    few = torch.log_softmax(teacher, -1).topk(4, dim=-1)
+    assert per_token_top(teacher, few.indices, few.values, "forward_kl").abs().max() < 1e-5
+    for _ in range(5):
+        student = torch.randn(6, 60) * 2
+        assert (per_token_top(student, few.indices, few.values, "forward_kl") >= -1e-6).all()

@@ -32,13 +32,16 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
 def per_token_top(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
                   kind: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
     """The same divergences against a teacher kept as its top-k ([N, k] token ids and their
-    full-vocabulary log-probs). Forward KL is the sum of its terms over those k tokens, with
-    the student's full-vocabulary log-probs (exact but for the teacher's tail, 0 when the two
-    agree); the others renormalize both distributions over the k."""
+    full-vocabulary log-probs). Forward KL is taken over k + 1 outcomes, the k tokens and
+    "any other token" (the tail), with the student's full-vocabulary probabilities: >= 0, 0
+    when the two agree, and exact as the teacher's tail mass goes to 0. The others
+    renormalize both distributions over the k."""
     log_t = top_logprobs.float()
     full = F.log_softmax(student_logits.float(), -1).gather(-1, top_ids)
     if kind == "forward_kl":
-        return (log_t.exp() * (log_t - full)).sum(-1)
+        tail_t = (1 - log_t.exp().sum(-1)).clamp(min=1e-8)
+        tail_s = (1 - full.exp().sum(-1)).clamp(min=1e-8)
+        return (log_t.exp() * (log_t - full)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
     return _between(F.log_softmax(full, -1), F.log_softmax(log_t, -1), kind, beta)
 
 
