@@ -285,6 +285,15 @@ def test_gate_rejects_each_kind_of_bad_environment(task, teacher, students, deco
     assert v.passed == (reason == "passed")
 
 
+def test_opsd_mode_keeps_tasks_the_teacher_solves_when_every_student_sample_fails():
+    opsd_cfg = DreamGateConfig(min_spread=0.2, require_spread=False)
+    v = judge(_task(), opsd_cfg, "Ada Lind", WRONG, "zq xv", None)
+    assert v.passed and not v.spread and "all fail" in v.reason and "for OPSD" in v.reason
+    # ... but not one the teacher fails, nor one with spread marked as without it.
+    assert not judge(_task(), opsd_cfg, "Grace Hopper", WRONG, "zq xv", None).passed
+    assert judge(_task(), opsd_cfg, "Ada Lind", ["Ada Lind", "no"], "zq xv", None).spread
+
+
 def test_gate_with_the_tiny_model_judges_every_task(tiny_lm):
     tasks = [_task(), DreamTask("t2", "Where does Bluefin ship?", ["Oslo"])]
     context = [{"role": "user", "content": MATERIAL}, {"role": "assistant", "content": "Noted."}]
@@ -351,7 +360,8 @@ def _fake_dreams(monkeypatch, n_pass=3):
     tasks = [DreamTask(f"t{i}", q, [a]) for i, (q, a) in enumerate(
         [("Who leads Bluefin?", "Ada Lind"), ("Where does Bluefin ship?", "Oslo"),
          ("What language is the storage engine in?", "Rust"), ("When does it ship?", "March 3")])]
-    verdicts = [EnvVerdict(t.id, i < n_pass, "passed" if i < n_pass else "the teacher fails it")
+    verdicts = [EnvVerdict(t.id, i < n_pass, "passed" if i < n_pass else "the teacher fails it",
+                           spread=i < n_pass)
                 for i, t in enumerate(tasks)]
     monkeypatch.setattr("onthejob.dream.run.dream_session", lambda lm, context, title, opts, say:
                         (DreamWriting(tasks, [DreamTask("x", "?", [], raw="junk",

@@ -59,7 +59,7 @@ from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, coverage
+from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, coverage, without
 from onthejob.learn.probes import probe_quality
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
@@ -145,11 +145,13 @@ def opsd_variant(method: str, base: OpsdConfig) -> OpsdConfig:
     return replace(base, **OPSD_VARIANTS[method])
 
 
-def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: KnowledgeConfig):
+def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: KnowledgeConfig,
+          questions: Sequence[str] = ()):
     if method in OPSD_VARIANTS:
         return Opsd(lessons, list(TRAINING_ANCHORS), opsd_variant(method, cfg.opsd))
     if method == "dream":
-        return Opsd([_with_dreams(lm, lesson) for lesson in lessons], list(TRAINING_ANCHORS), cfg.opsd)
+        return Opsd([_with_dreams(lm, lesson, questions) for lesson in lessons],
+                    list(TRAINING_ANCHORS), cfg.opsd)
     if method == "sft":
         return Sft(lessons, lm.tokenizer)
     if method == "notes":
@@ -158,7 +160,7 @@ def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: Knowledg
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(TRAINED)}")
 
 
-def _with_dreams(lm: LoadedModel, lesson: Lesson) -> Lesson:
+def _with_dreams(lm: LoadedModel, lesson: Lesson, questions: Sequence[str]) -> Lesson:
     """The lesson plus the dream writer's questions (dream/tasks.py: the model's own question
     per answer span, retried with samples, rule-made where none parses), each with its span:
     teacher answers that miss the span are dropped, so every kept task is one the teacher
@@ -170,8 +172,9 @@ def _with_dreams(lm: LoadedModel, lesson: Lesson) -> Lesson:
 
     writing = write_tasks(lm, material(lesson.context), max_tasks=48, seed=1)
     known = {p.text for p in lesson.practice}
-    dreamed = [PracticePrompt(t.question, "dream", answer=t.answers[0], sentence=t.sentence)
-               for t in writing.tasks if t.answers and t.question not in known]
+    dreamed = without([PracticePrompt(t.question, "dream", answer=t.answers[0], sentence=t.sentence)
+                       for t in writing.tasks if t.answers and t.question not in known], questions)
+    assert_unseen(questions, [p.text for p in dreamed])
     return replace(lesson, probes=[*lesson.probes, *(p.text for p in dreamed)],
                    practice=[*lesson.practice, *dreamed])
 
@@ -301,13 +304,19 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
     lesson = lesson_from(lm, f"article-{index}", context, cfg.practice_kinds, held_out_share=0.0)
     probe_s = time.time() - t0
     # No evaluation question may reach training: not as a practice prompt, nor as a turn of
-    # the session that is replayed, nor inside the session's own answers used as rows.
+    # the session that is replayed, nor inside the session's own answers used as rows. The
+    # model sometimes writes a gold question itself ("Who won the Super Bowl MVP?"): such
+    # prompts are dropped and counted, then the rest is checked.
+    kept = without(lesson.practice, questions)
+    dropped = len(lesson.practice) - len(kept)
+    lesson.practice, lesson.probes = kept, [p.text for p in kept]
     assert_unseen(questions, [*lesson.probes, *(p.given for p in lesson.practice if p.given)])
     cover = coverage(lesson.practice, golds)
     tokens = len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
     log(f"session {index} {article['title']}: base {sum(base.correct)}/{len(qs)}, in context "
         f"{sum(ceiling.correct)}/{len(qs)}, {len(lesson.probes)} practice prompts (coverage "
-        f"{cover:.0%} of the gold answers), {tokens} context tokens")
+        f"{cover:.0%} of the gold answers; {dropped} dropped: the model wrote an evaluation "
+        f"question itself), {tokens} context tokens")
     return Session(index, article["title"], context, questions, golds, lesson.probes,
                    lesson.practice, cover, asdict(probe_quality(lesson.probes, article["context"])),
                    base, ceiling, tokens, probe_s)
@@ -331,7 +340,7 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Se
             steps = steps_for_visits(n, cfg.visits * (2 if method == "dream" else 1), cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps or cfg.steps, lr=lr, seed=seed, bf16=bf16,
                                           log_every=10), parent=parent)
-        rule = _rule(method, lessons, lm, cfg)
+        rule = _rule(method, lessons, lm, cfg, [q for s in group for q in s.questions])
         progress = None
         if log is not None:
             progress = print_progress(f"  [{method}] ", write=log)

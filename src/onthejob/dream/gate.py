@@ -6,9 +6,11 @@
    `pass_reward`;
 3. an empty answer, a random answer (random vocabulary tokens) and another task's expected
    answer all earn less than `pass_reward` (a checker that accepts anything teaches nothing);
-4. rewards spread across a group of student samples (the model *without* the session, the
-   very samples GRPO would learn from): a task that all pass or all fail has no advantage
-   to learn from.
+4. for GRPO only (`require_spread`): rewards spread across a group of student samples (the
+   model *without* the session, the very samples GRPO would learn from): a task that all
+   pass or all fail has no advantage to learn from. OPSD learns from the teacher, not from
+   reward differences, so for it a task the teacher solves and every student sample fails
+   is the most useful kind: it passes, with `spread` saying what GRPO would make of it.
 A sandbox fault in any check rejects the task. Rejected tasks are kept with the reason.
 """
 
@@ -31,6 +33,7 @@ class DreamGateConfig:
     group: int = 6  # student samples per task
     temperature: float = 1.0
     min_spread: float = 0.2  # max - min reward across the group
+    require_spread: bool = True  # GRPO needs it; OPSD-mode dreaming does not (module docstring)
     max_new_tokens: int = 48  # the model restates the question before answering
     seed: int = 0
 
@@ -47,6 +50,7 @@ class EnvVerdict:
     decoy_reward: float = 0.0
     group_rewards: list[float] = field(default_factory=list)
     state_hash: str = ""
+    spread: bool = False  # the group's rewards differ (GRPO can learn from it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,11 +135,16 @@ def judge(task: DreamTask, cfg: DreamGateConfig, teacher_answer: str, student_an
             return v
         v.group_rewards.append(reward)
     spread = max(v.group_rewards) - min(v.group_rewards) if v.group_rewards else 0.0
-    if spread < cfg.min_spread:
+    v.spread = spread >= cfg.min_spread
+    if not v.spread:
         mean = sum(v.group_rewards) / max(len(v.group_rewards), 1)
         kind = "all pass" if mean >= cfg.pass_reward else "all fail" if mean < 0.5 else "all alike"
-        v.reason = (f"no reward spread across {len(v.group_rewards)} student samples ({kind}: "
-                    f"spread {spread:.2f} < {cfg.min_spread}); it teaches nothing")
+        what = (f"no reward spread across {len(v.group_rewards)} student samples ({kind}: "
+                f"spread {spread:.2f} < {cfg.min_spread})")
+        if cfg.require_spread:
+            v.reason = f"{what}; it teaches GRPO nothing"
+            return v
+        v.passed, v.reason = True, f"passed for OPSD (the teacher solves it; {what})"
         return v
     v.passed, v.reason = True, "passed"
     return v

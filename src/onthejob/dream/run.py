@@ -19,7 +19,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from onthejob import config
@@ -35,10 +35,10 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.lesson import Lesson, check_fits, context_messages, replay_prompts
+from onthejob.learn.lesson import Lesson, check_fits, context_messages
 from onthejob.learn.loop import TrainConfig, config_dict
 from onthejob.learn.opsd import Opsd, OpsdConfig
-from onthejob.learn.probes import make_probes
+from onthejob.learn.practice import PracticePrompt, practice_prompts
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import use_adapter
 from onthejob.store import Store
@@ -119,7 +119,7 @@ class DreamOptions:
     attempts: int = 3  # tries per task (the first greedy, the others sampled)
     fallback: str = "rule"  # a span with no parsed question -> a question made by rule
     held_out_share: float = 0.25
-    with_probes: bool = False  # dream+opsd: consolidation's own probes beside the dreams
+    with_probes: bool = True  # the session's practice material (learn/practice.py) beside the dreams
     grpo_starts: int = 2  # GRPO: tasks per step (each with a group of env_gate.group answers)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20, lr=3e-3))
     opsd: OpsdConfig = field(default_factory=recommended_opsd)  # consolidation's recipe
@@ -278,6 +278,8 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     if opts.style == "span" and opts.checker == "program":
         opts.style = "qa"  # program checks are written by the "qa" writer only
     check_writer(opts.style, opts.checker, opts.fallback)  # before a run is created
+    # Reward spread is what GRPO learns from; OPSD learns from the teacher (dream/gate.py).
+    opts.env_gate = replace(opts.env_gate, require_spread=opts.mode == "grpo")
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
     review = store.get_review(tenant, session_id)
@@ -338,15 +340,20 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
     n_held = max(1, round(len(questions) * opts.held_out_share)) if len(questions) > 2 else 0
     lesson.held_out = questions[:n_held]
     lesson.probes = questions[n_held:] or questions
+    lesson.practice = [PracticePrompt(t.question, "dream", answer=t.answers[0], sentence=t.sentence)
+                       for t in passed if t.answers]
     if opts.with_probes:
-        lesson.probes += replay_prompts(messages) + make_probes(lm, materials(lesson.context),
-                                                                lesson.title)
+        # /dream = the practice material consolidation uses, at dreaming's larger budget, plus
+        # the checked tasks.
+        extra = [p for p in practice_prompts(lm, lesson.context) if p.text not in set(questions)]
+        lesson.practice += extra
+        lesson.probes += [p.text for p in extra]
     store.update_run(run_id, progress={"phase": "training", "train_prompts": len(lesson.probes),
                                        "held_out": len(lesson.held_out)})
     copts = ConsolidateOptions(method="dream", train=opts.train, opsd=opts.opsd, gate=opts.gate)
     train_ids = set(lesson.probes)
-    rule = build_rule(lm, lesson, [t for t in passed if t.question in train_ids], opts,
-                      run_id=f"dream-{run_id}")
+    grpo_tasks = [t for t in passed if t.question in train_ids and verdicts[t.id].spread]
+    rule = build_rule(lm, lesson, grpo_tasks, opts, run_id=f"dream-{run_id}")
     approved = (review is not None and review.verdict == "up"
                 and session.consolidated_adapter_id is None)
     say(f"training ({opts.mode}) on {len(lesson.probes)} dreamed prompts, budget {opts.budget}; "

@@ -173,6 +173,14 @@ def coverage(prompts: Iterable[PracticePrompt], golds: Sequence[str],
     return hit / len(golds)
 
 
+def without(prompts: Sequence[PracticePrompt], questions: Iterable[str]) -> list[PracticePrompt]:
+    """`prompts` less any that contain an evaluation question (normalized): the model may
+    write a benchmark's very question itself; a benchmark must then not train on it."""
+    keys = [k for k in (normalize(q) for q in questions) if k]
+    return [p for p in prompts if not any(k in normalize(p.text) or (p.given and k in normalize(p.given))
+                                          for k in keys)]
+
+
 class LeakError(AssertionError):
     """An evaluation question reached training."""
 
