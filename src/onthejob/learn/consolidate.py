@@ -303,7 +303,7 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         after_probe = probe_f1(lm, [q for _, q in held], refs)
         after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
         after_reading = reading_accuracy(lm)
-    kl = trainer.history[-1].get("kl_to_base", 0.0)
+    kl = trainer.history[-1].get("kl_to_base")  # None: decide() refuses, never a 0.0
     verdict: Verdict = decide(
         opts.gate, gain=after_probe - before_probe, kl=kl,
         retention_drop=before_reading - after_reading,
