@@ -51,7 +51,7 @@ def _command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argp
 
 def register(sub: argparse._SubParsersAction) -> None:
     db = _db_option()
-    tenants = sub.add_parser("tenants", help="add or list tenants",
+    tenants = sub.add_parser("tenants", help="add, list or change tenants",
                              description="Tenants own sessions, keys and adapters.")
     tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
     add = tsub.add_parser("add", parents=[db], help="add a tenant and print its first API key",
