@@ -76,6 +76,8 @@ def test_help_shows_the_gate_thresholds_and_defaults(capsys, command):
                             ("--rank", "16"), ("--anchor-share", "0.5")):
         assert re.search(rf"{option} [A-Z_]+ [^()]*\(default:? {default}\)", out), option
     assert re.search(r"--lr LR learning rate \(default:? 0.003\)", out)
+    assert re.search(r"--seed SEED training (and gate )?seed \(default: 0\)", out)
+    assert not re.search(r"\(default: (None|False|\(\))\)", out)  # no empty defaults
 
 
 def test_gate_options_reach_the_gate():

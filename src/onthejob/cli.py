@@ -42,8 +42,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if ("default" in help_text.lower() or action.default in (None, False, (), [], "")
-                or action.default is argparse.SUPPRESS):
+        says_nothing = action.default is None or action.default is False \
+            or action.default is argparse.SUPPRESS or action.default in ((), [], "")
+        if says_nothing or "default" in help_text.lower():  # (0 is a default worth showing)
             return help_text
         return super()._get_help_string(action)
 

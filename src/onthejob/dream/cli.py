@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--rank", type=int, default=16, help="LoRA rank")
     add_opsd_options(d)
     add_gate_options(d)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="training and gate seed")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_dream)
     dsub = d.add_subparsers(dest="dream_command", metavar="ACTION")
