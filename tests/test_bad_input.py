@@ -26,6 +26,8 @@ def api(tiny_lm, tmp_path):
     key = store.create_key("acme", admin=True)
     sid = store.create_session("acme", "s").id
     app = create_app(tiny_lm, store, limits=Limits(max_body_bytes=4096, default_max_tokens=4))
+    # Creating tenants takes an operator key; acme's admin key does the rest.
+    app.state.operator_auth = {"Authorization": f"Bearer {store.create_operator_key()}"}
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, store, {"Authorization": f"Bearer {key}"}, sid, tiny_lm.name
     store.close()
@@ -57,11 +59,12 @@ def test_every_body_endpoint_refuses_malformed_bodies(api):
     ]
     for path in BODY_ENDPOINTS:
         url = path.format(sid=sid)
+        key = client.app.state.operator_auth if url == "/v1/admin/tenants" else auth
         for body, status, code in cases:
-            r = client.post(url, content=body, headers={**auth, "Content-Type": "application/json"})
+            r = client.post(url, content=body, headers={**key, "Content-Type": "application/json"})
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (url, body[:40], r.text)
         # Too large without a Content-Length (chunked): still refused, by counting.
-        r = client.post(url, content=_chunks(b"x" * 10_000), headers=auth)
+        r = client.post(url, content=_chunks(b"x" * 10_000), headers=key)
         assert r.status_code == 413, (url, r.text)
     assert _rows(store) == before
 
@@ -117,5 +120,6 @@ def test_bad_query_and_path_values_are_4xx(api):
     for name in ("NOPE", "x" * 300, "%00", "..", "a b"):
         r = client.post(f"/v1/admin/tenants/{name}/keys", json={}, headers=auth)
         assert 400 <= r.status_code < 500, (name, r.text)
-    r = client.post("/v1/admin/tenants", json={"name": "Bad Name!"}, headers=auth)
+    r = client.post("/v1/admin/tenants", json={"name": "Bad Name!"},
+                    headers=client.app.state.operator_auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"

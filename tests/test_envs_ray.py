@@ -1,7 +1,8 @@
 """The Ray backend: the same rollouts as the process pool, and faults recorded as faults.
 
-Connects to RAY_ADDRESS when set (CI starts a local head in .ci/run), else starts a local
-Ray with 2 CPUs. Skipped only when ray cannot be imported.
+Connects to RAY_ADDRESS when set (.ci/run starts a head on loopback, with a token of its
+own), else starts a local Ray with 2 CPUs for this module. Skipped only when ray cannot be
+imported. Marked slow (tests/conftest.py): `make test-fast` leaves it out.
 """
 
 from __future__ import annotations

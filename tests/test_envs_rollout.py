@@ -124,7 +124,7 @@ def test_gymnasium_wrapper_passes_the_env_checker():
     from onthejob.envs.gym_wrapper import GymEnv
 
     for name, options in (("arith", {"difficulty": 1}), ("shop", {})):
-        env = GymEnv(name, max_steps=20, **options)
+        env = GymEnv(name, max_episode_steps=20, **options)
         check_env(env, skip_render_check=True)
         obs, info = env.reset(seed=4)
         assert env.observation_space.contains(obs) and len(info["state_hash"]) == 64

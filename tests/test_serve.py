@@ -229,16 +229,22 @@ def test_compact_endpoint_stores_a_summary(server):
 def test_admin_endpoints_need_an_admin_key(server):
     client, store, keys, _ = server
     assert client.get("/v1/admin/tenants", headers=auth(keys["acme"])).status_code == 403
-    r = client.post("/v1/admin/tenants", json={"name": "initech"}, headers=auth(keys["admin"]))
+    operator = auth(store.create_operator_key())
+    r = client.post("/v1/admin/tenants", json={"name": "initech"}, headers=operator)
     assert r.status_code == 200
     new_key = r.json()["api_key"]
     assert store.tenant_for_key(new_key).name == "initech"
     assert client.post("/v1/admin/tenants", json={"name": "initech"},
-                       headers=auth(keys["admin"])).status_code == 409
-    names = [t["name"] for t in client.get("/v1/admin/tenants", headers=auth(keys["admin"])).json()["data"]]
+                       headers=operator).status_code == 409
+    names = [t["name"] for t in client.get("/v1/admin/tenants", headers=operator).json()["data"]]
     assert names == ["acme", "globex", "initech"]
-    r = client.post("/v1/admin/tenants/initech/keys", json={}, headers=auth(keys["admin"]))
+    r = client.post("/v1/admin/tenants/initech/keys", json={}, headers=operator)
     assert store.tenant_for_key(r.json()["api_key"]).name == "initech"
+    # acme's admin key makes acme's keys, and nobody else's (tests/test_isolation.py: all routes)
+    r = client.post("/v1/admin/tenants/acme/keys", json={}, headers=auth(keys["admin"]))
+    assert store.tenant_for_key(r.json()["api_key"]).name == "acme"
+    r = client.post("/v1/admin/tenants/initech/keys", json={}, headers=auth(keys["admin"]))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "tenant_forbidden"
 
 
 def test_openapi_document_describes_bodies_auth_and_session_header(server):

@@ -24,12 +24,13 @@ from onthejob.store import Store
 def served(tiny_lm, tmp_path_factory):
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('st') / 'st.db'}")
     store.create_tenant("acme")
-    # An admin key reaches every operation, the admin ones included.
-    key = store.create_key("acme", admin=True)
+    # acme's admin key reaches every tenant operation and acme's admin ones; the operator key
+    # the admin operations on every tenant.
+    keys = {"tenant": store.create_key("acme", admin=True), "admin": store.create_operator_key()}
     engine = Engine(tiny_lm)
     app = create_app(tiny_lm, store, limits=Limits(default_max_tokens=3, max_tokens=4),
                      engine=engine)
-    yield app, key
+    yield app, keys
     engine.close()
     store.close()
 
@@ -38,7 +39,9 @@ OPERATIONS = ["GET /health", "GET /v1/models", "POST /v1/chat/completions", "GET
               "POST /v1/sessions", "GET /v1/sessions/{session_id}",
               "POST /v1/sessions/{session_id}/review", "POST /v1/sessions/{session_id}/end",
               "POST /v1/sessions/{session_id}/compact", "GET /v1/admin/tenants",
-              "POST /v1/admin/tenants", "POST /v1/admin/tenants/{name}/keys"]
+              "POST /v1/admin/tenants", "GET /v1/admin/tenants/{name}",
+              "PATCH /v1/admin/tenants/{name}", "GET /v1/admin/tenants/{name}/keys",
+              "POST /v1/admin/tenants/{name}/keys", "DELETE /v1/admin/tenants/{name}/keys/{prefix}"]
 
 WITHOUT_INPUTS = {"GET /health", "GET /v1/models", "GET /v1/admin/tenants"}
 
@@ -74,7 +77,8 @@ def test_operations_added_later_are_fuzzed_too(served):
 
 
 def _fuzz(served, label: str, mode: GenerationMode) -> None:
-    app, key = served
+    app, keys = served
+    key = keys["admin" if " /v1/admin/" in label else "tenant"]
     api = schemathesis.openapi.from_asgi("/openapi.json", app)
     operation = next(r.ok() for r in api.get_all_operations() if r.ok().label == label)
     statuses = []

@@ -280,3 +280,24 @@ def test_context_rule_uses_latest_compaction(two):
     assert ctx[2]["content"] == "q3"
     plain = two.create_session("acme", messages=[NewMessage("user", "hi")])
     assert context_messages(two.messages("acme", plain.id)) == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_keys_migration_keeps_existing_keys(backend, tmp_path):
+    """0002 lets a key belong to no tenant; a database made before it keeps its keys."""
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else PG_URL
+    if backend == "postgresql":
+        _reset_pg(url)
+    old = Store(url, migrate=False)
+    store_db.upgrade(old.engine, "0001")
+    old.create_tenant("acme")
+    key = old.create_key("acme", admin=True)
+    old.close()
+    store = Store(url)  # opening upgrades to the head
+    assert store_db.current_revision(store.engine) == "0002"
+    assert store.authenticate(key) == (store.get_tenant("acme"), True)
+    operator = store.create_operator_key()
+    assert store.authenticate(operator) == (None, True)
+    assert [k.tenant for k in store.list_operator_keys()] == [None]
+    assert [k.tenant for k in store.list_keys("acme")] == ["acme"]
+    store.close()

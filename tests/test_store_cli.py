@@ -90,3 +90,36 @@ def test_sessions_list_show_export_are_tenant_scoped(capsys, db, tmp_path):
 def test_unreachable_database_is_said_plainly(capsys):
     code, _, err = run(capsys, "tenants", "list", "--db", "postgresql://nobody@127.0.0.1:1/none")
     assert code == 1 and "cannot open the database" in err
+
+
+def test_operator_keys_belong_to_no_tenant(capsys, db):
+    run(capsys, "tenants", "add", "acme", "--db", db)
+    code, out, _ = run(capsys, "keys", "add", "--operator", "--db", db)
+    assert code == 0 and "operator key" in out
+    operator = out.strip().split()[-1]
+    store = Store(db)
+    assert store.authenticate(operator) == (None, True)
+    assert store.tenant_for_key(operator) is None
+    code, out, _ = run(capsys, "keys", "list", "--operator", "--db", db)
+    assert operator[:12] in out and "operator" in out and operator not in out
+    code, out, _ = run(capsys, "keys", "list", "--tenant", "acme", "--db", db)
+    assert operator[:12] not in out  # not one of acme's keys
+    code, _, err = run(capsys, "keys", "revoke", "--tenant", "acme", operator[:12], "--db", db)
+    assert code == 1 and "no key" in err  # a tenant's revoke does not reach it
+    code, out, _ = run(capsys, "keys", "revoke", "--operator", operator[:12], "--db", db)
+    assert code == 0 and store.authenticate(operator) is None
+    with pytest.raises(SystemExit):  # one owner: a tenant or the operator
+        main(["keys", "add", "--db", db])
+    assert "one of the arguments --tenant --operator is required" in capsys.readouterr().err
+
+
+def test_tenants_set_gives_and_withdraws_consent_to_shared_learning(capsys, db):
+    run(capsys, "tenants", "add", "acme", "--allow-shared", "--db", db)
+    store = Store(db)
+    code, out, _ = run(capsys, "tenants", "set", "acme", "--no-allow-shared", "--db", db)
+    assert code == 0 and "withdrawn" in out
+    assert store.get_tenant("acme").allow_shared is False and store.shared_tenants() == []
+    code, out, _ = run(capsys, "tenants", "set", "acme", "--allow-shared", "--db", db)
+    assert code == 0 and [t.name for t in store.shared_tenants()] == ["acme"]
+    code, _, err = run(capsys, "tenants", "set", "nobody", "--allow-shared", "--db", db)
+    assert code == 1 and "no tenant named 'nobody'" in err

@@ -15,7 +15,10 @@ def home() -> Path:
 
 
 def models_dir() -> Path:
-    path = Path(os.environ.get("ONTHEJOB_MODELS") or home() / "models")
+    """Converted models: ONTHEJOB_MODELS, else ~/.cache/onthejob/models. Not under
+    ONTHEJOB_HOME: a new home (a demo, a test, a second tenant store) reuses the conversion."""
+    default = Path.home() / ".cache" / "onthejob" / "models"
+    path = Path(os.environ.get("ONTHEJOB_MODELS") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

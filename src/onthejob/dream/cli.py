@@ -11,8 +11,7 @@ from pathlib import Path
 from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import CHECKERS, FALLBACKS, STYLES
 from onthejob.envs.cli import _bench_subparsers
-from onthejob.learn.cli import add_opsd_options, opsd_options
-from onthejob.learn.gate import GateConfig
+from onthejob.learn.cli import add_gate_options, add_opsd_options, gate_options, opsd_options
 from onthejob.learn.loop import TrainConfig
 from onthejob.store import Store
 from onthejob.store.cli import _command, _db_option
@@ -47,10 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--lr", type=float, default=3e-3, help="learning rate (default %(default)s)")
     d.add_argument("--rank", type=int, default=16, help="LoRA rank")
     add_opsd_options(d)
-    d.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
-    d.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
-    d.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
-    d.add_argument("--seed", type=int, default=0)
+    add_gate_options(d)
+    d.add_argument("--seed", type=int, default=0, help="training and gate seed")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_dream)
     dsub = d.add_subparsers(dest="dream_command", metavar="ACTION")
@@ -132,9 +129,7 @@ def _dream(args: argparse.Namespace) -> int:
                         style=args.style, attempts=args.attempts, fallback=args.fallback,
                         train=TrainConfig(lr=args.lr, seed=args.seed,
                                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
-                        opsd=opsd_options(args),
-                        gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
-                                        max_retention_drop=args.max_retention_drop))
+                        opsd=opsd_options(args), gate=gate_options(args))
     opts.env_gate.group, opts.env_gate.seed = args.group, args.seed
 
     def run(store: Store, args: argparse.Namespace) -> int:

@@ -71,11 +71,11 @@ class DreamEnv(Env):
     name = "dream"
     version = "1"
 
-    def __init__(self, tasks: list[dict] | None = None, **options: Any) -> None:
+    def __init__(self, tasks: list[dict] | None = None) -> None:
         if not tasks:
             raise EnvError("a dream environment needs at least one task")
         parsed = [t if isinstance(t, DreamTask) else DreamTask.from_dict(t) for t in tasks]
-        super().__init__(tasks=[t.to_dict() for t in parsed], **options)
+        super().__init__(tasks=[t.to_dict() for t in parsed])
         self.tasks = parsed
         self._state: tuple | None = None  # (index, done, last observation)
 

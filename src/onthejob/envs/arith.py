@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
 
 from onthejob.envs.base import Env, EnvError, StepResult
 
@@ -88,10 +87,10 @@ class ArithEnv(Env):
     name = "arith"
     version = "1"
 
-    def __init__(self, difficulty: int = 0, **options: Any) -> None:
+    def __init__(self, difficulty: int = 0) -> None:
         if difficulty not in range(5):
             raise EnvError(f"difficulty must be 0..4, not {difficulty!r}")
-        super().__init__(difficulty=difficulty, **options)
+        super().__init__(difficulty=difficulty)
         self.difficulty = difficulty
         self._state: tuple | None = None
 

@@ -20,6 +20,10 @@ class EnvError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepResult:
+    """One step's outcome. An episode that ends because the environment's own step limit ran
+    out (not because the task was finished or failed) says so with `info["truncated"] = True`
+    (Gymnasium's `truncated`, as opposed to `terminated`)."""
+
     observation: str
     reward: float
     done: bool

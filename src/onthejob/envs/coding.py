@@ -22,7 +22,6 @@ each test in its own sandboxed process and compare results computed outside it.
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Any
 
 from onthejob.envs.base import Env, EnvError, StepResult
 from onthejob.envs.code_tasks import RUNNER, make_code_task
@@ -38,9 +37,8 @@ class CodeEnv(Env):
     version = "1"
 
     def __init__(self, max_steps: int = 12, variant: str | None = None,
-                 cpu_s: int = 5, wall_s: float = 10.0, **options: Any) -> None:
-        super().__init__(max_steps=max_steps, variant=variant, cpu_s=cpu_s, wall_s=wall_s,
-                         **options)
+                 cpu_s: int = 5, wall_s: float = 10.0) -> None:
+        super().__init__(max_steps=max_steps, variant=variant, cpu_s=cpu_s, wall_s=wall_s)
         self.max_steps, self.variant = max_steps, variant
         self.limits = Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=512, file_mb=4, processes=16)
         self._s: tuple | None = None
@@ -88,6 +86,7 @@ class CodeEnv(Env):
             done = True
         elif not done and steps >= self.max_steps:
             done, observation = True, observation + "\nout of steps: the episode has ended"
+            info = {**info, "truncated": True}
         self._s = (seed, files, steps, done)
         return StepResult(observation, reward, done, info)
 

@@ -7,11 +7,15 @@ A package adds an environment with, in its pyproject.toml:
     mail = "my_package.mail:MailEnv"
 
 where the object is an `Env` subclass or a zero-argument-or-options factory returning an Env.
+Its keyword parameters are its options: `make` refuses any other name (a typo such as
+`difficuly=2` would otherwise change nothing, silently), unless it takes `**options`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -78,7 +82,35 @@ def make(name: str, **options: Any) -> Env:
             f"unknown environment {name!r}: known are {', '.join(sorted(_registry))} "
             f"(others come from packages declaring the entry-point group {ENTRY_POINT_GROUP!r})"
         )
+    _check_options(name, options)
     env = _registry[name](**options)
     if not isinstance(env, Env):
         raise EnvError(f"the factory for {name!r} returned {type(env).__name__}, not an Env")
     return env
+
+
+def options_of(name: str) -> list[str] | None:
+    """The option names environment `name` takes (None: it takes any, via **options)."""
+    _discover()
+    if name not in _registry:
+        make(name)  # the error that lists the known names
+    factory = _registry[name]
+    target = getattr(factory, "target", None)
+    try:
+        params = inspect.signature(_load(target) if target else factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    valid = options_of(name)
+    unknown = [key for key in options if valid is not None and key not in valid]
+    if not unknown:
+        return
+    hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+        key, valid, n=1)) else repr(key) for key in unknown]
+    raise EnvError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} for "
+                   f"environment {name!r}: its options are {', '.join(valid) or '(none)'}")

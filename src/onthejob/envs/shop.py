@@ -20,8 +20,6 @@ shipping method and the card filled in for the pages past them). The checker is 
 
 from __future__ import annotations
 
-from typing import Any
-
 from onthejob.envs.base import Env, EnvError, StepResult
 from onthejob.envs.shop_world import BY_ID, FIELDS, SHIPPING, luhn_ok, make_task, render, search
 
@@ -50,13 +48,12 @@ class ShopEnv(Env):
     name = "shop"
     version = "1"
 
-    def __init__(self, max_steps: int = 60, partial: bool = False, start: str = "home",
-                 **options: Any) -> None:
+    def __init__(self, max_steps: int = 60, partial: bool = False, start: str = "home") -> None:
         if start not in STARTS:
             raise EnvError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
-        if start != "home":  # the default stays out of the identity (old logs keep their hashes)
-            options["start"] = start
-        super().__init__(max_steps=max_steps, partial=partial, **options)
+        # The default start stays out of the identity (old logs keep their hashes).
+        super().__init__(max_steps=max_steps, partial=partial,
+                         **({"start": start} if start != "home" else {}))
         self.max_steps, self.partial, self.start = max_steps, partial, start
         self._s: tuple | None = None
 
@@ -94,14 +91,16 @@ class ShopEnv(Env):
             raise EnvError("the episode is over: call reset(seed)")
         changes, reward, done = self._apply(_parse(action))
         steps = self._s[_STEPS] + 1
-        if not done and steps >= self.max_steps:
+        out_of_steps = not done and steps >= self.max_steps
+        if out_of_steps:
             done, changes["message"] = True, "out of steps: the session has ended"
         s = list(self._s)
         s[_STEPS], s[_DONE], s[_MSG] = steps, done, changes.pop("message", "")
         for key, value in changes.items():
             s[_FIELD_INDEX[key]] = value
         self._s = tuple(s)
-        return StepResult(self.observation(), reward, done, {"page": self._s[_PAGE]})
+        info = {"page": self._s[_PAGE], **({"truncated": True} if out_of_steps else {})}
+        return StepResult(self.observation(), reward, done, info)
 
     def _apply(self, parsed: tuple[str, str, str] | None) -> tuple[dict, float, bool]:
         if parsed is None:

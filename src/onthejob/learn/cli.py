@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "not yet consolidated sessions, check it with the promotion gate, and "
                        "activate it or reject it with the reason.")
     c.add_argument("--tenant", required=True)
-    c.add_argument("--method", default="opsd", choices=METHODS)
+    c.add_argument("--method", default="opsd", choices=METHODS, help="the learning rule")
     c.add_argument("--scope", default="tenant", choices=("tenant", "shared"),
                    help="shared: learn from every tenant that allows it into the shared adapter")
     c.add_argument("--sessions", nargs="+", default=(), metavar="ID", help="only these sessions")
@@ -45,10 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     c.add_argument("--rank", type=int, default=16, help="LoRA rank")
     add_opsd_options(c)
-    c.add_argument("--min-gain", type=float, default=GateConfig.min_gain)
-    c.add_argument("--max-kl", type=float, default=GateConfig.max_kl)
-    c.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop)
-    c.add_argument("--seed", type=int, default=0)
+    add_gate_options(c)
+    c.add_argument("--seed", type=int, default=0, help="training seed")
     c.add_argument("--model", help="local HF model directory (default: embedded)")
     c.set_defaults(func=_consolidate)
 
@@ -68,15 +66,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the whole loop on the default model, end to end",
                        description="A session teaches the model a fact it does not know; the "
                        "user approves it; consolidation runs; a new session without the old one "
-                       "answers. Uses a temporary ONTHEJOB_HOME unless --keep.")
+                       "answers. Its store and adapters go to a new folder under "
+                       "$ONTHEJOB_HOME/demos/ (printed at the start and the end), or, with "
+                       "--keep, into ONTHEJOB_HOME's own store beside your tenants.")
     d.add_argument("--steps", type=int, default=None,
                    help="training steps (default: what --visits asks for)")
     d.add_argument("--visits", type=float, default=VISITS,
                    help="the budget: visits per training probe (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     add_opsd_options(d)
-    d.add_argument("--keep", action="store_true", help="use ONTHEJOB_HOME instead of a temp dir")
+    d.add_argument("--keep", action="store_true",
+                   help="use ONTHEJOB_HOME's own store and adapters, not a demo folder")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_demo)
 
@@ -109,6 +110,27 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="teacher log-probs kept per token (default %(default)s)")
 
 
+def add_gate_options(p: argparse.ArgumentParser) -> None:
+    """The promotion gate's thresholds (one place for every command that promotes)."""
+    g = p.add_argument_group("promotion gate", "a candidate adapter becomes active only if "
+                             "every check passes (each bound inclusive)")
+    g.add_argument("--min-gain", type=float, default=GateConfig.min_gain,
+                   help="learned: held-back probe F1 without context must gain at least this "
+                   "over the parent")
+    g.add_argument("--max-kl", type=float, default=GateConfig.max_kl,
+                   help="forgot: KL to the base on anchor prompts at most this")
+    g.add_argument("--max-retention-drop", type=float, default=GateConfig.max_retention_drop,
+                   help="forgot: in-context reading accuracy may drop at most this")
+    g.add_argument("--max-earlier-drop", type=float, default=GateConfig.max_earlier_drop,
+                   help="forgot: earlier sessions' held-back probe F1 may drop at most this")
+
+
+def gate_options(args: argparse.Namespace) -> GateConfig:
+    return GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
+                      max_retention_drop=args.max_retention_drop,
+                      max_earlier_drop=args.max_earlier_drop)
+
+
 def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
@@ -125,9 +147,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
                           lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
         visits=None if args.steps else args.visits,
-        opsd=opsd_options(args),
-        gate=GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
-                        max_retention_drop=args.max_retention_drop))
+        opsd=opsd_options(args), gate=gate_options(args))
 
 
 def _consolidate(args: argparse.Namespace) -> int:
@@ -231,13 +251,8 @@ def _demo(args: argparse.Namespace) -> int:
     from onthejob.store.context import context_messages
 
     started = time.time()
-    if not args.keep:
-        # A private store and adapter folder; the converted model stays where it is cached.
-        from onthejob.config import models_dir
-
-        os.environ.setdefault("ONTHEJOB_MODELS", str(models_dir()))
-        os.environ["ONTHEJOB_HOME"] = tempfile.mkdtemp(prefix="onthejob-demo-")
-        os.environ.pop("ONTHEJOB_DB", None)
+    where = use_demo_home(args.keep)
+    print(where)
     store = Store()
     lm = load_model(args.model)
     tenant = "demo"
@@ -282,7 +297,7 @@ def _demo(args: argparse.Namespace) -> int:
                      f"{_ask(lm, store, tenant, q, adapter_path=outcome.adapter.path)!r}")
         print(line)
     print(f"learned {learned} of {len(DEMO_CHECKS)} facts it did not know; done in "
-          f"{time.time() - started:.0f} s; store and adapters under {os.environ.get('ONTHEJOB_HOME')}")
+          f"{time.time() - started:.0f} s; {where[0].lower()}{where[1:]}")
     return 0
 
 
@@ -290,3 +305,21 @@ def _knows(answer: str, want: str) -> str:
     from onthejob.learn.evaluate import contains
 
     return "knows" if contains(answer, want) else "does not know"
+
+
+def use_demo_home(keep: bool) -> str:
+    """Point the store and adapters at a new folder under ONTHEJOB_HOME/demos (unless `keep`:
+    then ONTHEJOB_HOME's own); the converted model stays in its shared cache. Says where."""
+    from onthejob import config
+
+    if keep:
+        return (f"Store and adapters: {config.database_url()} and {config.adapters_dir()} "
+                "(ONTHEJOB_HOME's own, kept with --keep)")
+    demos = config.home() / "demos"
+    demos.mkdir(parents=True, exist_ok=True)
+    os.environ["ONTHEJOB_HOME"] = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"),
+                                                   dir=demos)
+    os.environ.pop("ONTHEJOB_DB", None)
+    return (f"Store and adapters: this demo's own folder {config.home()} (look inside with "
+            f"`ONTHEJOB_HOME={config.home()} onthejob sessions list --tenant demo`; "
+            "`onthejob demo --keep` uses ONTHEJOB_HOME's own store instead)")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -71,11 +72,22 @@ def probe_f1(lm: LoadedModel, questions: Sequence[str], refs: Sequence[str]) -> 
                for a, r in zip(result.answers, refs, strict=True)) / len(refs)
 
 
-def decide(cfg: GateConfig, *, gain: float, kl: float, retention_drop: float,
+def decide(cfg: GateConfig, *, gain: float, kl: float | None, retention_drop: float,
            earlier_drop: float, extra: dict | None = None) -> Verdict:
+    """Promote only if every check passes; the reason names each check that failed. A bound
+    is inclusive (a gain of exactly `min_gain`, a KL of exactly `max_kl` pass). A measure
+    that is not a finite number fails its check: a NaN compares false with every bound and
+    would otherwise pass. A KL that was never measured (None) is an error, not a zero."""
+    if kl is None:
+        raise ValueError("the gate needs the KL to the base, and the training run did not "
+                         "measure it (no 'kl_to_base' in its last step): train with an anchor "
+                         "drift measure (AnchorDrift) so that forgetting can be checked")
     metrics = {"gain": gain, "kl_to_base": kl, "retention_drop": retention_drop,
                "earlier_drop": earlier_drop, "thresholds": asdict(cfg), **(extra or {})}
-    problems = []
+    problems = [f"{name} is {value!r}, not a finite number" for name, value in
+                (("held-back probe F1 gain", gain), ("KL to base", kl),
+                 ("retention drop", retention_drop), ("earlier-probe drop", earlier_drop))
+                if not math.isfinite(value)]
     if gain < cfg.min_gain:
         problems.append(f"did not learn: held-back probe F1 gain {gain:+.3f} < {cfg.min_gain}")
     if kl > cfg.max_kl:

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     prep = msub.add_parser("prepare", help="convert the embedded default model into the cache",
                            description="Convert the embedded GGUF default model once into a "
-                           "cached safetensors directory (ONTHEJOB_MODELS or ONTHEJOB_HOME).")
+                           "cached safetensors directory (ONTHEJOB_MODELS, else "
+                           "~/.cache/onthejob/models; shared by every ONTHEJOB_HOME).")
     prep.set_defaults(func=_prepare)
     info = msub.add_parser("info", help="print the model's facts",
                            description="Load a model and print its name, path and context.")

@@ -13,9 +13,7 @@ Endpoints (all but /health need `Authorization: Bearer <key>`):
   POST /v1/sessions/{id}/compact     the model summarizes the session; later turns build on it
   POST /v1/sessions/{id}/dream       start a dream (background job) -> its run id
   GET  /v1/dreams, /v1/dreams/{id}   the caller's dreams: status, progress, tasks and verdicts
-  GET  /v1/admin/tenants             admin key only
-  POST /v1/admin/tenants             admin key only: {"name", "allow_shared"} -> a new key
-  POST /v1/admin/tenants/{name}/keys admin key only: {"admin": false} -> a new key
+  /v1/admin/...                      tenants and keys: see serve/admin.py
 """
 
 from __future__ import annotations
@@ -29,12 +27,13 @@ from fastapi import Depends, FastAPI, Query, Request
 
 from onthejob.model import ContextLengthError, LoadedModel
 from onthejob.serve import errors, openapi
+from onthejob.serve.admin import add_admin_routes
 from onthejob.serve.completions import SESSION_HEADER, chat_completions
 from onthejob.serve.dreams import add_dream_routes
 from onthejob.serve.engine import Engine
 from onthejob.serve.errors import APIError
 from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
-from onthejob.serve.schemas import KeyCreate, ReviewRequest, SessionCreate, TenantCreate
+from onthejob.serve.schemas import ReviewRequest, SessionCreate
 from onthejob.serve.turns import AdapterResolver, compact
 from onthejob.store import Conflict, NotFound, Session, Store
 
@@ -70,13 +69,10 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
         app.router.on_shutdown.append(ctx.engine.close)
 
     def principal(request: Request) -> Principal:
-        return authenticate(ctx, request)
-
-    def admin(request: Request) -> Principal:
         who = authenticate(ctx, request)
-        if not who.is_admin:
-            raise APIError(403, "this endpoint needs an admin key "
-                           "(`onthejob keys add --tenant NAME --admin`)", "admin_required")
+        if who.is_operator:
+            raise APIError(403, "an operator key manages tenants and belongs to none: use a "
+                           "tenant's key for sessions, chat and dreams", "tenant_key_required")
         return who
 
     def not_found(session_id: str) -> APIError:
@@ -157,29 +153,6 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
 
     app.state.dreams = add_dream_routes(app, ctx, principal)
 
-    @app.get("/v1/admin/tenants")
-    def tenants(_who: Principal = Depends(admin)) -> dict:
-        return {"object": "list", "data": [_json(t) for t in store.list_tenants()]}
-
-    @app.post("/v1/admin/tenants")
-    async def add_tenant(request: Request, _who: Principal = Depends(admin)) -> dict:
-        body = await read_json(request, TenantCreate, ctx.limits.max_body_bytes)
-        try:
-            tenant = await asyncio.to_thread(store.create_tenant, body.name, body.allow_shared)
-        except Conflict as exc:
-            raise APIError(409, str(exc), "tenant_exists") from None
-        except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_value", "name") from None
-        key = await asyncio.to_thread(store.create_key, tenant)
-        return {"tenant": _json(tenant), "api_key": key}
-
-    @app.post("/v1/admin/tenants/{name}/keys")
-    async def add_key(name: str, request: Request, _who: Principal = Depends(admin)) -> dict:
-        body = await read_json(request, KeyCreate, ctx.limits.max_body_bytes)
-        try:
-            key = await asyncio.to_thread(store.create_key, name, body.admin)
-        except NotFound as exc:
-            raise APIError(404, str(exc), "tenant_not_found") from None
-        return {"tenant": name, "api_key": key, "admin": body.admin}
+    add_admin_routes(app, ctx)
 
     return app

@@ -42,8 +42,12 @@ class ServerContext:
 
 @dataclass(frozen=True)
 class Principal:
-    tenant: Tenant
+    tenant: Tenant | None  # None: an operator key (manages tenants, belongs to none)
     is_admin: bool
+
+    @property
+    def is_operator(self) -> bool:
+        return self.tenant is None
 
 
 def _check_strings(value: Any, where: str = "body") -> None:

@@ -15,6 +15,7 @@ from onthejob.serve.schemas import (
     ReviewRequest,
     SessionCreate,
     TenantCreate,
+    TenantUpdate,
 )
 
 BODIES: dict[tuple[str, str], type[BaseModel]] = {
@@ -23,6 +24,7 @@ BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/v1/sessions/{session_id}/review", "post"): ReviewRequest,
     ("/v1/admin/tenants", "post"): TenantCreate,
     ("/v1/admin/tenants/{name}/keys", "post"): KeyCreate,
+    ("/v1/admin/tenants/{name}", "patch"): TenantUpdate,
     ("/v1/sessions/{session_id}/dream", "post"): DreamRequest,
 }
 ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {

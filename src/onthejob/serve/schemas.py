@@ -91,6 +91,10 @@ class KeyCreate(Strict):
     admin: bool = False
 
 
+class TenantUpdate(Strict):
+    allow_shared: bool  # false withdraws consent to shared learning
+
+
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """A one-line reason and the offending field, from pydantic's error list."""
     errors = exc.errors()

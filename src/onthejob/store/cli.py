@@ -51,7 +51,7 @@ def _command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argp
 
 def register(sub: argparse._SubParsersAction) -> None:
     db = _db_option()
-    tenants = sub.add_parser("tenants", help="add or list tenants",
+    tenants = sub.add_parser("tenants", help="add, list or change tenants",
                              description="Tenants own sessions, keys and adapters.")
     tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
     add = tsub.add_parser("add", parents=[db], help="add a tenant and print its first API key",
@@ -62,23 +62,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.set_defaults(func=_command(_tenants_add))
     lst = tsub.add_parser("list", parents=[db], help="list tenants", description="List tenants.")
     lst.set_defaults(func=_command(_tenants_list))
+    tset = tsub.add_parser(
+        "set", parents=[db], help="give or withdraw a tenant's consent to shared learning",
+        description="Change a tenant's consent to shared learning. Withdrawn, its sessions stay "
+        "out of every later `consolidate --scope shared` and it is no longer served the shared "
+        "adapter; what a shared adapter learned from it before stays in that adapter.")
+    tset.add_argument("name")
+    tset.add_argument("--allow-shared", action=argparse.BooleanOptionalAction, required=True,
+                      help="--allow-shared gives consent, --no-allow-shared withdraws it")
+    tset.set_defaults(func=_command(_tenants_set))
 
     keys = sub.add_parser("keys", help="add, list or revoke API keys",
                           description="API keys are stored hashed; a new key is shown once.")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     kadd = ksub.add_parser("add", parents=[db], help="print a new key for a tenant",
-                           description="Create an API key for a tenant and print it once.")
-    kadd.add_argument("--tenant", required=True, metavar="NAME")
+                           description="Create an API key for a tenant (or an operator key) and "
+                           "print it once.")
+    _owner_options(kadd)
     kadd.add_argument("--admin", action="store_true",
-                      help="an admin key (may create tenants and keys over HTTP)")
+                      help="a tenant admin key: manages that tenant's keys and consent over HTTP")
     kadd.set_defaults(func=_command(_keys_add))
     klist = ksub.add_parser("list", parents=[db], help="list a tenant's keys (prefixes only)",
-                            description="List a tenant's keys by prefix.")
-    klist.add_argument("--tenant", required=True, metavar="NAME")
+                            description="List a tenant's (or the operator) keys by prefix.")
+    _owner_options(klist)
     klist.set_defaults(func=_command(_keys_list))
     krev = ksub.add_parser("revoke", parents=[db], help="revoke a key by its prefix",
-                           description="Revoke a tenant's key, named by the prefix `keys list` shows.")
-    krev.add_argument("--tenant", required=True, metavar="NAME")
+                           description="Revoke a tenant's (or an operator) key, named by the "
+                           "prefix `keys list` shows.")
+    _owner_options(krev)
     krev.add_argument("prefix", help="the key's first 12 characters")
     krev.set_defaults(func=_command(_keys_revoke))
 
@@ -105,6 +116,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_command(_sessions_export))
 
 
+def _owner_options(p: argparse.ArgumentParser) -> None:
+    owner = p.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tenant", metavar="NAME", help="the tenant whose keys these are")
+    owner.add_argument("--operator", action="store_true",
+                       help="operator keys: bound to no tenant; they list and create tenants and "
+                       "manage every tenant's keys over HTTP, and reach no sessions")
+
+
 def _tenants_add(store: Store, args: argparse.Namespace) -> int:
     tenant = store.create_tenant(args.name, allow_shared=args.allow_shared)
     key = store.create_key(tenant)
@@ -120,7 +139,22 @@ def _tenants_list(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tenants_set(store: Store, args: argparse.Namespace) -> int:
+    tenant = store.set_allow_shared(args.name, args.allow_shared)
+    if tenant.allow_shared:
+        print(f"tenant {tenant.name}: shared learning allowed (its approved sessions may feed "
+              "the shared adapter)")
+    else:
+        print(f"tenant {tenant.name}: consent to shared learning withdrawn (its sessions stay "
+              "out of later shared consolidations)")
+    return 0
+
+
 def _keys_add(store: Store, args: argparse.Namespace) -> int:
+    if args.operator:
+        key = store.create_operator_key()
+        print(f"operator key (manages tenants; shown once, store it now): {key}")
+        return 0
     key = store.create_key(args.tenant, admin=args.admin)
     kind = "admin key" if args.admin else "API key"
     print(f"{kind} for {args.tenant} (shown once, store it now): {key}")
@@ -128,14 +162,18 @@ def _keys_add(store: Store, args: argparse.Namespace) -> int:
 
 
 def _keys_list(store: Store, args: argparse.Namespace) -> int:
-    for key in store.list_keys(args.tenant):
-        flags = ", ".join(f for f, on in (("admin", key.is_admin), ("revoked", key.revoked)) if on)
+    found = store.list_operator_keys() if args.operator else store.list_keys(args.tenant)
+    for key in found:
+        flags = ", ".join(f for f, on in (("operator", key.tenant is None),
+                                          ("admin", key.is_admin and key.tenant is not None),
+                                          ("revoked", key.revoked)) if on)
         print(f"{key.prefix}...\t{key.created_at:%Y-%m-%d %H:%M}\t{flags}")
     return 0
 
 
 def _keys_revoke(store: Store, args: argparse.Namespace) -> int:
-    n = store.revoke_key(args.tenant, args.prefix)
+    n = store.revoke_operator_key(args.prefix) if args.operator else \
+        store.revoke_key(args.tenant, args.prefix)
     print(f"revoked {n} key(s)")
     return 0
 

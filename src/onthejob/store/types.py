@@ -37,7 +37,7 @@ class Tenant:
 @dataclass(frozen=True)
 class ApiKey:
     id: int
-    tenant: str
+    tenant: str | None  # None: an operator key (manages tenants, belongs to none)
     prefix: str
     is_admin: bool
     revoked: bool
