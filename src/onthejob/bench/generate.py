@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     result = run(None, ["float32"], tokens=args.tokens, repeats=args.repeats)
+    result["command"] = "python " + " ".join(sys.argv)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}.json")
     return 0
