@@ -1,6 +1,8 @@
 """The fast decoder (model/decoder.py) against the transformers forward it replaces: same greedy
 tokens, same log-probabilities, with and without adapters, as weights change under training."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -121,3 +123,33 @@ def test_unsupported_adapters_fall_back_to_transformers(lm):
     with pytest.raises(ValueError, match="not vanilla LoRA"):
         generate(lm, prompts, GREEDY, fast=True)
     assert_same(generate(lm, prompts, GREEDY), generate(lm, prompts, GREEDY, fast=False))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_prompts_are_encoded_once_with_the_same_results(lm, fast, monkeypatch):
+    """A group of samples of one prompt: one prefill, the same tokens as encoding each row."""
+    gen_module = importlib.import_module("onthejob.model.generate")
+
+    prompts = _prompts(lm)
+    group = [prompts[1], prompts[0], prompts[1], prompts[1]]
+    prefilled = []
+    steps = gen_module._steps
+
+    def spy(*args, **kwargs):
+        made = steps(*args, **kwargs)
+        prefill = made.prefill
+        made.prefill = lambda ids, positions: (prefilled.append(ids.shape[0]),
+                                               prefill(ids, positions))[1]
+        return made
+
+    monkeypatch.setattr(gen_module, "_steps", spy)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    grouped = generate(lm, group, params, fast=fast)
+    assert prefilled == [2]
+    # Each row as its own prompt (made distinct objects, still equal): same tokens as one by one.
+    alone = [generate(lm, [p], SamplingParams(max_tokens=12, ignore_eos=True), fast=fast)[0]
+             for p in group]
+    greedy = generate(lm, group, SamplingParams(max_tokens=12, ignore_eos=True), fast=fast)
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in alone]
+    # Rows that share a prompt are still sampled independently.
+    assert len({tuple(grouped[i].token_ids) for i in (0, 2, 3)}) == 3
