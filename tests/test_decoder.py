@@ -15,7 +15,22 @@ GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
 
 @pytest.fixture
 def lm():
-    return tiny_model(seed=1, layers=3, hidden=64)
+    """A tiny random model whose greedy answers depend on the prompt (at the default init
+    every prompt gives the same repeated token, which would make these comparisons empty)."""
+    lm = tiny_model(seed=1, layers=3, hidden=64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if p.dim() == 2:
+                scale = 1.0 if "embed" in name else 2.0
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / p.shape[1] ** 0.5)
+    return lm
+
+
+def test_the_test_model_answers_differ(lm):
+    outs = generate(lm, _prompts(lm), GREEDY)
+    assert len({tuple(c.token_ids) for c in outs}) == len(outs)
+    assert all(len(set(c.token_ids)) > 5 for c in outs)
 
 
 def _prompts(lm):
