@@ -91,21 +91,30 @@ def test_stacked_adapters_are_merged_exactly(lm):
 
 
 def test_a_training_student_samples_with_its_current_weights(lm):
-    """The trainer's pattern: a trainable adapter, sampled, then changed in place by the optimizer."""
+    """The trainer's pattern: a trainable adapter, sampled, then changed in place by the
+    optimizer, again and again. After its first change it is applied unmerged (live), so
+    later steps sample from its current values without rebuilding the merged weights."""
     attach(lm, "student", spec=LoraSpec(rank=4, alpha=8), trainable=True)
     _randomize_lora(lm, 0.3, seed=1)
     activate(lm, ["student"], trainable="student")
     prompts = _prompts(lm)
-    before = generate(lm, prompts, GREEDY, fast=True)
-    assert_same(before, generate(lm, prompts, GREEDY, fast=False))
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1.0)
-    loss = sum((p * torch.randn_like(p)).sum() for p in params)
-    loss.backward()
-    optimizer.step()
-    after = generate(lm, prompts, GREEDY, fast=True)
-    assert_same(after, generate(lm, prompts, GREEDY, fast=False))
-    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    seen, decoders = [], []
+    for step in range(3):
+        out = generate(lm, prompts, GREEDY, fast=True)
+        assert_same(out, generate(lm, prompts, GREEDY, fast=False))
+        seen.append([c.token_ids for c in out])
+        decoders.append(lm.decoder_cache)
+        gen = torch.Generator().manual_seed(step)
+        loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert seen[0] != seen[1] != seen[2]
+    assert decoders[1] is not decoders[0]  # the first change: rebuilt, the student now live
+    assert decoders[2] is decoders[1]  # later changes: read at every step, no rebuild
+    assert decoders[2].layers[0].qkv.live
 
 
 def test_autocast_around_the_call_is_not_inherited(lm):
