@@ -205,7 +205,8 @@ class FastDecoder:
         model = _inner(lm)
         cfg = model.config
         self.dtype = dtype
-        self.pack = packing_works(dtype) if pack is None else pack
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        self.pack = (on_cpu and packing_works(dtype)) if pack is None else pack
         self.live_ids = dict(live_ids or {})  # id -> tensor (held, so the id stays its own)
         self.key = state_key(lm, dtype, self.live_ids)
         self.heads = cfg.num_attention_heads
@@ -263,8 +264,8 @@ class FastDecoder:
 
     def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (batch, self.kv_heads, length, self.head_dim)
-        return [(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
-                for _ in self.layers]
+        like = {"dtype": torch.float32, "device": self.embed.device}
+        return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.layers]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list,
                 start: int, mask: torch.Tensor) -> torch.Tensor:

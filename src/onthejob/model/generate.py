@@ -80,9 +80,10 @@ class _FastSteps:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
         # A padding query sees only itself, so no row of the mask is empty (that would be NaN).
-        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool)
+        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool,
+                                                                     device=ids.device)
         self.column = t
         return self.decoder.forward(ids, positions, self.cache, 0, mask)
 
