@@ -1,6 +1,8 @@
 """The fast decoder (model/decoder.py) against the transformers forward it replaces: same greedy
 tokens, same log-probabilities, with and without adapters, as weights change under training."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -13,7 +15,22 @@ GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
 
 @pytest.fixture
 def lm():
-    return tiny_model(seed=1, layers=3, hidden=64)
+    """A tiny random model whose greedy answers depend on the prompt (at the default init
+    every prompt gives the same repeated token, which would make these comparisons empty)."""
+    lm = tiny_model(seed=1, layers=3, hidden=64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if p.dim() == 2:
+                scale = 1.0 if "embed" in name else 2.0
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / p.shape[1] ** 0.5)
+    return lm
+
+
+def test_the_test_model_answers_differ(lm):
+    outs = generate(lm, _prompts(lm), GREEDY)
+    assert len({tuple(c.token_ids) for c in outs}) == len(outs)
+    assert all(len(set(c.token_ids)) > 5 for c in outs)
 
 
 def _prompts(lm):
@@ -74,21 +91,30 @@ def test_stacked_adapters_are_merged_exactly(lm):
 
 
 def test_a_training_student_samples_with_its_current_weights(lm):
-    """The trainer's pattern: a trainable adapter, sampled, then changed in place by the optimizer."""
+    """The trainer's pattern: a trainable adapter, sampled, then changed in place by the
+    optimizer, again and again. After its first change it is applied unmerged (live), so
+    later steps sample from its current values without rebuilding the merged weights."""
     attach(lm, "student", spec=LoraSpec(rank=4, alpha=8), trainable=True)
     _randomize_lora(lm, 0.3, seed=1)
     activate(lm, ["student"], trainable="student")
     prompts = _prompts(lm)
-    before = generate(lm, prompts, GREEDY, fast=True)
-    assert_same(before, generate(lm, prompts, GREEDY, fast=False))
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1.0)
-    loss = sum((p * torch.randn_like(p)).sum() for p in params)
-    loss.backward()
-    optimizer.step()
-    after = generate(lm, prompts, GREEDY, fast=True)
-    assert_same(after, generate(lm, prompts, GREEDY, fast=False))
-    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    seen, decoders = [], []
+    for step in range(3):
+        out = generate(lm, prompts, GREEDY, fast=True)
+        assert_same(out, generate(lm, prompts, GREEDY, fast=False))
+        seen.append([c.token_ids for c in out])
+        decoders.append(lm.decoder_cache)
+        gen = torch.Generator().manual_seed(step)
+        loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert seen[0] != seen[1] != seen[2]
+    assert decoders[1] is not decoders[0]  # the first change: rebuilt, the student now live
+    assert decoders[2] is decoders[1]  # later changes: read at every step, no rebuild
+    assert decoders[2].layers[0].qkv.live
 
 
 def test_autocast_around_the_call_is_not_inherited(lm):
@@ -121,3 +147,33 @@ def test_unsupported_adapters_fall_back_to_transformers(lm):
     with pytest.raises(ValueError, match="not vanilla LoRA"):
         generate(lm, prompts, GREEDY, fast=True)
     assert_same(generate(lm, prompts, GREEDY), generate(lm, prompts, GREEDY, fast=False))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_prompts_are_encoded_once_with_the_same_results(lm, fast, monkeypatch):
+    """A group of samples of one prompt: one prefill, the same tokens as encoding each row."""
+    gen_module = importlib.import_module("onthejob.model.generate")
+
+    prompts = _prompts(lm)
+    group = [prompts[1], prompts[0], prompts[1], prompts[1]]
+    prefilled = []
+    steps = gen_module._steps
+
+    def spy(*args, **kwargs):
+        made = steps(*args, **kwargs)
+        prefill = made.prefill
+        made.prefill = lambda ids, positions: (prefilled.append(ids.shape[0]),
+                                               prefill(ids, positions))[1]
+        return made
+
+    monkeypatch.setattr(gen_module, "_steps", spy)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    grouped = generate(lm, group, params, fast=fast)
+    assert prefilled == [2]
+    # Each row as its own prompt (made distinct objects, still equal): same tokens as one by one.
+    alone = [generate(lm, [p], SamplingParams(max_tokens=12, ignore_eos=True), fast=fast)[0]
+             for p in group]
+    greedy = generate(lm, group, SamplingParams(max_tokens=12, ignore_eos=True), fast=fast)
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in alone]
+    # Rows that share a prompt are still sampled independently.
+    assert len({tuple(grouped[i].token_ids) for i in (0, 2, 3)}) == 3

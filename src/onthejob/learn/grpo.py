@@ -40,9 +40,8 @@ from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
 from onthejob.learn.loop import Trainer, _all_reduce_grads
 from onthejob.learn.scoring import Prefix, _body, response_logits, token_logprobs
-from onthejob.model import Completion, SamplingParams, check_fits
+from onthejob.model import Completion, SamplingParams, generate
 from onthejob.model.chat import end_of_turn_ids
-from onthejob.model.generate import _pick
 
 # Training start seeds come from [0, TRAIN_SEEDS); evaluations use seeds from EVAL_SEED_BASE up.
 TRAIN_SEEDS = 1_000_000
@@ -86,66 +85,12 @@ class GrpoConfig:
 
 
 # ---- sampling a group: the shared prompt is encoded once -----------------------------------
-@torch.no_grad()
 def generate_shared(lm: Any, prompts: Sequence[Sequence[int]],
                     params: SamplingParams) -> list[Completion]:
-    """`generate`, but identical prompts (a group's first turn) are encoded once and their KV
-    cache is copied to every row that asks for them: a group of G costs one prefill, not G.
-    Only the last prompt position goes through the vocabulary projection."""
-    params.validate()
-    unique = list(dict.fromkeys(tuple(p) for p in prompts))
-    for p in unique:
-        if not p:
-            raise ValueError("a prompt has no tokens")
-        check_fits(lm, len(p), params.max_tokens)
-    where = {p: i for i, p in enumerate(unique)}
-    device, pad = lm.device, lm.tokenizer.pad_token_id
-    width = max(len(p) for p in unique)
-    ids = torch.full((len(unique), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(unique), width), dtype=torch.long)
-    for row, p in enumerate(unique):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-    rows = torch.tensor([where[tuple(p)] for p in prompts], device=device)
-    cache.batch_select_indices(rows)
-    logits = out.logits[:, -1, :].float()[rows]
-    mask, next_pos = mask[rows], positions[rows, -1:] + 1
-    stops = end_of_turn_ids(lm.tokenizer)
-    n = len(prompts)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    reasons = ["length"] * n
-    alive = [True] * n
-    for _ in range(params.max_tokens):
-        token = _pick(logits, params, None)
-        logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-        for row in range(n):
-            if not alive[row]:
-                continue
-            t = int(token[row])
-            if t in stops:
-                alive[row], reasons[row] = False, "stop"
-                continue
-            tokens[row].append(t)
-            logprobs[row].append(float(logprob[row]))
-        if not any(alive):
-            break
-        live = torch.tensor(alive, device=device)
-        token = torch.where(live, token, torch.full_like(token, pad))
-        mask = torch.cat([mask, live[:, None].long()], 1)
-        out = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
-    tok = lm.tokenizer
-    return [Completion(list(prompts[r]), tokens[r], logprobs[r],
-                       tok.decode(tokens[r], skip_special_tokens=True), reasons[r])
-            for r in range(n)]
+    """`generate`: the one generation path encodes identical prompts (a group's first turn)
+    once and copies their KV cache to every row that asks for them, so a group of G costs one
+    prefill, not G. Kept as a name for the policies below."""
+    return generate(lm, prompts, params)
 
 
 class GroupPolicy(ModelPolicy):

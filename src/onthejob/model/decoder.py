@@ -1,25 +1,31 @@
 """The fast forward pass for Llama-family models, used by the one generation path.
 
-Why it exists (profiled with py-spy on the default model, batch 1, one thread): the
-transformers forward spends ~30% of a decode step outside the matrix products (module
-calls, cache bookkeeping, mask building, 420 small LoRA matmuls a step), and the prefill
+Why it exists (profiled with py-spy on the default model with a LoRA adapter, one thread):
+the transformers forward spent ~30% of a decode step outside the matrix products (module
+calls, cache bookkeeping, mask building, 420 small LoRA matmuls a step) and the prefill
 built vocabulary logits for every prompt position. Here a step is the plain arithmetic:
 
 - weights are gathered once per adapter state: each projection's base weight with the
-  active LoRA deltas merged in (W + scale * B @ A), q/k/v and gate/up concatenated into
-  one matrix each; the set is cached and rebuilt only when a weight changes (tensor
-  version counters see every optimizer step), so a trainable student samples with its
-  current weights;
-- the KV cache is allocated once per call at prompt width + max_tokens and written in place;
-- only the last position's logits are computed.
+  frozen LoRA deltas merged in (W + scale * B @ A), q/k/v and gate/up concatenated into one
+  matrix each, prepacked for oneDNN where this torch has it (2-3x faster products at batch
+  8 and 32 on this CPU, docs/results/generate-profile.md);
+- an adapter whose weights change after it was merged (a student in training) becomes
+  *live*: applied unmerged at every step from its current values, as PEFT computes it, so
+  an optimizer step costs no rebuild; projections made of unchanged tensors are reused
+  when the adapter state changes;
+- tensor version counters see every in-place update, so the cached state is never stale;
+- the KV cache is allocated once per call and written in place; grouped-query attention
+  runs on the cache as it is (no repeated key/value copies); only the last position's
+  logits are computed.
 
-Only vanilla LoRA on the Linear projections is merged; anything else (another architecture,
-DoRA, LoRA on the embeddings) is reported by `unsupported()` and generation falls back to
-the transformers forward.
+Only vanilla LoRA on the Linear projections is supported; anything else (another
+architecture, DoRA, LoRA on the embeddings) is reported by `unsupported()` and generation
+falls back to the transformers forward.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +36,8 @@ from onthejob.model.load import LoadedModel
 
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
          ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+_FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+          "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
 def _inner(lm: LoadedModel) -> torch.nn.Module:
@@ -51,63 +59,73 @@ def unsupported(lm: LoadedModel) -> str | None:
     from peft.tuners.lora import LoraLayer
 
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and not name.endswith(tuple(p for _, p in _PROJ)):
-            if not module.disable_adapters and any(a in module.lora_A for a in module.active_adapters):
-                return f"a LoRA adapter on {name} (only the attention and MLP projections merge)"
-        if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
-            for a in module.active_adapters:
-                if a in module.lora_variant:
-                    return f"adapter {a} is not vanilla LoRA ({type(module.lora_variant[a]).__name__})"
-                if a in module.lora_B and module.lora_B[a].bias is not None:
-                    return f"adapter {a} has a LoRA bias"
+        if not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+            continue
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if active and not name.endswith(tuple(p for _, p in _PROJ)):
+            return f"a LoRA adapter on {name} (only the attention and MLP projections merge)"
+        for a in active:
+            if a in module.lora_variant:
+                return f"adapter {a} is not vanilla LoRA ({type(module.lora_variant[a]).__name__})"
+            if module.lora_B[a].bias is not None:
+                return f"adapter {a} has a LoRA bias"
     return None
 
 
-def _effective(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of one projection as its forward computes it now: the base weight plus
-    every active LoRA delta (PEFT's own get_delta_weight, which applies the scaling)."""
+def _adapters(module: torch.nn.Module, live_ids: dict) -> tuple[list[str], list[str]]:
+    """The active LoRA adapters of one projection: (frozen ones, merged into the weight;
+    live ones, applied unmerged at every step)."""
     from peft.tuners.lora import LoraLayer
 
-    if not isinstance(module, LoraLayer):
-        return module.weight, module.bias
-    base = module.get_base_layer()
-    weight = base.weight
-    if not module.disable_adapters and not module.merged:
-        active = [a for a in module.active_adapters if a in module.lora_A]
-        if active:
-            weight = weight.detach().clone()
-            for a in active:
-                weight += module.get_delta_weight(a).to(weight.dtype)
-    return weight, base.bias
+    if not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+        return [], []
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    live = [a for a in active if id(module.lora_A[a].weight) in live_ids
+            or id(module.lora_B[a].weight) in live_ids]
+    return [a for a in active if a not in live], live
 
 
-def state_key(lm: LoadedModel, dtype: torch.dtype) -> tuple:
-    """Identity and version of every tensor the merged weights depend on (cheap to build)."""
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _source(module: torch.nn.Module, live_ids: dict) -> tuple[list, list]:
+    """Key parts of one projection: (what its merged weight is made of, its live adapters)."""
+    base = _base(module)
+    source: list = [base.weight, base.weight._version]
+    frozen, live = _adapters(module, live_ids)
+    for a in frozen:
+        a_w, b_w = module.lora_A[a].weight, module.lora_B[a].weight
+        source += ["frozen", a_w, a_w._version, b_w, b_w._version, module.scaling[a]]
+    return source, [p for a in live for p in ("live", module.lora_A[a].weight,
+                                               module.lora_B[a].weight, module.scaling[a])]
+
+
+def _merged(module: torch.nn.Module, live_ids: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base weight plus every frozen LoRA delta (PEFT's get_delta_weight, with scaling)."""
+    base = _base(module)
+    weight = base.weight.detach()
+    frozen, _ = _adapters(module, live_ids)
+    if frozen:
+        weight = weight.clone()
+        for a in frozen:
+            weight += module.get_delta_weight(a).to(weight.dtype)
+    return weight, None if base.bias is None else base.bias.detach()
+
+
+def state_key(lm: LoadedModel, dtype: torch.dtype, live_ids: dict) -> tuple:
+    """Identity and version of every tensor the decoder's weights depend on (cheap to build).
+    Live adapters enter by identity only: their values are read at every step."""
     model = _inner(lm)
-    parts: list = [dtype, model.model.embed_tokens.weight, model.model.embed_tokens.weight._version,
-                   model.lm_head.weight, model.lm_head.weight._version]
+    emb, head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
+    parts: list = [dtype, emb, emb._version, head, head._version, norm, norm._version]
     for layer in model.model.layers:
         for group, proj in _PROJ:
-            parts += _key_only(getattr(getattr(layer, group), proj))
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            parts += [norm.weight, norm.weight._version]
-    parts += [model.model.norm.weight, model.model.norm.weight._version]
+            source, live = _source(getattr(getattr(layer, group), proj), live_ids)
+            parts += source + live
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            parts += [n.weight, n.weight._version]
     return tuple(parts)
-
-
-def _key_only(module: torch.nn.Module) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(module, LoraLayer):
-        return [module.weight, module.weight._version]
-    base = module.get_base_layer()
-    key: list = [base.weight, base.weight._version]
-    if not module.disable_adapters and not module.merged:
-        for a in module.active_adapters:
-            if a in module.lora_A:
-                a_w, b_w = module.lora_A[a].weight, module.lora_B[a].weight
-                key += [a_w, a_w._version, b_w, b_w._version, module.scaling[a]]
-    return key
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -116,25 +134,36 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 class _Proj:
-    """One projection's weight, prepacked for oneDNN where that works (measured on this CPU:
-    a float32 decode step's matrix products 2.2x faster at batch 8 than torch's default
-    kernel, see docs/results/generate.md), else the plain tensor for F.linear."""
+    """One (fused) projection: its merged weight, prepacked for oneDNN where that works, else
+    the plain tensor for F.linear; plus the live adapters added to its output columns."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 pack: bool) -> None:
-        weight = weight.detach().to(dtype)
-        self.bias = None if bias is None else bias.detach().to(dtype)
-        self.dtype = dtype
+                 pack: bool, source: list) -> None:
+        weight = weight.to(dtype)
+        self.bias = None if bias is None else bias.to(dtype)
+        self.dtype, self.source = dtype, source
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if pack else None
         self.weight = None if pack else weight
+        self.live: list = []  # (A, B, scaling, first, last): out[..., first:last] += ...
+
+    def with_live(self, live: list) -> _Proj:
+        twin = copy.copy(self)
+        twin.live = live
+        return twin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
+        low = x.to(self.dtype)
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+            out = F.linear(low, self.weight, self.bias)
+        else:
+            flat = low.reshape(-1, x.shape[-1])
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            out = out.view(*x.shape[:-1], out.shape[-1])
+        for a, b, scaling, first, last in self.live:
+            # as PEFT computes it: lora_B(lora_A(x)) * scaling, in the adapter's dtype
+            delta = F.linear(F.linear(x.to(a.dtype), a), b) * scaling
+            out[..., first:last] += delta.to(out.dtype)
+        return out
 
 
 _PACKING: dict[torch.dtype, bool] = {}
@@ -148,7 +177,7 @@ def packing_works(dtype: torch.dtype) -> bool:
             gen = torch.Generator().manual_seed(0)
             w = torch.randn(96, 64, generator=gen).to(dtype)
             x = torch.randn(5, 64, generator=gen).to(dtype)
-            proj = _Proj(w, None, dtype, pack=True)
+            proj = _Proj(w, None, dtype, True, [])
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             _PACKING[dtype] = torch.allclose(proj(x).float(), F.linear(x, w).float(), atol=tol,
                                              rtol=tol)
@@ -167,24 +196,19 @@ class _Layer:
     down: _Proj
 
 
-def _cat_bias(biases: list[torch.Tensor | None], sizes: list[int], like: torch.Tensor
-              ) -> torch.Tensor | None:
-    if all(b is None for b in biases):
-        return None
-    return torch.cat([b if b is not None else torch.zeros(n, dtype=like.dtype)
-                      for b, n in zip(biases, sizes, strict=True)])
-
-
 class FastDecoder:
     """The model's weights in the form one decode step wants, for one adapter state."""
 
     def __init__(self, lm: LoadedModel, dtype: torch.dtype = torch.float32,
-                 pack: bool | None = None) -> None:
+                 pack: bool | None = None, live_ids: dict | None = None,
+                 previous: FastDecoder | None = None) -> None:
         model = _inner(lm)
-        pack = packing_works(dtype) if pack is None else pack
         cfg = model.config
         self.dtype = dtype
-        self.key = state_key(lm, dtype)
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        self.pack = (on_cpu and packing_works(dtype)) if pack is None else pack
+        self.live_ids = dict(live_ids or {})  # id -> tensor (held, so the id stays its own)
+        self.key = state_key(lm, dtype, self.live_ids)
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -192,30 +216,46 @@ class FastDecoder:
         self.act = ACT2FN[cfg.hidden_act]
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens.weight.detach()
-        self.lm_head = _Proj(model.lm_head.weight, None, dtype, pack)
         self.norm = model.model.norm.weight.detach()
+        reuse = previous is not None and previous.dtype == dtype and previous.pack == self.pack
+        head = model.lm_head.weight
+        if reuse and _same(tuple(previous.lm_head.source), (head, head._version)):
+            self.lm_head = previous.lm_head
+        else:
+            self.lm_head = _Proj(head.detach(), None, dtype, self.pack, [head, head._version])
         self.layers = []
         with torch.no_grad():
-            for layer in model.model.layers:
-                w = {}
-                for group, proj in _PROJ:
-                    weight, bias = _effective(getattr(getattr(layer, group), proj))
-                    w[proj] = (weight.detach(), None if bias is None else bias.detach())
-                qkv = [w[p] for p in ("q_proj", "k_proj", "v_proj")]
-                gu = [w[p] for p in ("gate_proj", "up_proj")]
-                self.layers.append(_Layer(
-                    norm1=layer.input_layernorm.weight.detach(),
-                    qkv=_Proj(torch.cat([x for x, _ in qkv]),
-                              _cat_bias([b for _, b in qkv], [x.shape[0] for x, _ in qkv],
-                                        qkv[0][0]), dtype, pack),
-                    o=_Proj(*w["o_proj"], dtype, pack),
-                    norm2=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=_Proj(torch.cat([x for x, _ in gu]),
-                                  _cat_bias([b for _, b in gu], [x.shape[0] for x, _ in gu],
-                                            gu[0][0]), dtype, pack),
-                    down=_Proj(*w["down_proj"], dtype, pack),
-                ))
-        self.intermediate = w["gate_proj"][0].shape[0]
+            for index, layer in enumerate(model.model.layers):
+                modules = {proj: getattr(getattr(layer, group), proj) for group, proj in _PROJ}
+                fused = {name: self._proj([modules[p] for p in parts],
+                                          getattr(previous.layers[index], name) if reuse else None)
+                         for name, parts in _FUSED.items()}
+                self.layers.append(_Layer(norm1=layer.input_layernorm.weight.detach(),
+                                          norm2=layer.post_attention_layernorm.weight.detach(),
+                                          **fused))
+        self.intermediate = _base(modules["gate_proj"]).out_features
+
+    def _proj(self, modules: list, reuse: _Proj | None) -> _Proj:
+        """A fused projection; its merged weight is reused from `reuse` when made of the very
+        same tensors at the same versions, else merged and packed anew."""
+        source, live, first = [], [], 0
+        for module in modules:
+            part, _ = _source(module, self.live_ids)
+            source += part
+            last = first + _base(module).out_features
+            _, names = _adapters(module, self.live_ids)
+            live += [(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a], first,
+                      last) for a in names]
+            first = last
+        if reuse is not None and _same(tuple(reuse.source), tuple(source)):
+            return reuse.with_live(live)
+        pieces = [_merged(m, self.live_ids) for m in modules]
+        weight = torch.cat([w for w, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+        bias = None
+        if any(b is not None for _, b in pieces):
+            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                              for w, b in pieces])
+        return _Proj(weight, bias, self.dtype, self.pack, source).with_live(live)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for (batch, time) positions, shaped to broadcast over heads."""
@@ -224,8 +264,8 @@ class FastDecoder:
 
     def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (batch, self.kv_heads, length, self.head_dim)
-        return [(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
-                for _ in self.layers]
+        like = {"dtype": torch.float32, "device": self.embed.device}
+        return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.layers]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list,
                 start: int, mask: torch.Tensor) -> torch.Tensor:
@@ -237,24 +277,27 @@ class FastDecoder:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rope(positions)
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
-        half = d // 2
+        group, half = h // kvh, d // 2
+        # Query heads grouped by the key/value head they share (head i uses kv head i // group,
+        # as transformers' repeat_kv has it): (batch, kv heads, group * time, dim).
+        if group > 1:
+            mask = mask.repeat(1, 1, group, 1) if t > 1 else mask
         for layer, (k_cache, v_cache) in zip(self.layers, cache, strict=True):
             y = _rms(x, layer.norm1, self.eps)
-            qkv = layer.qkv(y).float()
-            qkv = qkv.view(b, t, h + 2 * kvh, d).transpose(1, 2)
+            qkv = layer.qkv(y).float().view(b, t, h + 2 * kvh, d).transpose(1, 2)
             qk = qkv[:, : h + kvh]
-            rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rot * sin
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             k_cache[:, :, start:end] = qk[:, h:]
             v_cache[:, :, start:end] = qkv[:, h + kvh:]
-            att = F.scaled_dot_product_attention(qk[:, :h], k_cache[:, :, :end], v_cache[:, :, :end],
-                                                 attn_mask=mask, enable_gqa=kvh != h)
-            att = att.transpose(1, 2).reshape(b, t, h * d)
+            q = qk[:, :h].reshape(b, kvh, group * t, d)
+            att = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                                 attn_mask=mask)
+            att = att.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
             x = x + layer.o(att).float()
             y = _rms(x, layer.norm2, self.eps)
             gu = layer.gate_up(y)
-            gate, up = gu[..., : self.intermediate], gu[..., self.intermediate:]
-            x = x + layer.down(self.act(gate) * up).float()
+            x = x + layer.down(self.act(gu[..., : self.intermediate])
+                               * gu[..., self.intermediate:]).float()
         last = _rms(x[:, -1], self.norm, self.eps)
         return self.lm_head(last).float()
 
@@ -266,12 +309,29 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def decoder_for(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> FastDecoder | None:
     """The cached FastDecoder for lm's current weights and adapters (rebuilt when any of them
-    changed), or None when the model is not one it supports."""
+    changed, reusing what did not), or None when the model is not one it supports."""
     if unsupported(lm) is not None:
         return None
     cached = lm.decoder_cache
-    if cached is not None and _same(cached.key, state_key(lm, dtype)):
+    live = cached.live_ids if cached is not None else {}
+    key = state_key(lm, dtype, live)
+    if cached is not None and _same(cached.key, key):
         return cached
-    lm.decoder_cache = None  # free the old weights before building the new ones
-    lm.decoder_cache = FastDecoder(lm, dtype)
+    if cached is not None:  # adapters merged before whose weights have moved on become live
+        live = {**live, **_moved(cached.key, key)}
+    lm.decoder_cache = FastDecoder(lm, dtype, live_ids=live, previous=cached)
     return lm.decoder_cache
+
+
+def _moved(old: tuple, new: tuple) -> dict:
+    """LoRA weights merged in the `old` key whose version differs in the `new` one."""
+    def frozen(key: tuple) -> dict:
+        found = {}
+        for i, part in enumerate(key):
+            if isinstance(part, str) and part == "frozen":
+                for tensor, version in ((key[i + 1], key[i + 2]), (key[i + 3], key[i + 4])):
+                    found[id(tensor)] = (tensor, version)
+        return found
+    before = frozen(old)
+    return {i: t for i, (t, v) in frozen(new).items()
+            if i in before and before[i][0] is t and before[i][1] != v}

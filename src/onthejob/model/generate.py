@@ -80,11 +80,16 @@ class _FastSteps:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
         # A padding query sees only itself, so no row of the mask is empty (that would be NaN).
-        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool)
+        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool,
+                                                                     device=ids.device)
         self.column = t
         return self.decoder.forward(ids, positions, self.cache, 0, mask)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.valid = self.valid[rows]
+        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         c = self.column
@@ -103,6 +108,10 @@ class _TransformersSteps:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.mask = self.mask[rows]
+        self.cache.batch_select_indices(rows)
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, alive[:, None].long()], dim=1)
@@ -128,7 +137,8 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
     """Yield (tokens, logprobs, alive) for each step of batched decoding.
 
     Prompts are left-padded; finished rows keep decoding padding until all are done
-    (the caller decides when a row is done by setting `alive` entries to False).
+    (the caller decides when a row is done by setting `alive` entries to False). Identical
+    prompts (a group of samples of one prompt) are encoded once and their cache copied.
     `fast`: None uses the fast decoder where it supports the model, True requires it,
     False uses the transformers forward (the reference the tests compare against).
     Any autocast around the call is switched off for the model's arithmetic: precision is
@@ -141,12 +151,13 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
         check_fits(lm, len(p), params.max_tokens)
     tok = lm.tokenizer
     device = lm.device
-    width = max(len(p) for p in prompts)
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    width = max(len(p) for p in unique)
     pad = tok.pad_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p))
+    ids = torch.full((len(unique), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(unique), width), dtype=torch.long)
+    for row, p in enumerate(unique):
+        ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -157,6 +168,11 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
     with no_autocast:
         steps = _steps(lm, mask, params.max_tokens, fast)
         logits = steps.prefill(ids, positions)
+    if len(unique) < len(prompts):
+        where = {p: i for i, p in enumerate(unique)}
+        rows = torch.tensor([where[tuple(p)] for p in prompts], device=device)
+        steps.select(rows)
+        logits, positions = logits[rows], positions[rows]
     next_pos = positions[:, -1:] + 1
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     for _ in range(params.max_tokens):

@@ -1,0 +1,93 @@
+"""Generation engines (model/engine.py): the torch engine applies each request's adapters, and
+the server's worker generates only through the engine it was given."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from onthejob.model import Completion, SamplingParams, generate, render_ids, tiny_model
+from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
+from onthejob.model.engine import TorchEngine, make_engine
+from onthejob.serve.engine import Engine
+
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+def _adapter(lm, name: str, seed: int, folder) -> str:
+    attach(lm, name, spec=LoraSpec(rank=4, alpha=8), trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in lm.model.named_parameters():
+            if "lora_B" in pname and f".{name}." in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    activate(lm, [name])
+    path = str(folder / name)
+    save(lm.model, name, path)
+    return path
+
+
+@pytest.fixture
+def lm_and_adapters(tmp_path):
+    lm = tiny_model(seed=2)
+    paths = [_adapter(lm, "t1", 1, tmp_path), _adapter(lm, "t2", 2, tmp_path)]
+    lm.model = lm.model.unload()
+    return lm, paths
+
+
+def test_each_request_gets_its_own_adapter(lm_and_adapters):
+    lm, (a, b) = lm_and_adapters
+    prompts = [render_ids(lm.tokenizer, [{"role": "user", "content": q}]) for q in ("hi", "2+2?")]
+    expected = {}
+    for key, paths in (("a", [a]), ("b", [b]), ("ab", [a, b]), ("base", [])):
+        use_adapter(lm, paths or None)
+        expected[key] = [c.token_ids for c in generate(lm, prompts, PARAMS, fast=False)]
+    assert len({tuple(map(tuple, v)) for v in expected.values()}) == 4  # all four differ
+    engine = TorchEngine(lm)
+    # Interleaved tenants: each call sees exactly its own adapters, never the previous call's.
+    for key, paths in (("a", [a]), ("b", [b]), ("base", []), ("ab", [a, b]), ("a", [a])):
+        got = [c.token_ids for c in engine.generate(prompts, PARAMS, paths)]
+        assert got == expected[key], key
+        pieces = list(engine.stream(prompts[0], PARAMS, paths))
+        assert pieces[-1].token_ids == expected[key][0], key
+
+
+class _Recording:
+    """A GenerationEngine that answers without a model and records what it was asked."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def generate(self, prompts, params, adapters=()):
+        self.calls.append(("generate", tuple(adapters)))
+        return [Completion(list(p), [1], [0.0], "x", "length") for p in prompts]
+
+    def stream(self, prompt, params, adapters=()):
+        self.calls.append(("stream", tuple(adapters)))
+        yield "y"
+        yield Completion(list(prompt), [2], [0.0], "y", "stop")
+
+
+def test_the_server_worker_generates_through_its_engine(tiny_lm):
+    backend = _Recording()
+    engine = Engine(tiny_lm, backend=backend)
+    try:
+        done = engine.submit([1, 2], SamplingParams(max_tokens=2), adapters=["/x"]).result(60)
+        pieces: list[str] = []
+        streamed = engine.submit_stream([3], SamplingParams(max_tokens=2), ["/y"], pieces.append,
+                                        threading.Event()).result(60)
+    finally:
+        engine.close()
+    assert done.text == "x" and streamed.text == "y" and pieces == ["y"]
+    assert backend.calls == [("generate", ("/x",)), ("stream", ("/y",))]
+
+
+def test_unknown_engine_or_precision_is_refused(tiny_lm):
+    with pytest.raises(ValueError, match="choose one of torch"):
+        make_engine("vllm", tiny_lm)
+    with pytest.raises(ValueError, match="precision"):
+        make_engine("torch", tiny_lm, precision="int4")
