@@ -16,6 +16,7 @@ Endpoints (all but /health need `Authorization: Bearer <key>`):
   GET  /v1/admin/tenants             admin key only
   POST /v1/admin/tenants             admin key only: {"name", "allow_shared"} -> a new key
   POST /v1/admin/tenants/{name}/keys admin key only: {"admin": false} -> a new key
+  /review/...                        the review page in a browser (serve/web), signed in with a key
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 
+from onthejob import config
 from onthejob.model import ContextLengthError, LoadedModel
 from onthejob.serve import errors, openapi
 from onthejob.serve.completions import SESSION_HEADER, chat_completions
@@ -36,6 +39,7 @@ from onthejob.serve.errors import APIError
 from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
 from onthejob.serve.schemas import KeyCreate, ReviewRequest, SessionCreate, TenantCreate
 from onthejob.serve.turns import AdapterResolver, compact
+from onthejob.serve.web import add_review_pages
 from onthejob.store import Conflict, NotFound, Session, Store
 
 
@@ -54,8 +58,10 @@ def _session_json(session: Session) -> dict:
 
 
 def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
-               engine: Engine | None = None) -> FastAPI:
-    """The server app. It owns (and closes on shutdown) an Engine unless one is given."""
+               engine: Engine | None = None, figures: Path | None = None) -> FastAPI:
+    """The server app. It owns (and closes on shutdown) an Engine unless one is given.
+    `figures`: the folder of benchmark plots the review page shows (default:
+    config.figures_dir())."""
     own_engine = engine is None
     ctx = ServerContext(lm=lm, store=store, engine=engine or Engine(lm),
                         adapters=AdapterResolver(store), limits=limits or Limits())
@@ -182,4 +188,5 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
             raise APIError(404, str(exc), "tenant_not_found") from None
         return {"tenant": name, "api_key": key, "admin": body.admin}
 
+    add_review_pages(app, ctx, figures if figures is not None else config.figures_dir())
     return app

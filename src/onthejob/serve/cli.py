@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="answer length when a request gives no max_tokens")
     _engine_options(serve)
+    serve.add_argument("--figures", metavar="DIR", help="the benchmark plots the review page "
+                       "shows (default: ONTHEJOB_FIGURES, else docs/results of a source checkout)")
     serve.set_defaults(func=_serve)
 
     chat = sub.add_parser(
@@ -113,12 +115,16 @@ def _serve(args: argparse.Namespace) -> int:
     backend = _backend(args, lm)
     if backend is None:
         return 2
+    from pathlib import Path
+
     engine = Engine(lm, backend=backend)
     app = create_app(lm, store, engine=engine,
                      limits=Limits(max_body_bytes=args.max_body_bytes,
-                                   default_max_tokens=args.default_max_tokens))
+                                   default_max_tokens=args.default_max_tokens),
+                     figures=Path(args.figures) if args.figures else None)
     print(f"serving {lm.name} on http://{args.host}:{args.port}/v1 with the {backend.name} engine, "
-          f"{args.precision} (database: {store.url})")
+          f"{args.precision} (database: {store.url}); the review page: "
+          f"http://{args.host}:{args.port}/review")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
