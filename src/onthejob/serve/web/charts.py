@@ -1,5 +1,5 @@
-"""A small inline SVG of an adapter's gate metrics over its versions, drawn on the server (the
-page needs no script to show it): one panel per metric, the gate's threshold dashed, each
+"""Small inline SVGs of an adapter's gate metrics over its versions, drawn on the server (the
+page needs no script to show them): one panel per metric, the gate's threshold dashed, each
 version a dot colored by its status."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ PANELS = (("gain", "learned: probe F1 gain", "min_gain", 1.0),
           ("reading_change", "reading change", "max_retention_drop", -1.0))
 STATUS_COLORS = {"active": "#1a7f37", "rejected": "#cf222e", "retired": "#6e7781",
                  "candidate": "#0969da"}
-PANEL_W, PANEL_H, GAP = 200, 150, 16
+PANEL_W, PANEL_H = 200, 150
 PAD_L, PAD_R, PAD_T, PAD_B = 34, 8, 22, 22
 MAX_VERSIONS = 24
 
@@ -83,18 +83,18 @@ def _panel(adapters: Sequence[Adapter], key: str, title: str, threshold: float |
 
 
 def gate_chart(adapters: Sequence[Adapter], label: str) -> str:
-    """The SVG (a string of markup) for these versions of one adapter, oldest first; '' when
-    no version has gate metrics."""
+    """The markup for these versions of one adapter, oldest first: one small SVG per metric
+    (side by side on a wide window, stacked on a phone); '' when no version has gate metrics."""
     shown = sorted(adapters, key=lambda a: a.version)[-MAX_VERSIONS:]
     if not any(metric(a, key) is not None for a in shown for key, *_ in PANELS):
         return ""
-    width = len(PANELS) * PANEL_W + (len(PANELS) - 1) * GAP
     latest = shown[-1]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {PANEL_H}" '
-             f'class="chart" role="img" aria-label="{escape(label)}">',
-             f"<title>{escape(label)}</title>"]
-    for n, (key, title, threshold_key, sign) in enumerate(PANELS):
+    parts = [f'<div class="charts" role="group" aria-label="{escape(label)}">']
+    for key, title, threshold_key, sign in PANELS:
         threshold = _threshold(latest, threshold_key, sign)
-        parts += _panel(shown, key, title, threshold, n * (PANEL_W + GAP))
-    parts.append("</svg>")
+        parts.append(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {PANEL_W} {PANEL_H}" '
+                     f'role="img" aria-label="{escape(f"{label}: {title}")}">')
+        parts += _panel(shown, key, title, threshold, 0)
+        parts.append("</svg>")
+    parts.append("</div>")
     return "\n".join(parts)

@@ -69,6 +69,10 @@ def turn_of(message: Message) -> Turn:
     return Turn(message.seq, message.kind, message.role, label, body, detail)
 
 
+def _signed(value: float) -> str:
+    return f"{value + 0.0:+.3f}" if round(value, 3) else "+0.000"  # never "-0.000"
+
+
 def _num(metrics: dict, key: str) -> float | None:
     value = metrics.get(key)
     return float(value) if isinstance(value, (int, float)) else None
@@ -93,10 +97,10 @@ def gate_words(adapter: Adapter) -> str:
         forgot.append(f"KL {kl:.3f} to the base{bar}")
     drop = _num(m, "retention_drop")
     if drop is not None:
-        forgot.append(f"reading {-drop:+.3f}")
+        forgot.append(f"reading {_signed(-drop)}")
     earlier = _num(m, "earlier_drop")
     if earlier is not None:
-        forgot.append(f"earlier sessions {-earlier:+.3f}")
+        forgot.append(f"earlier sessions {_signed(-earlier)}")
     if forgot:
         parts.append("forgot: " + ", ".join(forgot))
     return "; ".join(parts)
