@@ -29,13 +29,24 @@ CHROMEDRIVER = os.environ.get("ONTHEJOB_CHROMEDRIVER", "/usr/bin/chromedriver")
 SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 DESKTOP, PHONE = (1100, 800), (390, 844)
 
-webdriver = pytest.importorskip("selenium.webdriver",
-                                reason="selenium is not installed (pip install -e '.[dev]')")
-if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-    pytest.skip(f"no headless browser: {CHROMIUM} or {CHROMEDRIVER} is missing; install "
-                "Debian's with `apt-get install -y chromium chromium-driver` (.ci/run does)",
-                allow_module_level=True)
 
+def _missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        return (f"no headless browser: {CHROMIUM} or {CHROMEDRIVER} is missing; install "
+                "Debian's with `apt-get install -y chromium chromium-driver` (.ci/run does)")
+    return None
+
+
+if (_why := _missing()) is not None:
+    if os.environ.get("ONTHEJOB_REQUIRE_BROWSER"):  # CI: a browser test must run, not skip
+        raise RuntimeError(f"ONTHEJOB_REQUIRE_BROWSER is set but {_why}")
+    pytest.skip(_why, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
