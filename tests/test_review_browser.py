@@ -50,6 +50,8 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
 class LocalServer:
@@ -117,10 +119,26 @@ def shoot(driver, name: str, size: tuple[int, int] = DESKTOP) -> Path:
     return path
 
 
+def click(driver, css: str | None = None, *, link: str | None = None,
+          partial: str | None = None) -> None:
+    """Click a button or link that loads a new page, and wait until that page has loaded."""
+    if css is not None:
+        element = driver.find_element(By.CSS_SELECTOR, css)
+    elif link is not None:
+        element = driver.find_element(By.LINK_TEXT, link)
+    else:
+        element = driver.find_element(By.PARTIAL_LINK_TEXT, partial)
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait = WebDriverWait(driver, 20)
+    wait.until(expected_conditions.staleness_of(old))
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def sign_in(driver, url: str, key: str) -> None:
     driver.get(f"{url}/review/signin")
     driver.find_element(By.ID, "key").send_keys(key)
-    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    click(driver, "form button[type=submit]")
     assert driver.find_element(By.TAG_NAME, "h1").text == "Sessions"
 
 
@@ -134,34 +152,34 @@ def test_sign_in_open_a_session_and_review_it(site):
     assert driver.current_url == f"{url}/review/signin"
     driver.find_element(By.ID, "key").send_keys(world.keys["acme"])
     shoot(driver, "signin")
-    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    click(driver, "form button[type=submit]")
     cookie = driver.get_cookie(auth.KEY_COOKIE)
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert "Project Bluefin launch plan" in text_of(driver)
     shoot(driver, "sessions")
-    driver.find_element(By.LINK_TEXT, "Project Bluefin launch plan").click()
+    click(driver, link="Project Bluefin launch plan")
     main = text_of(driver)
     assert "search_docs(" in main and "launch.md: Bluefin, Oslo" in main
     assert "compaction: the model's summary" in main
     driver.find_element(By.CSS_SELECTOR, "input[name=verdict][value=up]").click()
     driver.find_element(By.ID, "text").send_keys("Correct. Remember: Bluefin launches in Oslo.")
-    driver.find_element(By.CSS_SELECTOR, "#review button[type=submit]").click()
+    click(driver, "#review button[type=submit]")
     assert "Review saved: thumbs up." in text_of(driver)
     saved = world.store.get_review("acme", world.bluefin)
     assert (saved.verdict, saved.text) == ("up", "Correct. Remember: Bluefin launches in Oslo.")
     shoot(driver, "session-reviewed")
     driver.find_element(By.CSS_SELECTOR, "input[name=verdict][value=down]").click()
-    driver.find_element(By.CSS_SELECTOR, "#review button[type=submit]").click()
+    click(driver, "#review button[type=submit]")
     assert world.store.get_review("acme", world.bluefin).verdict == "down"  # still changeable
 
 
 def test_unreviewed_filter_and_xss_probe_stays_text(site):
     driver, url, world = site
     sign_in(driver, url, world.keys["acme"])
-    driver.find_element(By.LINK_TEXT, "unreviewed").click()
+    click(driver, link="unreviewed")
     listed = text_of(driver)
     assert "Release checklist" not in listed and "Project Bluefin" in listed
-    driver.find_element(By.PARTIAL_LINK_TEXT, "XSS probe").click()
+    click(driver, partial="XSS probe")
     assert driver.title != "pwned"
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018 - raises when no alert opened
@@ -173,16 +191,16 @@ def test_unreviewed_filter_and_xss_probe_stays_text(site):
 def test_roll_back_an_adapter_after_confirming(site):
     driver, url, world = site
     sign_in(driver, url, world.keys["acme"])
-    driver.find_element(By.LINK_TEXT, "Learning").click()
+    click(driver, link="Learning")
     main = text_of(driver)
     assert "Serving now: v3" in main and "learned: +0.116 on held-back probes" in main
     assert driver.find_elements(By.CSS_SELECTOR, "figure.chart svg circle")
     shoot(driver, "learning")
-    driver.find_element(By.PARTIAL_LINK_TEXT, "Roll back v3").click()
+    click(driver, partial="Roll back v3")
     assert "Roll back v3?" in text_of(driver)
     assert world.store.active_adapter("acme").id == world.adapters[3]  # not before confirming
     shoot(driver, "rollback-confirm")
-    driver.find_element(By.CSS_SELECTOR, "form.row button[type=submit]").click()
+    click(driver, "form.row button[type=submit]")
     assert "Rolled back: version 1 is active" in text_of(driver)
     assert world.store.active_adapter("acme").id == world.adapters[1]
     assert world.store.get_adapter(world.adapters[3]).status == "retired"

@@ -21,13 +21,12 @@ import asyncio
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader
 from pydantic import ValidationError
-from starlette.datastructures import FormData
 
 from onthejob.learn.activation import activate_checked
 from onthejob.model.adapters import AdapterError
@@ -110,14 +109,31 @@ def add_review_pages(app: FastAPI, ctx: ServerContext, figures: Path | None = No
             raise SignInRequired()
         return found
 
-    async def read_form(request: Request) -> FormData:
-        declared = request.headers.get("content-length")
+    async def read_form(request: Request) -> dict[str, str]:
+        """The posted form's fields (the page's forms are URL-encoded), read up to the size
+        limit whether or not the client declared a length."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            raise Refused(415, "Form refused", "Send the form from the page itself "
+                          "(application/x-www-form-urlencoded).")
         limit = ctx.limits.max_body_bytes
+        too_large = Refused(413, "Too large", f"The form is larger than the limit of {limit} bytes.")
+        declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise Refused(413, "Too large", f"The form is larger than the limit of {limit} bytes.")
-        return await request.form(max_files=0, max_fields=16)
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        try:
+            pairs = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True,
+                              max_num_fields=16)
+        except ValueError:
+            raise Refused(400, "Form refused", "The form has too many fields.") from None
+        return dict(pairs)
 
-    async def checked_form(request: Request, key: str) -> FormData:
+    async def checked_form(request: Request, key: str) -> dict[str, str]:
         form = await read_form(request)
         if not auth.tokens_match(str(form.get("csrf", "")), auth.csrf_for_key(key)):
             raise Refused(403, "Form refused", "The form's security token is missing or wrong "
