@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve", help="run the OpenAI-compatible HTTP server",
         description="Serve POST /v1/chat/completions (OpenAI-compatible, streaming or not), "
-        "/v1/models and /v1/sessions on loopback. Clients authenticate with "
+        "/v1/models and /v1/sessions, and the review page at /review, on loopback. Clients "
+        "authenticate with "
         "'Authorization: Bearer <key>' (`onthejob tenants add NAME` prints one) and group "
         "requests into a session with the X-Session-Id header or metadata.session_id.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")

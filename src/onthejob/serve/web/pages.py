@@ -98,7 +98,7 @@ def add_review_pages(app: FastAPI, ctx: ServerContext, figures: Path | None = No
 
     @app.exception_handler(Refused)
     async def _refused(request: Request, exc: Refused) -> Response:
-        found = auth.signed_in(ctx, request)
+        found = await asyncio.to_thread(auth.signed_in, ctx, request)
         return _page("error.html", exc.status, title=exc.title, message=exc.message,
                      who=found[0] if found else None,
                      csrf=auth.csrf_for_key(found[1]) if found else "")
