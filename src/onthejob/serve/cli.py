@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 from onthejob.store import NotFound, Store
 
@@ -116,8 +117,6 @@ def _serve(args: argparse.Namespace) -> int:
     backend = _backend(args, lm)
     if backend is None:
         return 2
-    from pathlib import Path
-
     engine = Engine(lm, backend=backend)
     app = create_app(lm, store, engine=engine,
                      limits=Limits(max_body_bytes=args.max_body_bytes,
