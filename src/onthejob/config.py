@@ -32,3 +32,11 @@ def adapters_dir() -> Path:
 def database_url() -> str:
     """ONTHEJOB_DB (any SQLAlchemy URL), else an SQLite file under home()."""
     return os.environ.get("ONTHEJOB_DB") or f"sqlite:///{home() / 'onthejob.db'}"
+
+
+def figures_dir() -> Path | None:
+    """The benchmark plots the review page shows: ONTHEJOB_FIGURES, else the source tree's
+    docs/results when the package runs from a checkout; None when neither exists."""
+    configured = os.environ.get("ONTHEJOB_FIGURES")
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "docs" / "results"
+    return path if path.is_dir() else None

@@ -199,11 +199,15 @@ def _adapters_show(store: Store, args) -> int:
 
 
 def _adapters_activate(store: Store, args) -> int:
-    from onthejob.model.adapters import verify
+    from onthejob.learn.activation import activate_checked
+    from onthejob.model.adapters import AdapterError
 
     adapter = _find(store, args)
-    verify(adapter.path)
-    store.activate_adapter(adapter.id, reason="activated by hand")
+    try:
+        activate_checked(store, adapter)
+    except AdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"v{adapter.version} is active")
     return 0
 

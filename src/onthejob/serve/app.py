@@ -14,6 +14,7 @@ Endpoints (all but /health need `Authorization: Bearer <key>`):
   POST /v1/sessions/{id}/dream       start a dream (background job) -> its run id
   GET  /v1/dreams, /v1/dreams/{id}   the caller's dreams: status, progress, tasks and verdicts
   /v1/admin/...                      tenants and keys: see serve/admin.py
+  /review/...                        the review page in a browser (serve/web), signed in with a key
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 
+from onthejob import config
 from onthejob.model import ContextLengthError, LoadedModel
 from onthejob.serve import errors, openapi
 from onthejob.serve.admin import add_admin_routes
@@ -35,6 +38,7 @@ from onthejob.serve.errors import APIError
 from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
 from onthejob.serve.schemas import ReviewRequest, SessionCreate
 from onthejob.serve.turns import AdapterResolver, compact
+from onthejob.serve.web import add_review_pages
 from onthejob.store import Conflict, NotFound, Session, Store
 
 
@@ -53,8 +57,10 @@ def _session_json(session: Session) -> dict:
 
 
 def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
-               engine: Engine | None = None) -> FastAPI:
-    """The server app. It owns (and closes on shutdown) an Engine unless one is given."""
+               engine: Engine | None = None, figures: Path | None = None) -> FastAPI:
+    """The server app. It owns (and closes on shutdown) an Engine unless one is given.
+    `figures`: the folder of benchmark plots the review page shows (default:
+    config.figures_dir())."""
     own_engine = engine is None
     ctx = ServerContext(lm=lm, store=store, engine=engine or Engine(lm),
                         adapters=AdapterResolver(store), limits=limits or Limits())
@@ -155,4 +161,5 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
 
     add_admin_routes(app, ctx)
 
+    add_review_pages(app, ctx, figures if figures is not None else config.figures_dir())
     return app

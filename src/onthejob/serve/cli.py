@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 from onthejob.store import NotFound, Store
 
@@ -16,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve", help="run the OpenAI-compatible HTTP server",
         description="Serve POST /v1/chat/completions (OpenAI-compatible, streaming or not), "
-        "/v1/models and /v1/sessions on loopback. Clients authenticate with "
+        "/v1/models and /v1/sessions, and the review page at /review, on loopback. Clients "
+        "authenticate with "
         "'Authorization: Bearer <key>' (`onthejob tenants add NAME` prints one) and group "
         "requests into a session with the X-Session-Id header or metadata.session_id.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
@@ -29,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="answer length when a request gives no max_tokens")
     _engine_options(serve)
+    serve.add_argument("--figures", metavar="DIR", help="the benchmark plots the review page "
+                       "shows (default: ONTHEJOB_FIGURES, else docs/results of a source checkout)")
     serve.set_defaults(func=_serve)
 
     chat = sub.add_parser(
@@ -116,9 +120,11 @@ def _serve(args: argparse.Namespace) -> int:
     engine = Engine(lm, backend=backend)
     app = create_app(lm, store, engine=engine,
                      limits=Limits(max_body_bytes=args.max_body_bytes,
-                                   default_max_tokens=args.default_max_tokens))
+                                   default_max_tokens=args.default_max_tokens),
+                     figures=Path(args.figures) if args.figures else None)
     print(f"serving {lm.name} on http://{args.host}:{args.port}/v1 with the {backend.name} engine, "
-          f"{args.precision} (database: {store.url})")
+          f"{args.precision} (database: {store.url}); the review page: "
+          f"http://{args.host}:{args.port}/review")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:

@@ -115,8 +115,10 @@ class SessionStore(StoreBase):
             return _session_of(row, owner.name, int(count or 0))
 
     def list_sessions(self, tenant: TenantRef, status: str | None = None,
-                      limit: int = 100, offset: int = 0) -> list[Session]:
-        """The tenant's sessions, most recently active first."""
+                      limit: int = 100, offset: int = 0,
+                      reviewed: bool | None = None) -> list[Session]:
+        """The tenant's sessions, most recently active first; `reviewed=False` keeps only those
+        without a review (True: only those with one)."""
         counts = (select(MessageRow.session_id, func.count().label("n"))
                   .group_by(MessageRow.session_id).subquery())
         with self.tx() as orm:
@@ -126,6 +128,9 @@ class SessionStore(StoreBase):
                      .where(SessionRow.tenant_id == owner.id))
             if status is not None:
                 query = query.where(SessionRow.status == status)
+            if reviewed is not None:
+                has_review = select(ReviewRow.id).where(ReviewRow.session_id == SessionRow.id)
+                query = query.where(has_review.exists() if reviewed else ~has_review.exists())
             query = query.order_by(SessionRow.updated_at.desc(), SessionRow.id)
             query = query.limit(max(1, min(limit, 10_000))).offset(max(0, offset))
             return [_session_of(row, owner.name, int(n)) for row, n in orm.execute(query)]
@@ -192,6 +197,19 @@ class SessionStore(StoreBase):
             row = self._session_row(orm, owner.id, session_id)
             review = orm.scalar(select(ReviewRow).where(ReviewRow.session_id == row.id))
             return _review_of(review) if review else None
+
+    def reviews_of(self, tenant: TenantRef, session_ids: Sequence[str]) -> dict[str, Review]:
+        """The reviews of those of `session_ids` that are the tenant's and have one, by id."""
+        wanted = [s for s in session_ids if _valid_id(s)]
+        if not wanted:
+            return {}
+        with self.tx() as orm:
+            owner = self._tenant_row(orm, tenant)
+            rows = orm.scalars(select(ReviewRow).join(SessionRow,
+                                                      SessionRow.id == ReviewRow.session_id)
+                               .where(SessionRow.tenant_id == owner.id,
+                                      ReviewRow.session_id.in_(wanted)))
+            return {r.session_id: _review_of(r) for r in rows}
 
     def sessions_to_consolidate(self, tenant: TenantRef) -> list[Session]:
         """Approved (thumbs-up), not yet consolidated sessions, ended or not, oldest first."""
