@@ -41,3 +41,22 @@ def tiny_dir(tmp_path_factory) -> str:
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return str(path)
+
+
+
+@pytest.fixture
+def register_env():
+    """`register_env(name, factory)` registers an environment for one test (the name must be
+    new); every name it registered is removed from the global registry afterwards."""
+    from onthejob.envs import registry
+
+    added: list[str] = []
+
+    def add(name: str, factory) -> None:
+        assert name not in registry.list_envs(), f"{name!r} is registered already"
+        registry.register(name, factory)
+        added.append(name)
+
+    yield add
+    for name in added:
+        registry.unregister(name)

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -237,13 +238,23 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     def resume_then_finish(self, path):
         start = original(self, path)
         seen["start"] = start
+        # What was restored is what the killed run saved: the adapter's weights and the
+        # optimizer's moments, tensor for tensor (not only the step number).
+        saved = torch.load(Path(path) / "state.pt", weights_only=False)
+        named = dict(self.lm.model.named_parameters())
+        assert saved["params"] and all(torch.equal(named[n], v) for n, v in saved["params"].items())
+        restored = self.optimizer.state_dict()["state"]
+        moments = [(pid, k) for pid, per in saved["optimizer"]["state"].items() for k in per]
+        assert moments and all(torch.equal(restored[pid][k], saved["optimizer"]["state"][pid][k])
+                               for pid, k in moments)
+        seen["checked"] = len(saved["params"])
         self.cfg.steps = start + 1  # one more step, then the gate and promotion
         return start
 
     monkeypatch.setattr(loop.Trainer, "_resume", resume_then_finish)
     monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
     assert main(args) == 0
-    assert seen["start"] >= reached
+    assert seen["start"] >= reached and seen["checked"] > 0
     interrupted = store.get_run(dead.id)
     assert interrupted.status == "interrupted" and "killed" in interrupted.error
     new = store.list_runs("consolidate")[0]
