@@ -77,9 +77,28 @@ def test_openai_client_errors(live):
                                        messages=[{"role": "user", "content": "word " * 1200}])
 
 
-def test_client_disconnect_mid_stream_still_stores_the_answer(live):
+def test_client_disconnect_mid_stream_still_stores_the_answer(live, monkeypatch):
+    # Generation is held after its first piece until the server has cancelled it (or 60 s
+    # passed): it cannot finish before the hang-up, so only a working cancel ends it early.
+    from onthejob.serve import engine as engine_module
+
+    cancels: list[threading.Event] = []
+    original_submit, real_stream = engine_module.Engine.submit_stream, engine_module.stream
+
+    def submit_stream(self, prompt, params, adapters, on_piece, cancel, then=None):
+        cancels.append(cancel)
+        return original_submit(self, prompt, params, adapters, on_piece, cancel, then)
+
+    def held_stream(lm, prompt, params):
+        for i, item in enumerate(real_stream(lm, prompt, params)):
+            yield item
+            if i == 0:
+                cancels[-1].wait(timeout=60)
+
+    monkeypatch.setattr(engine_module.Engine, "submit_stream", submit_stream)
+    monkeypatch.setattr(engine_module, "stream", held_stream)
     base, key, store, model = live
-    body = {"model": model, "stream": True, "max_tokens": 900, "temperature": 1.0, "seed": 1,
+    body = {"model": model, "stream": True, "max_tokens": 50, "temperature": 1.0, "seed": 1,
             "messages": [{"role": "user", "content": "tell me everything"}]}
     with httpx.Client(timeout=30) as http, http.stream(
             "POST", f"{base}/v1/chat/completions", json=body,
@@ -93,5 +112,6 @@ def test_client_disconnect_mid_stream_still_stores_the_answer(live):
             break
         time.sleep(0.1)
     assert [m.role for m in stored] == ["user", "assistant"]
-    # 900 tokens take seconds; the hang-up stops generation and the partial answer is kept.
+    # The hang-up stopped generation and the partial answer is kept.
+    assert cancels and cancels[0].is_set()
     assert stored[1].meta["finish_reason"] == "cancelled"
