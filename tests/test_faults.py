@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from onthejob.cli import main
-from onthejob.faults import POINTS
+from onthejob.faults import PROMOTION
 from onthejob.model import adapters as model_adapters
 from onthejob.model import tiny_model
 from onthejob.serve.turns import AdapterResolver
@@ -52,6 +52,19 @@ def _kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _wait_for_point(proc: subprocess.Popen, point: str, kill: bool = True) -> list[str]:
+    """Read the process's output until it pauses at the named fault point; then SIGKILL it."""
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith(f"fault-pause: {point}"):
+            break
+    assert output and output[-1].startswith(f"fault-pause: {point}"), "".join(output)
+    if kill:
+        _kill(proc)
+    return output
 
 
 def _free_port() -> int:
@@ -212,18 +225,14 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
                                                                       monkeypatch):
     store, db, v1 = _store_with_v1(tmp_path)
     args = _consolidate_args(db, tiny_dir, steps=400)
-    proc = _spawn(args, _env(tmp_path / "home"))
-    deadline = time.time() + 300  # a loaded 2-core machine trains slowly
-    while time.time() < deadline:
-        runs = store.list_runs("consolidate")
-        if runs and runs[0].progress.get("step", 0) >= 1:
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
-    _kill(proc)
+    # Killed right after the first step's checkpoint is written (faults.py names the point).
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved", kill=True)
     dead = store.list_runs("consolidate")[0]
-    reached = dead.progress.get("step", 0)
-    assert reached >= 1, "training did not reach step 1 in 300 s"
+    saved = json.loads((tmp_path / "home" / "runs" / f"consolidate-{dead.id}"
+                        / "progress.json").read_text())
+    reached = saved["step"]
+    assert reached == 1
     assert dead.status == "running"  # as the killed process left it
     assert store.active_adapter("acme") == v1
     assert [a.version for a in store.list_adapters("tenant", "acme")] == [1]
@@ -254,7 +263,7 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     monkeypatch.setattr(loop.Trainer, "_resume", resume_then_finish)
     monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
     assert main(args) == 0
-    assert seen["start"] >= reached and seen["checked"] > 0
+    assert seen["start"] == reached and seen["checked"] > 0
     interrupted = store.get_run(dead.id)
     assert interrupted.status == "interrupted" and "killed" in interrupted.error
     new = store.list_runs("consolidate")[0]
@@ -264,19 +273,12 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     _assert_serves_a_valid_active_adapter(store, {2})
 
 
-@pytest.mark.parametrize("point", sorted(POINTS))
+@pytest.mark.parametrize("point", PROMOTION)
 def test_consolidate_killed_during_promotion_keeps_a_valid_active_adapter(tiny_dir, tmp_path,
                                                                           monkeypatch, point):
     store, db, v1 = _store_with_v1(tmp_path)
     env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": point}
-    proc = _spawn(_consolidate_args(db, tiny_dir, steps=1), env)
-    output = []
-    for line in proc.stdout:  # wait for the process to reach the named point
-        output.append(line)
-        if line.startswith(f"fault-pause: {point}"):
-            break
-    assert output and output[-1].startswith("fault-pause"), "".join(output)
-    _kill(proc)
+    _wait_for_point(_spawn(_consolidate_args(db, tiny_dir, steps=1), env), point)
     _assert_serves_a_valid_active_adapter(store, {1, 2})
     expected = 2 if point == "promoted" else 1
     assert store.active_adapter("acme").version == expected
