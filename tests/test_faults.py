@@ -1,11 +1,17 @@
-"""Real processes killed with SIGKILL at the worst moments, then restarted:
+"""Real processes killed with SIGKILL at the worst moments (the named points of
+onthejob.faults), then restarted:
 
 - the server, while answers stream: every message it acknowledged is in the store;
 - `onthejob consolidate`, mid-training: the active adapter is untouched, the run is marked
   interrupted, and the next consolidation resumes its training from the checkpoint;
 - `onthejob consolidate`, at each point of promotion (ONTHEJOB_FAULT_PAUSE, see
   onthejob.faults): the active adapter is the old one or the new one, its checksum verifies and
-  the server loads it, and the next consolidation completes.
+  the server loads it, and the next consolidation completes;
+- `onthejob dream`, mid-training and right after gating: the next dream of the same work marks
+  it interrupted and resumes it (its tasks are not written again; training goes on from the
+  checkpoint); a server started after one that died marks its dream jobs interrupted;
+- `onthejob grind`, mid-training and before registering its adapter: the next grind resumes
+  from the checkpoint, and adapter files never registered are set aside, not in the way.
 
 The tiny random model is saved to a directory so the subprocesses load it like a real one.
 """
@@ -326,3 +332,171 @@ def test_dead_runs_are_found_by_their_process_or_their_heartbeat(tmp_path):
     assert store.get_run(mine.id).status == store.get_run(far_fresh.id).status == "running"
     assert store.interrupt_dead_runs() == []  # idempotent
     store.close()
+
+
+# --- dreams and grinds killed -------------------------------------------------------------------
+
+MATERIAL = ("The Bluefin project ships on March 3 in Oslo. Its lead engineer is Ada Lind. "
+            "The team chose Rust for the storage engine because of memory safety.")
+
+
+def _dream_store(tmp_path) -> tuple[Store, str, str]:
+    db = f"sqlite:///{tmp_path / 'dream.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    s = store.create_session("acme", title="Bluefin")
+    store.add_message("acme", s.id, "user", f"Please remember this: {MATERIAL}")
+    store.add_message("acme", s.id, "assistant", "I will remember it.")
+    return store, db, s.id
+
+
+def _dream_args(db, model_dir, sid, budget: int) -> list[str]:
+    return ["dream", "--db", db, "--tenant", "acme", "--session", sid, "--model", model_dir,
+            "--budget", str(budget), "--group", "8", "--max-tasks", "3", "--attempts", "1",
+            "--rank", "2", *LOOSE_GATE]
+
+
+def _no_new_dreams(monkeypatch) -> None:
+    """A resumed dream must reuse the tasks its interrupted run wrote and gated."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the resumed dream wrote or gated its tasks again")
+
+    monkeypatch.setattr("onthejob.dream.run.write_tasks", refuse)
+    monkeypatch.setattr("onthejob.dream.run.gate", refuse)
+
+
+def test_dream_killed_mid_training_is_interrupted_then_resumed(taught_dir, tmp_path,
+                                                                monkeypatch):
+    store, db, sid = _dream_store(tmp_path)
+    args = _dream_args(db, taught_dir, sid, budget=3)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved")
+    dead = store.list_runs("dream")[0]
+    assert dead.status == "running" and dead.progress["phase"] == "training"
+    assert store.active_adapter("acme") is None
+    tasks = json.loads((tmp_path / "home" / "dreams" / f"{dead.id}.json").read_text())["tasks"]
+
+    from onthejob.learn import loop
+
+    seen = {}
+    original = loop.Trainer._resume
+
+    def resume(self, path):
+        seen["start"] = original(self, path)
+        return seen["start"]
+
+    monkeypatch.setattr(loop.Trainer, "_resume", resume)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    with monkeypatch.context() as patch:
+        _no_new_dreams(patch)
+        assert main(args) == 0
+    interrupted = store.get_run(dead.id)
+    assert interrupted.status == "interrupted" and "killed" in interrupted.error
+    new = store.list_runs("dream")[0]
+    assert interrupted.progress["resumed_by"] == new.id and new.params["resumed_from"] == dead.id
+    assert new.status == "done" and new.progress["outcome"] == "promoted"
+    assert seen["start"] == 1  # training went on after the killed run's first step
+    record = json.loads((tmp_path / "home" / "dreams" / f"{new.id}.json").read_text())
+    assert record["resumed_from"] == dead.id and record["tasks"] == tasks
+    active = store.active_adapter("acme")
+    assert active.version == 1 and active.metrics["steps"] == 3
+    assert model_adapters.verify(active.path) == active.checksum
+    assert main(args) == 0  # the resumed run is not resumed again: a fresh dream
+    assert store.list_runs("dream")[0].params["resumed_from"] is None
+
+
+def test_dream_killed_after_gating_reuses_its_tasks(taught_dir, tmp_path, monkeypatch):
+    store, db, sid = _dream_store(tmp_path)
+    args = _dream_args(db, taught_dir, sid, budget=1)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "dream-gated"}
+    _wait_for_point(_spawn(args, env), "dream-gated")
+    dead = store.list_runs("dream")[0]
+    assert dead.status == "running"
+    _no_new_dreams(monkeypatch)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    new = store.list_runs("dream")[0]
+    assert store.get_run(dead.id).status == "interrupted"
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    assert store.active_adapter("acme").version == 1
+
+
+def test_a_server_marks_the_dream_jobs_of_a_dead_server_interrupted(tiny_lm, tmp_path):
+    from sqlalchemy import update
+
+    from onthejob.serve.app import create_app
+    from onthejob.store.schema import RunRow
+
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    store.create_tenant("acme")
+    run = store.create_run("dream", "acme", params={"session": "s", "mode": "opsd"})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    params = {**run.params, "process": {**run.params["process"], "pid": gone.pid}}
+    with store.tx() as orm:  # as a server killed mid-job leaves it
+        orm.execute(update(RunRow).where(RunRow.id == run.id).values(params=params))
+    assert store.get_run(run.id).status == "running"
+    create_app(tiny_lm, store)
+    assert store.get_run(run.id).status == "interrupted"
+    store.close()
+
+
+def _grind_args(db, tiny_dir, steps: int) -> list[str]:
+    return ["grind", "--db", db, "--tenant", "acme", "--model", tiny_dir, "--env", "arith",
+            "--group", "2", "--starts", "1", "--steps", str(steps), "--rank", "2",
+            "--max-new-tokens", "4", "--eval-seeds", "0"]
+
+
+def test_grind_killed_mid_training_is_interrupted_then_resumed(tiny_dir, tmp_path, monkeypatch):
+    db = f"sqlite:///{tmp_path / 'grind.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    args = _grind_args(db, tiny_dir, steps=3)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved")
+    dead = store.list_runs("grind")[0]
+    assert dead.status == "running"
+    out = Path(dead.params["out"])
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 1
+
+    from onthejob.learn import loop
+
+    seen = {}
+    original = loop.Trainer._resume
+
+    def resume(self, path):
+        seen["start"] = original(self, path)
+        return seen["start"]
+
+    monkeypatch.setattr(loop.Trainer, "_resume", resume)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    assert seen == {"start": 1}  # went on after the killed run's first step
+    assert store.get_run(dead.id).status == "interrupted"
+    new = store.list_runs("grind")[0]
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    assert new.params["out"] == str(out) and new.params["run_id"] == dead.params["run_id"]
+    curve = json.loads((out / "curve.json").read_text())
+    assert [h["step"] for h in curve["history"]] == [1, 2, 3]
+    adapter = store.list_adapters("tenant", "acme")[0]
+    assert adapter.version == 1 and model_adapters.verify(adapter.path) == adapter.checksum
+
+
+def test_grind_killed_before_registering_its_adapter_does_not_block_the_next(tiny_dir,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    db = f"sqlite:///{tmp_path / 'grind.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    args = _grind_args(db, tiny_dir, steps=1)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "adapter-saved"}
+    _wait_for_point(_spawn(args, env), "adapter-saved")
+    leftover = tmp_path / "home" / "adapters" / "tenant" / "acme" / "v1"
+    assert leftover.is_dir() and store.list_adapters("tenant", "acme") == []
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    assert store.list_runs("grind")[-1].status == "interrupted"
+    adapter = store.list_adapters("tenant", "acme")[0]
+    assert adapter.version == 1 and model_adapters.verify(adapter.path) == adapter.checksum
+    assert [p.name.split(".")[1].split("-")[0] for p in leftover.parent.glob("v1.*")] == [
+        "unregistered"]
