@@ -500,3 +500,45 @@ def test_grind_killed_before_registering_its_adapter_does_not_block_the_next(tin
     assert adapter.version == 1 and model_adapters.verify(adapter.path) == adapter.checksum
     assert [p.name.split(".")[1].split("-")[0] for p in leftover.parent.glob("v1.*")] == [
         "unregistered"]
+
+
+def test_server_killed_mid_dream_then_the_same_request_resumes_it(taught_dir, tmp_path):
+    store, db, sid = _dream_store(tmp_path)
+    key = store.create_key("acme")
+    port = _free_port()
+    home = tmp_path / "home"
+    env = {**_env(home), "ONTHEJOB_FAULT_PAUSE": "dream-gated"}
+    server = _spawn(["serve", "--model", taught_dir, "--db", db, "--port", str(port)], env)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    request = {"budget": "2steps", "mode": "opsd", "checker": "match"}
+    deadline = time.time() + 90
+    while True:  # wait for the server to listen
+        assert server.poll() is None and time.time() < deadline, "the server did not start"
+        try:
+            r = httpx.post(f"{base}/v1/sessions/{sid}/dream", json=request, headers=auth)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert r.status_code == 202, r.text
+    first = r.json()["id"]
+    _wait_for_point(server, "dream-gated")  # its tasks are gated; the server dies now
+    assert store.get_run(first).status == "running"
+
+    server = _start_server(taught_dir, db, home, port)
+    try:
+        assert store.get_run(first).status == "interrupted"  # marked when the server started
+        shown = httpx.get(f"{base}/v1/dreams/{first}", headers=auth).json()
+        assert shown["status"] == "interrupted" and shown["error"]
+        r = httpx.post(f"{base}/v1/sessions/{sid}/dream", json=request, headers=auth)
+        second = r.json()["id"]
+        deadline = time.time() + 300
+        while store.get_run(second).status == "running" and time.time() < deadline:
+            time.sleep(0.2)
+        run = store.get_run(second)
+        assert run.status == "done", run.error
+        assert run.progress["resumed_from"] == first
+        assert store.get_run(first).progress["resumed_by"] == second
+        record = json.loads((home / "dreams" / f"{second}.json").read_text())
+        assert record["resumed_from"] == first
+    finally:
+        _kill(server)

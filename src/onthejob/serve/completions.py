@@ -16,11 +16,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from onthejob.model import Completion, ContextLengthError, SamplingParams, render_ids
+from onthejob.model import (
+    Completion,
+    ContextLengthError,
+    LoadedModel,
+    SamplingParams,
+    render_ids,
+)
 from onthejob.model.chat import supports_tools
 from onthejob.serve.engine import Overloaded
 from onthejob.serve.errors import APIError, error_body
@@ -33,7 +40,8 @@ SESSION_HEADER = "X-Session-Id"
 TOOLS_HEADER = "X-Onthejob-Tools"  # "rendered" or "not-rendered", when the request sent tools
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
+    """A pydantic value as plain JSON data (for the store)."""
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
@@ -90,7 +98,7 @@ def session_id_of(request: Request, req: ChatRequest) -> tuple[str | None, str]:
     return (header, SESSION_HEADER) if header else (body, "metadata.session_id")
 
 
-def tool_plan(lm, req: ChatRequest) -> tuple[list[dict] | None, str | None]:
+def tool_plan(lm: LoadedModel, req: ChatRequest) -> tuple[list[dict] | None, str | None]:
     """The tool definitions to render into the prompt (None: none), and the statement the
     response carries about them (None when the request sent no tools).
 
