@@ -369,20 +369,32 @@ def _fake_dreams(monkeypatch, n_pass=3):
                          GateReport(verdicts, 5), 0.1))
 
 
-def test_dream_trains_registers_and_persists(tmp_path, tiny_lm, monkeypatch):
+def test_dream_end_to_end_with_the_real_writer_and_gate(tmp_path, taught_dir):
+    # No stand-ins: the model writes (span style, rule fallback) and the gate runs the
+    # teacher, the empty/random/decoy answers and the student's samples. The taught tiny model
+    # answers "Ada Lind" to anything, so exactly the task about the lead engineer passes.
+    from onthejob.model import load_model
+
+    lm = load_model(taught_dir)
     store, sid = _store(tmp_path, review=None)
-    _fake_dreams(monkeypatch)
-    out = dream(store, tiny_lm, "acme", sid, _loose(), say=lambda s: None)
-    assert out.status == "promoted" and (out.written, out.parsed, out.passed) == (5, 4, 3)
+    opts = _loose(max_tasks=3, attempts=1, env_gate=DreamGateConfig(group=8, max_new_tokens=6))
+    out = dream(store, lm, "acme", sid, opts, say=lambda s: None)
+    record = load_dream(out.run_id)
+    verdicts = {t["answers"][0]: t["gate"] for t in record["tasks"]}
+    assert len(verdicts) == 3 and verdicts["Ada Lind"]["passed"]
+    assert verdicts["Ada Lind"]["teacher_answer"].startswith("Ada Lind")
+    assert 0 < sum(verdicts["Ada Lind"]["group_rewards"]) < 8  # the student's samples spread
+    for answer, verdict in verdicts.items():
+        if answer != "Ada Lind":
+            assert not verdict["passed"] and "the teacher" in verdict["reason"], answer
+    assert (out.written, out.passed) == (3, 1) and record["counts"]["written"] == 3
+    assert all(t["problem"] for t in record["dropped"])  # the model's attempts, kept with why
+    assert out.status == "promoted" and record["outcome"]["status"] == "promoted"
     adapter = store.active_adapter("acme")
     assert adapter.method == "dream" and adapter.version == out.adapter_version
-    assert adapter.metrics["steps"] == 2 and out.metrics["tokens_dream"] == 15
+    assert adapter.metrics["steps"] == 2 and out.metrics["tokens_dream"] > 0
     run = store.get_run(out.run_id)
     assert run.kind == "dream" and run.status == "done" and run.progress["phase"] == "done"
-    record = load_dream(out.run_id)
-    assert len(record["tasks"]) == 4 and record["dropped"][0]["problem"] == "no question"
-    assert [t["gate"]["passed"] for t in record["tasks"]] == [True, True, True, False]
-    assert record["outcome"]["status"] == "promoted"
     # Not approved: the session is not marked consolidated, and can still be reviewed.
     assert store.get_session("acme", sid).consolidated_adapter_id is None
     store.set_review("acme", sid, "up", "fine")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onthejob.envs import Env, EnvError, StepResult, list_envs, make, register
+from onthejob.envs import Env, EnvError, StepResult, list_envs, make
 from onthejob.envs import registry as registry_module
 from onthejob.envs.code_tasks import SOLUTIONS
 
@@ -140,8 +140,8 @@ class CountdownEnv(Env):
         self.n = state
 
 
-def test_register_a_new_environment_at_run_time():
-    register("countdown", CountdownEnv)
+def test_register_a_new_environment_at_run_time(register_env):
+    register_env("countdown", CountdownEnv)
     assert "countdown" in list_envs()
     env = make("countdown")
     assert env.reset(1) == "say 2"
@@ -167,9 +167,13 @@ def test_environments_from_entry_points_are_discovered(monkeypatch):
     assert make("countdown-ep").reset(0) == "say 1"
 
 
-def test_a_factory_that_returns_no_env_is_refused(monkeypatch):
-    monkeypatch.setattr(registry_module, "_registry", dict(registry_module._registry))
-    register("broken", lambda **kw: object())
+def test_registered_test_envs_are_removed_afterwards():
+    # The fixture above removed what the earlier tests registered (run in file order).
+    assert not {"countdown", "broken"} & set(list_envs())
+
+
+def test_a_factory_that_returns_no_env_is_refused(register_env):
+    register_env("broken", lambda **kw: object())
     with pytest.raises(EnvError, match="not an Env"):
         make("broken")
 

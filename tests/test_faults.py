@@ -1,11 +1,17 @@
-"""Real processes killed with SIGKILL at the worst moments, then restarted:
+"""Real processes killed with SIGKILL at the worst moments (the named points of
+onthejob.faults), then restarted:
 
 - the server, while answers stream: every message it acknowledged is in the store;
 - `onthejob consolidate`, mid-training: the active adapter is untouched, the run is marked
   interrupted, and the next consolidation resumes its training from the checkpoint;
 - `onthejob consolidate`, at each point of promotion (ONTHEJOB_FAULT_PAUSE, see
   onthejob.faults): the active adapter is the old one or the new one, its checksum verifies and
-  the server loads it, and the next consolidation completes.
+  the server loads it, and the next consolidation completes;
+- `onthejob dream`, mid-training and right after gating: the next dream of the same work marks
+  it interrupted and resumes it (its tasks are not written again; training goes on from the
+  checkpoint); a server started after one that died marks its dream jobs interrupted;
+- `onthejob grind`, mid-training and before registering its adapter: the next grind resumes
+  from the checkpoint, and adapter files never registered are set aside, not in the way.
 
 The tiny random model is saved to a directory so the subprocesses load it like a real one.
 """
@@ -21,13 +27,14 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from onthejob.cli import main
-from onthejob.faults import POINTS
+from onthejob.faults import PROMOTION
 from onthejob.model import adapters as model_adapters
 from onthejob.model import tiny_model
 from onthejob.serve.turns import AdapterResolver
@@ -51,6 +58,19 @@ def _kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _wait_for_point(proc: subprocess.Popen, point: str, kill: bool = True) -> list[str]:
+    """Read the process's output until it pauses at the named fault point; then SIGKILL it."""
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith(f"fault-pause: {point}"):
+            break
+    assert output and output[-1].startswith(f"fault-pause: {point}"), "".join(output)
+    if kill:
+        _kill(proc)
+    return output
 
 
 def _free_port() -> int:
@@ -211,18 +231,14 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
                                                                       monkeypatch):
     store, db, v1 = _store_with_v1(tmp_path)
     args = _consolidate_args(db, tiny_dir, steps=400)
-    proc = _spawn(args, _env(tmp_path / "home"))
-    deadline = time.time() + 300  # a loaded 2-core machine trains slowly
-    while time.time() < deadline:
-        runs = store.list_runs("consolidate")
-        if runs and runs[0].progress.get("step", 0) >= 1:
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
-    _kill(proc)
+    # Killed right after the first step's checkpoint is written (faults.py names the point).
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved", kill=True)
     dead = store.list_runs("consolidate")[0]
-    reached = dead.progress.get("step", 0)
-    assert reached >= 1, "training did not reach step 1 in 300 s"
+    saved = json.loads((tmp_path / "home" / "runs" / f"consolidate-{dead.id}"
+                        / "progress.json").read_text())
+    reached = saved["step"]
+    assert reached == 1
     assert dead.status == "running"  # as the killed process left it
     assert store.active_adapter("acme") == v1
     assert [a.version for a in store.list_adapters("tenant", "acme")] == [1]
@@ -237,13 +253,23 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     def resume_then_finish(self, path):
         start = original(self, path)
         seen["start"] = start
+        # What was restored is what the killed run saved: the adapter's weights and the
+        # optimizer's moments, tensor for tensor (not only the step number).
+        saved = torch.load(Path(path) / "state.pt", weights_only=False)
+        named = dict(self.lm.model.named_parameters())
+        assert saved["params"] and all(torch.equal(named[n], v) for n, v in saved["params"].items())
+        restored = self.optimizer.state_dict()["state"]
+        moments = [(pid, k) for pid, per in saved["optimizer"]["state"].items() for k in per]
+        assert moments and all(torch.equal(restored[pid][k], saved["optimizer"]["state"][pid][k])
+                               for pid, k in moments)
+        seen["checked"] = len(saved["params"])
         self.cfg.steps = start + 1  # one more step, then the gate and promotion
         return start
 
     monkeypatch.setattr(loop.Trainer, "_resume", resume_then_finish)
     monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
     assert main(args) == 0
-    assert seen["start"] >= reached
+    assert seen["start"] == reached and seen["checked"] > 0
     interrupted = store.get_run(dead.id)
     assert interrupted.status == "interrupted" and "killed" in interrupted.error
     new = store.list_runs("consolidate")[0]
@@ -253,19 +279,12 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     _assert_serves_a_valid_active_adapter(store, {2})
 
 
-@pytest.mark.parametrize("point", sorted(POINTS))
+@pytest.mark.parametrize("point", PROMOTION)
 def test_consolidate_killed_during_promotion_keeps_a_valid_active_adapter(tiny_dir, tmp_path,
                                                                           monkeypatch, point):
     store, db, v1 = _store_with_v1(tmp_path)
     env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": point}
-    proc = _spawn(_consolidate_args(db, tiny_dir, steps=1), env)
-    output = []
-    for line in proc.stdout:  # wait for the process to reach the named point
-        output.append(line)
-        if line.startswith(f"fault-pause: {point}"):
-            break
-    assert output and output[-1].startswith("fault-pause"), "".join(output)
-    _kill(proc)
+    _wait_for_point(_spawn(_consolidate_args(db, tiny_dir, steps=1), env), point)
     _assert_serves_a_valid_active_adapter(store, {1, 2})
     expected = 2 if point == "promoted" else 1
     assert store.active_adapter("acme").version == expected
@@ -313,3 +332,213 @@ def test_dead_runs_are_found_by_their_process_or_their_heartbeat(tmp_path):
     assert store.get_run(mine.id).status == store.get_run(far_fresh.id).status == "running"
     assert store.interrupt_dead_runs() == []  # idempotent
     store.close()
+
+
+# --- dreams and grinds killed -------------------------------------------------------------------
+
+MATERIAL = ("The Bluefin project ships on March 3 in Oslo. Its lead engineer is Ada Lind. "
+            "The team chose Rust for the storage engine because of memory safety.")
+
+
+def _dream_store(tmp_path) -> tuple[Store, str, str]:
+    db = f"sqlite:///{tmp_path / 'dream.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    s = store.create_session("acme", title="Bluefin")
+    store.add_message("acme", s.id, "user", f"Please remember this: {MATERIAL}")
+    store.add_message("acme", s.id, "assistant", "I will remember it.")
+    return store, db, s.id
+
+
+def _dream_args(db, model_dir, sid, budget: int) -> list[str]:
+    return ["dream", "--db", db, "--tenant", "acme", "--session", sid, "--model", model_dir,
+            "--budget", str(budget), "--group", "8", "--max-tasks", "3", "--attempts", "1",
+            "--rank", "2", *LOOSE_GATE]
+
+
+def _no_new_dreams(monkeypatch) -> None:
+    """A resumed dream must reuse the tasks its interrupted run wrote and gated."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the resumed dream wrote or gated its tasks again")
+
+    monkeypatch.setattr("onthejob.dream.run.write_tasks", refuse)
+    monkeypatch.setattr("onthejob.dream.run.gate", refuse)
+
+
+def test_dream_killed_mid_training_is_interrupted_then_resumed(taught_dir, tmp_path,
+                                                                monkeypatch):
+    store, db, sid = _dream_store(tmp_path)
+    args = _dream_args(db, taught_dir, sid, budget=3)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved")
+    dead = store.list_runs("dream")[0]
+    assert dead.status == "running" and dead.progress["phase"] == "training"
+    assert store.active_adapter("acme") is None
+    tasks = json.loads((tmp_path / "home" / "dreams" / f"{dead.id}.json").read_text())["tasks"]
+
+    from onthejob.learn import loop
+
+    seen = {}
+    original = loop.Trainer._resume
+
+    def resume(self, path):
+        seen["start"] = original(self, path)
+        return seen["start"]
+
+    monkeypatch.setattr(loop.Trainer, "_resume", resume)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    with monkeypatch.context() as patch:
+        _no_new_dreams(patch)
+        assert main(args) == 0
+    interrupted = store.get_run(dead.id)
+    assert interrupted.status == "interrupted" and "killed" in interrupted.error
+    new = store.list_runs("dream")[0]
+    assert interrupted.progress["resumed_by"] == new.id and new.params["resumed_from"] == dead.id
+    assert new.status == "done" and new.progress["outcome"] == "promoted"
+    assert seen["start"] == 1  # training went on after the killed run's first step
+    record = json.loads((tmp_path / "home" / "dreams" / f"{new.id}.json").read_text())
+    assert record["resumed_from"] == dead.id and record["tasks"] == tasks
+    active = store.active_adapter("acme")
+    assert active.version == 1 and active.metrics["steps"] == 3
+    assert model_adapters.verify(active.path) == active.checksum
+    assert main(args) == 0  # the resumed run is not resumed again: a fresh dream
+    assert store.list_runs("dream")[0].params["resumed_from"] is None
+
+
+def test_dream_killed_after_gating_reuses_its_tasks(taught_dir, tmp_path, monkeypatch):
+    store, db, sid = _dream_store(tmp_path)
+    args = _dream_args(db, taught_dir, sid, budget=1)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "dream-gated"}
+    _wait_for_point(_spawn(args, env), "dream-gated")
+    dead = store.list_runs("dream")[0]
+    assert dead.status == "running"
+    _no_new_dreams(monkeypatch)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    new = store.list_runs("dream")[0]
+    assert store.get_run(dead.id).status == "interrupted"
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    assert store.active_adapter("acme").version == 1
+
+
+def test_a_server_marks_the_dream_jobs_of_a_dead_server_interrupted(tiny_lm, tmp_path):
+    from sqlalchemy import update
+
+    from onthejob.serve.app import create_app
+    from onthejob.store.schema import RunRow
+
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    store.create_tenant("acme")
+    run = store.create_run("dream", "acme", params={"session": "s", "mode": "opsd"})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    params = {**run.params, "process": {**run.params["process"], "pid": gone.pid}}
+    with store.tx() as orm:  # as a server killed mid-job leaves it
+        orm.execute(update(RunRow).where(RunRow.id == run.id).values(params=params))
+    assert store.get_run(run.id).status == "running"
+    create_app(tiny_lm, store)
+    assert store.get_run(run.id).status == "interrupted"
+    store.close()
+
+
+def _grind_args(db, tiny_dir, steps: int) -> list[str]:
+    return ["grind", "--db", db, "--tenant", "acme", "--model", tiny_dir, "--env", "arith",
+            "--group", "2", "--starts", "1", "--steps", str(steps), "--rank", "2",
+            "--max-new-tokens", "4", "--eval-seeds", "0"]
+
+
+def test_grind_killed_mid_training_is_interrupted_then_resumed(tiny_dir, tmp_path, monkeypatch):
+    db = f"sqlite:///{tmp_path / 'grind.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    args = _grind_args(db, tiny_dir, steps=3)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    _wait_for_point(_spawn(args, env), "checkpoint-saved")
+    dead = store.list_runs("grind")[0]
+    assert dead.status == "running"
+    out = Path(dead.params["out"])
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 1
+
+    from onthejob.learn import loop
+
+    seen = {}
+    original = loop.Trainer._resume
+
+    def resume(self, path):
+        seen["start"] = original(self, path)
+        return seen["start"]
+
+    monkeypatch.setattr(loop.Trainer, "_resume", resume)
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    assert seen == {"start": 1}  # went on after the killed run's first step
+    assert store.get_run(dead.id).status == "interrupted"
+    new = store.list_runs("grind")[0]
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    assert new.params["out"] == str(out) and new.params["run_id"] == dead.params["run_id"]
+    curve = json.loads((out / "curve.json").read_text())
+    assert [h["step"] for h in curve["history"]] == [1, 2, 3]
+    adapter = store.list_adapters("tenant", "acme")[0]
+    assert adapter.version == 1 and model_adapters.verify(adapter.path) == adapter.checksum
+
+
+def test_grind_killed_before_registering_its_adapter_does_not_block_the_next(tiny_dir,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    db = f"sqlite:///{tmp_path / 'grind.db'}"
+    store = Store(db)
+    store.create_tenant("acme")
+    args = _grind_args(db, tiny_dir, steps=1)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "adapter-saved"}
+    _wait_for_point(_spawn(args, env), "adapter-saved")
+    leftover = tmp_path / "home" / "adapters" / "tenant" / "acme" / "v1"
+    assert leftover.is_dir() and store.list_adapters("tenant", "acme") == []
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    assert main(args) == 0
+    assert store.list_runs("grind")[-1].status == "interrupted"
+    adapter = store.list_adapters("tenant", "acme")[0]
+    assert adapter.version == 1 and model_adapters.verify(adapter.path) == adapter.checksum
+    assert [p.name.split(".")[1].split("-")[0] for p in leftover.parent.glob("v1.*")] == [
+        "unregistered"]
+
+
+def test_server_killed_mid_dream_then_the_same_request_resumes_it(taught_dir, tmp_path):
+    store, db, sid = _dream_store(tmp_path)
+    key = store.create_key("acme")
+    port = _free_port()
+    home = tmp_path / "home"
+    env = {**_env(home), "ONTHEJOB_FAULT_PAUSE": "dream-gated"}
+    server = _spawn(["serve", "--model", taught_dir, "--db", db, "--port", str(port)], env)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    request = {"budget": "2steps", "mode": "opsd", "checker": "match"}
+    deadline = time.time() + 90
+    while True:  # wait for the server to listen
+        assert server.poll() is None and time.time() < deadline, "the server did not start"
+        try:
+            r = httpx.post(f"{base}/v1/sessions/{sid}/dream", json=request, headers=auth)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert r.status_code == 202, r.text
+    first = r.json()["id"]
+    _wait_for_point(server, "dream-gated")  # its tasks are gated; the server dies now
+    assert store.get_run(first).status == "running"
+
+    server = _start_server(taught_dir, db, home, port)
+    try:
+        assert store.get_run(first).status == "interrupted"  # marked when the server started
+        shown = httpx.get(f"{base}/v1/dreams/{first}", headers=auth).json()
+        assert shown["status"] == "interrupted" and shown["error"]
+        r = httpx.post(f"{base}/v1/sessions/{sid}/dream", json=request, headers=auth)
+        second = r.json()["id"]
+        deadline = time.time() + 300
+        while store.get_run(second).status == "running" and time.time() < deadline:
+            time.sleep(0.2)
+        run = store.get_run(second)
+        assert run.status == "done", run.error
+        assert run.progress["resumed_from"] == first
+        assert store.get_run(first).progress["resumed_by"] == second
+        record = json.loads((home / "dreams" / f"{second}.json").read_text())
+        assert record["resumed_from"] == first
+    finally:
+        _kill(server)

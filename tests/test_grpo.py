@@ -9,7 +9,6 @@ import torch
 
 from onthejob.cli import main
 from onthejob.envs.base import Env, StepResult
-from onthejob.envs.registry import register
 from onthejob.envs.rollout import Rollout
 from onthejob.learn.grpo import (
     Grpo,
@@ -59,7 +58,9 @@ class ParityEnv(Env):
         self._s = state
 
 
-register("parity", ParityEnv)
+@pytest.fixture(autouse=True)
+def _parity(register_env):
+    register_env("parity", ParityEnv)
 
 
 # ---- math -----------------------------------------------------------------------------------

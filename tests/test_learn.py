@@ -169,12 +169,33 @@ def test_sft_and_notes_run_on_the_same_loop():
     assert notes.notes and all(n.startswith("Bluefin") for n in notes.notes)
 
 
-def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+def _optimizer_tensors(state: dict) -> dict:
+    return {(pid, key): value for pid, per in state["state"].items()
+            for key, value in per.items() if torch.is_tensor(value)}
+
+
+def test_resume_restores_the_saved_weights_and_optimizer_state(tmp_path):
     lm = tiny_model(seed=6)
     rule = Sft([_lesson()], lm.tokenizer)
-    Trainer(lm, TrainConfig(steps=2, bf16=False)).run(rule, checkpoint=tmp_path)
+    Trainer(lm, TrainConfig(steps=2, lr=1e-2, bf16=False)).run(rule, checkpoint=tmp_path)
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)
     lm2 = tiny_model(seed=6)
-    history = Trainer(lm2, TrainConfig(steps=4, bf16=False)).run(rule, checkpoint=tmp_path)
+    resumed = Trainer(lm2, TrainConfig(steps=2, lr=1e-2, bf16=False))
+    fresh = {n: p.detach().clone() for n, p in lm2.model.named_parameters() if p.requires_grad}
+    assert resumed.run(rule, checkpoint=tmp_path) == saved["history"]  # nothing left to do
+    now = {n: p for n, p in lm2.model.named_parameters() if p.requires_grad}
+    assert now.keys() == saved["params"].keys() and now
+    assert any(not torch.equal(fresh[n], saved["params"][n]) for n in now)  # training moved them
+    for name, value in saved["params"].items():
+        assert torch.equal(now[name], value), name
+    want, got = _optimizer_tensors(saved["optimizer"]), _optimizer_tensors(
+        resumed.optimizer.state_dict())
+    assert want and want.keys() == got.keys()  # step, exp_avg, exp_avg_sq per parameter
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    # Training goes on from there: the step count continues.
+    lm3 = tiny_model(seed=6)
+    history = Trainer(lm3, TrainConfig(steps=4, bf16=False)).run(rule, checkpoint=tmp_path)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 

@@ -77,9 +77,28 @@ def test_openai_client_errors(live):
                                        messages=[{"role": "user", "content": "word " * 1200}])
 
 
-def test_client_disconnect_mid_stream_still_stores_the_answer(live):
+def test_client_disconnect_mid_stream_still_stores_the_answer(live, monkeypatch):
+    # Generation is held after its first piece until the server has cancelled it (or 60 s
+    # passed): it cannot finish before the hang-up, so only a working cancel ends it early.
+    from onthejob.serve import engine as engine_module
+
+    cancels: list[threading.Event] = []
+    original_submit, real_stream = engine_module.Engine.submit_stream, engine_module.stream
+
+    def submit_stream(self, prompt, params, adapters, on_piece, cancel, then=None):
+        cancels.append(cancel)
+        return original_submit(self, prompt, params, adapters, on_piece, cancel, then)
+
+    def held_stream(lm, prompt, params):
+        for i, item in enumerate(real_stream(lm, prompt, params)):
+            yield item
+            if i == 0:
+                cancels[-1].wait(timeout=60)
+
+    monkeypatch.setattr(engine_module.Engine, "submit_stream", submit_stream)
+    monkeypatch.setattr(engine_module, "stream", held_stream)
     base, key, store, model = live
-    body = {"model": model, "stream": True, "max_tokens": 900, "temperature": 1.0, "seed": 1,
+    body = {"model": model, "stream": True, "max_tokens": 50, "temperature": 1.0, "seed": 1,
             "messages": [{"role": "user", "content": "tell me everything"}]}
     with httpx.Client(timeout=30) as http, http.stream(
             "POST", f"{base}/v1/chat/completions", json=body,
@@ -93,5 +112,232 @@ def test_client_disconnect_mid_stream_still_stores_the_answer(live):
             break
         time.sleep(0.1)
     assert [m.role for m in stored] == ["user", "assistant"]
-    # 900 tokens take seconds; the hang-up stops generation and the partial answer is kept.
+    # The hang-up stopped generation and the partial answer is kept.
+    assert cancels and cancels[0].is_set()
     assert stored[1].meta["finish_reason"] == "cancelled"
+
+
+# --- the surface as the official client and plain HTTP see it --------------------------------
+
+def _client(base: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _rows(store: Store) -> tuple[int, int]:
+    sessions = store.list_sessions("acme", limit=1000)
+    return len(sessions), sum(s.message_count for s in sessions)
+
+
+def test_models_retrieve_and_a_stable_created(live):
+    base, key, _, model = live
+    client = _client(base, key)
+    card = client.models.retrieve(model)
+    assert card.id == model and card.object == "model" and card.owned_by == "onthejob"
+    listed = client.models.list().data[0]
+    time.sleep(1.1)  # a `created` taken from the request's clock would move now
+    assert client.models.retrieve(model).created == card.created == listed.created
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-17")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert err.value.body["type"] == "not_found_error" and model in err.value.body["message"]
+
+
+def test_created_is_the_model_directory_time(tiny_dir, tmp_path):
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from onthejob.model import load_model
+
+    store = Store(f"sqlite:///{tmp_path / 'm.db'}")
+    store.create_tenant("acme")
+    key = store.create_key("acme")
+    lm = load_model(tiny_dir)
+    with TestClient(create_app(lm, store)) as http:
+        card = http.get(f"/v1/models/{lm.name}", headers={"Authorization": f"Bearer {key}"})
+    assert card.json()["created"] == int((Path(tiny_dir) / "config.json").stat().st_mtime)
+    store.close()
+
+
+def test_ending_a_session_answers_its_true_message_count(live):
+    base, key, store, model = live
+    client = _client(base, key)
+    history = []
+    raw = None
+    for turn in ("one", "two", "three", "four"):
+        history.append({"role": "user", "content": turn})
+        headers = {"X-Session-Id": raw.headers["x-session-id"]} if raw else {}
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=history, max_tokens=2, temperature=0, extra_headers=headers)
+        history.append({"role": "assistant",
+                        "content": raw.parse().choices[0].message.content})
+    sid = raw.headers["x-session-id"]
+    ended = httpx.post(f"{base}/v1/sessions/{sid}/end", headers={"Authorization": f"Bearer {key}"})
+    assert ended.status_code == 200 and ended.json()["status"] == "ended"
+    assert ended.json()["message_count"] == len(store.messages("acme", sid)) == 8
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def test_tools_are_accepted_stored_and_said_to_be_unusable_by_this_model(live):
+    from onthejob.model import load_tokenizer
+    from onthejob.model.chat import supports_tools
+
+    base, key, store, model = live
+    client = _client(base, key)
+    assert not supports_tools(load_tokenizer())  # SmolLM2's template has no tool format
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, max_tokens=4, temperature=0, tools=[WEATHER], tool_choice="auto",
+        messages=[{"role": "user", "content": "Weather in Oslo?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{
+                      "id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"}])
+    assert raw.headers["x-onthejob-tools"] == "not-rendered"
+    reply = raw.parse()
+    assert reply.choices[0].message.tool_calls is None
+    assert "cannot call tools" in reply.model_extra["warnings"][0]
+    stored = store.messages("acme", raw.headers["x-session-id"])
+    assert [m.kind for m in stored] == ["message", "tool_call", "observation", "message"]
+    assert stored[2].meta["tools"] == [WEATHER] and stored[2].meta["tool_choice"] == "auto"
+    assert stored[2].meta["tools_rendered"] is False and stored[2].content == "-3 C, snow"
+    # A call the server cannot make happen is refused, and nothing is stored.
+    before = _rows(store)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, tools=[WEATHER], tool_choice=choice,
+                                           messages=[{"role": "user", "content": "x"}])
+        assert err.value.body["param"] == "tool_choice"
+    assert _rows(store) == before
+    # Streaming says it in the first chunk.
+    chunks = list(client.chat.completions.create(
+        model=model, stream=True, max_tokens=2, tools=[WEATHER],
+        messages=[{"role": "user", "content": "x"}]))
+    assert "cannot call tools" in chunks[0].model_extra["warnings"][0]
+
+
+def test_tools_are_rendered_where_the_chat_template_has_a_format_for_them(tiny_lm, tmp_path):
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from onthejob.model import LoadedModel, render_ids
+    from onthejob.model.chat import supports_tools
+
+    tokenizer = copy.deepcopy(tiny_lm.tokenizer)
+    tokenizer.chat_template = (
+        "{% if tools %}<|im_start|>system\nTools: {% for t in tools %}"
+        "{{ t.function.name }}: {{ t.function.description }}; {% endfor %}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert supports_tools(tokenizer)
+    chat = [{"role": "user", "content": "Weather in Oslo?"}]
+    text = tokenizer.decode(render_ids(tokenizer, chat, tools=[WEATHER]))
+    assert "get_weather: The weather in a city" in text
+    lm = LoadedModel(tiny_lm.model, tokenizer, "tiny-tools", "")
+    store = Store(f"sqlite:///{tmp_path / 't.db'}")
+    store.create_tenant("acme")
+    auth = {"Authorization": f"Bearer {store.create_key('acme')}"}
+    body = {"model": lm.name, "messages": chat, "max_tokens": 2, "temperature": 0}
+    with TestClient(create_app(lm, store)) as http:
+        plain = http.post("/v1/chat/completions", json=body, headers=auth)
+        tooled = http.post("/v1/chat/completions", json={**body, "tools": [WEATHER]}, headers=auth)
+        off = http.post("/v1/chat/completions", json={**body, "tools": [WEATHER],
+                                                       "tool_choice": "none"}, headers=auth)
+    assert tooled.status_code == 200 and tooled.headers["x-onthejob-tools"] == "rendered"
+    assert "not parsed into tool_calls" in tooled.json()["warnings"][0]
+    with_tools = len(render_ids(tokenizer, chat, tools=[WEATHER]))
+    assert tooled.json()["usage"]["prompt_tokens"] == with_tools
+    assert with_tools > plain.json()["usage"]["prompt_tokens"] == len(render_ids(tokenizer, chat))
+    assert off.headers["x-onthejob-tools"] == "not-rendered"
+    assert off.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+    stored = store.messages("acme", tooled.headers["x-session-id"])
+    assert stored[0].meta["tools"] == [WEATHER] and stored[0].meta["tools_rendered"] is True
+    store.close()
+
+
+def _refused(base, key, store, body, param, words, status=400):
+    before = _rows(store)
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {key}"})
+    error = r.json()["error"]
+    assert r.status_code == status, r.text
+    assert error["param"] == param and words in error["message"], error
+    assert error["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
+    assert _rows(store) == before  # nothing stored
+    return error
+
+
+UNKNOWN_SESSION = "00000000-0000-4000-8000-000000000000"
+USER = [{"role": "user", "content": "hi"}]
+IMAGE = [{"role": "user", "content": [
+    {"type": "text", "text": "what is this?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+
+
+@pytest.mark.parametrize("extra,headers,param,words,status", [
+    ({"stream_options": {"include_usage": True}}, {}, "stream_options",
+     "only allowed when stream is true", 400),
+    ({"messages": [{"role": "user", "content": None}]}, {}, "messages.0.content",
+     "needs content", 400),
+    ({"messages": IMAGE}, {}, "messages.0.content", "takes text only", 400),
+    ({"temperature": 2.5}, {}, "temperature", "temperature must be", 400),
+    ({"top_p": 0.0}, {}, "top_p", "top_p must be", 400),
+    ({"max_completion_tokens": 0}, {}, "max_completion_tokens", "max_completion_tokens must", 400),
+    ({"max_tokens": 0}, {}, "max_tokens", "max_tokens must be", 400),
+    ({"metadata": {"session_id": UNKNOWN_SESSION}}, {}, "metadata.session_id", "no session", 404),
+    ({}, {"X-Session-Id": UNKNOWN_SESSION}, "X-Session-Id", "no session", 404),
+], ids=["stream_options", "null-content", "image", "temperature", "top_p",
+        "max_completion_tokens", "max_tokens", "metadata-session", "header-session"])
+def test_what_openai_refuses_is_refused_with_the_right_param(live, extra, headers, param, words,
+                                                             status):
+    base, key, store, model = live
+    before = _rows(store)
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": model, "messages": USER, **extra},
+                   headers={"Authorization": f"Bearer {key}", **headers}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert "more problems" not in error["message"]
+    assert _rows(store) == before  # nothing stored
+
+
+def test_context_length_message_names_only_what_was_sent(live):
+    base, key, store, model = live
+    long = [{"role": "user", "content": "word " * 1200}]
+    error = _refused(base, key, store, {"model": model, "messages": long}, "messages",
+                     "leaves no room for an answer")
+    assert "max_tokens" not in error["message"] and error["code"] == "context_length_exceeded"
+    error = _refused(base, key, store, {"model": model, "messages": long, "max_tokens": 10},
+                     "messages", "max_tokens is 10")
+
+
+def test_unknown_routes_point_to_a_route_that_exists(live):
+    import re
+
+    base, key, _, _ = live
+    r = httpx.get(f"{base}/v1/nothing-here", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    pointed = re.search(r"GET (/\S+)", r.json()["error"]["message"]).group(1)
+    # It serves the API's routes themselves (not a page that needs the internet to render).
+    document = httpx.get(f"{base}{pointed}")
+    assert document.status_code == 200 and "/v1/chat/completions" in document.json()["paths"]
+
+
+def test_keys_look_as_the_readme_shows(tmp_path):
+    import re
+    from pathlib import Path
+
+    from onthejob.store.keys import KEY_PREFIX
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.create_tenant("acme")
+    key = store.create_key("acme")
+    store.close()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    shown = re.findall(r'api_key="([^"]+)"', readme)
+    assert shown and all(s.startswith(KEY_PREFIX) for s in shown) and key.startswith(KEY_PREFIX)

@@ -15,10 +15,15 @@ import sys
 import time
 
 POINTS = {
+    "checkpoint-saved": "a training step's checkpoint is written (every step; training goes on)",
+    "dream-gated": "a dream's tasks are written and gated (its file saved); no training yet",
     "adapter-saved": "the candidate's files are written; the registry does not know them yet",
     "candidate-registered": "the candidate is registered; the old adapter is still active",
     "promoted": "the candidate is active and its sessions marked; the run is not yet 'done'",
 }
+# The points of consolidation's promotion, in order (consolidate and dream pass all three;
+# grind passes adapter-saved and candidate-registered).
+PROMOTION = ("adapter-saved", "candidate-registered", "promoted")
 
 
 def point(name: str) -> None:

@@ -5,6 +5,11 @@ Every run is a row of the runs table (kind "dream", its phase and progress updat
 goes) and a JSON file, $ONTHEJOB_HOME/dreams/<run id>.json, holding every task written,
 every one dropped at parsing (with the problem) and every gate verdict (with the reason).
 
+A run whose process died (killed, crashed, a server stopped mid-job) is marked interrupted
+by the next dream of the same work (same session and options), which resumes it: the
+tasks it wrote and gated are reused from its file, and training goes on from its last
+step's checkpoint, as consolidation does (tests/test_faults.py kills it at named points).
+
 Training modes: "opsd" (teacher = the model with the session, student prompts = the
 dreamed questions that passed the gate), "grpo" (onthejob.learn.grpo on a DreamEnv of
 those tasks: the checker's reward, group-relative advantages) and "both" (the two on
@@ -13,7 +18,9 @@ alternate steps).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import time
@@ -22,8 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from onthejob import config
-from onthejob.dream.gate import DreamGateConfig, GateReport, gate
+from onthejob import config, faults
+from onthejob.dream.gate import DreamGateConfig, EnvVerdict, GateReport, gate
 from onthejob.dream.tasks import DreamTask, DreamWriting, check_writer, materials, write_tasks
 from onthejob.learn.consolidate import (
     ConsolidateOptions,
@@ -31,6 +38,7 @@ from onthejob.learn.consolidate import (
     StopTraining,
     _shared_below,
     _train_and_gate,
+    checkpoint_dir,
     recommended_opsd,
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
@@ -41,7 +49,7 @@ from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.practice import PracticePrompt, practice_prompts
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import use_adapter
-from onthejob.store import Store
+from onthejob.store import Run, Store
 
 MODES = ("opsd", "grpo", "both")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|tokens?|tok|k?tokens|min|mins|minutes?|m)?\s*$",
@@ -293,25 +301,84 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
               "checker": opts.checker, "style": opts.style, "attempts": opts.attempts,
               "fallback": opts.fallback, "train": config_dict(opts.train), "opsd": asdict(opts.opsd),
               "gate": asdict(opts.gate), "env_gate": asdict(opts.env_gate)}
+    for dead in store.interrupt_dead_runs():
+        say(f"run {dead.id} ({dead.kind}) had stopped mid-way; marked interrupted")
+    work = work_key(params)
+    resumed = _resumable(store, tenant, work)
     if run_id is None:
-        run_id = store.create_run("dream", tenant, params=params).id
-    store.update_run(run_id, status="running", progress={"phase": "writing"})
+        run_id = store.create_run("dream", tenant, params={
+            **params, "resumed_from": resumed.id if resumed else None}).id
+    store.update_run(run_id, status="running", progress={
+        "phase": "writing", "work": work, "resumed_from": resumed.id if resumed else None})
+    carried = None
+    if resumed is not None:
+        carried = _take_over(store, resumed, run_id)
+        say(f"resuming interrupted dream run {resumed.id}: "
+            + ("its gated tasks" if carried else "its session")
+            + (" and its training checkpoint" if (checkpoint_dir(run_id) / "state.pt").exists()
+               else ""))
     try:
-        return _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id)
+        return _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id,
+                      carried)
     except BaseException as exc:
         store.update_run(run_id, status="failed", progress={"phase": "failed"},
                          error=f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=5))
         raise
 
 
-def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id) -> DreamOutcome:
+def work_key(params: dict) -> str:
+    """What a dream run does, as a digest: runs with the same key do the same work."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resumable(store: Store, tenant: str, work: str) -> Run | None:
+    """The latest interrupted dream run of the same work that no later run took over."""
+    for run in store.list_runs("dream", tenant, status="interrupted", limit=10):
+        if run.progress.get("work") == work and not run.progress.get("resumed_by"):
+            return run
+    return None
+
+
+def _take_over(store: Store, dead: Run, run_id: int) -> dict | None:
+    """Move the dead run's training checkpoint to `run_id`; its gated tasks, if it had got
+    that far (None otherwise: they are written again)."""
+    if (checkpoint_dir(dead.id) / "state.pt").exists():
+        os.replace(checkpoint_dir(dead.id), checkpoint_dir(run_id))
+    store.update_run(dead.id, progress={"resumed_by": run_id})
+    try:
+        record = load_dream(dead.id)
+    except FileNotFoundError:
+        return None
+    return record if all("gate" in t for t in record.get("tasks", ())) else None
+
+
+def _carried_over(record: dict) -> tuple[DreamWriting, GateReport, float]:
+    """The writing and gate report of an interrupted run, from its file."""
+    tasks = [DreamTask.from_dict(t) for t in record["tasks"]]
+    fields = EnvVerdict.__dataclass_fields__
+    verdicts = [EnvVerdict(**{k: v for k, v in t["gate"].items() if k in fields})
+                for t in record["tasks"]]
+    counts = record.get("counts") or {}
+    writing = DreamWriting(tasks, [DreamTask.from_dict(t) for t in record.get("dropped", ())],
+                           tokens=record.get("tokens", {}).get("writing", 0),
+                           units=counts.get("units", 0), no_span=record.get("no_span", []))
+    return writing, GateReport(verdicts, record.get("tokens", {}).get("gate", 0)), \
+        record.get("dream_seconds", 0.0)
+
+
+def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id,
+           carried: dict | None = None) -> DreamOutcome:
     parent = store.active_adapter(tenant)
     below = _shared_below(store, tenant)
-    use_adapter(lm, [*below, parent.path] if parent else (below or None))
-    try:
-        writing, report, seconds = dream_session(lm, lesson.context, lesson.title, opts, say)
-    finally:
-        use_adapter(lm, None)
+    if carried is not None:
+        writing, report, seconds = _carried_over(carried)
+    else:
+        use_adapter(lm, [*below, parent.path] if parent else (below or None))
+        try:
+            writing, report, seconds = dream_session(lm, lesson.context, lesson.title, opts, say)
+        finally:
+            use_adapter(lm, None)
     verdicts = {v.task: v for v in report.verdicts}
     record = {"run": run_id, "tenant": tenant, "session": session.id, "title": lesson.title,
               "mode": opts.mode, "budget": str(opts.budget), "checker": opts.checker,
@@ -321,7 +388,10 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
               "tokens": {"writing": writing.tokens, "gate": report.tokens},
               "tasks": [{**t.to_dict(), "gate": verdicts[t.id].to_dict()} for t in writing.tasks],
               "dropped": [t.to_dict() for t in writing.dropped]}
+    if carried is not None:
+        record["resumed_from"] = carried["run"]
     _save(run_id, record)
+    faults.point("dream-gated")
     passed = [t for t in writing.tasks if verdicts[t.id].passed]
     counts = dict(written=writing.written, parsed=len(writing.model_tasks), passed=len(passed),
                   by_rule=len(writing.rule_tasks))

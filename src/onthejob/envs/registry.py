@@ -42,6 +42,11 @@ def register(name: str, factory: Callable[..., Env]) -> None:
     _registry[name] = factory
 
 
+def unregister(name: str) -> None:
+    """Forget an environment registered at run time (a no-op for an unknown name)."""
+    _registry.pop(name, None)
+
+
 def _load(target: str) -> Callable[..., Env]:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

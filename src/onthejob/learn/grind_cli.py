@@ -10,6 +10,13 @@ env's scripted policy (learn/warmup.py) on seeds of their own, optionally on oth
 pages (--warmup-option) and without the decisions on some pages (--warmup-skip-page). The
 held-out reward is measured before the warm-up, after it, and after GRPO, so what GRPO added
 is told apart from what the warm-up gave. The warm-up adapter is kept in OUT/warmup-adapter.
+
+A killed grind is resumed, as a killed consolidation is: every step writes a checkpoint
+(OUT/checkpoint, the warm-up's OUT/warmup-checkpoint). With --tenant, the next grind of the
+same work (same env, options and settings) marks the dead run interrupted and goes on from
+its checkpoint in its folder; without, a grind whose --out holds an unfinished run of the
+same work goes on from it. Adapter files a killed run wrote but never registered are set
+aside (`vN.unregistered-<time>`), so they never block the next save.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,19 +172,37 @@ def _grind(args: argparse.Namespace) -> int:
 
 
 def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
-    from onthejob import config
+    from onthejob import config, faults
     from onthejob.learn.grpo import evaluate
     from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
     from onthejob.model import load_model
     from onthejob.model.adapters import LoraSpec, save
 
     started = time.time()
-    out = Path(args.out) if args.out else config.home() / "runs" / rule.run_id
-    out.mkdir(parents=True, exist_ok=True)
-    plot = Path(args.plot) if args.plot else out / "curve.png"
-    lm = load_model(args.model)
     train = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                         lora=LoraSpec(rank=args.rank, alpha=2 * args.rank))
+    params = {"env": cfg.env, "options": cfg.options, "train": config_dict(train),
+              "grpo": _plain_cfg(cfg), "warmup": _warmup_params(args)}
+    resumed = None
+    if store:
+        for dead in store.interrupt_dead_runs():
+            print(f"run {dead.id} ({dead.kind}) had stopped mid-way; marked interrupted",
+                  file=sys.stderr, flush=True)
+        resumed = _resumable(store, args.tenant, params)
+    if resumed is not None:  # its folder and rollout log go on
+        rule.run_id, out = resumed.params["run_id"], Path(resumed.params["out"])
+    else:
+        out = Path(args.out) if args.out else config.home() / "runs" / rule.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    carried = _unfinished(out, params)
+    if resumed is None and carried is not None:
+        rule.run_id = carried["run_id"]
+    if resumed is not None or carried is not None:
+        print(f"resuming the unfinished grind in {out}"
+              + (f" (interrupted run {resumed.id})" if resumed else ""), file=sys.stderr,
+              flush=True)
+    plot = Path(args.plot) if args.plot else out / "curve.png"
+    lm = load_model(args.model)
     seeds = eval_seeds(args.eval_seeds)
 
     def held_out() -> dict | None:
@@ -191,19 +217,27 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
 
     print(f"grind {cfg.env} {cfg.options}: {args.steps} steps x {cfg.starts} groups x "
           f"{cfg.group} rollouts, lr {args.lr}, run {rule.run_id}", file=sys.stderr, flush=True)
-    before = held_out()
-    if before:
+    before = carried["eval_before"] if carried is not None else held_out()
+    if before and carried is None:
         print(f"held-out before: reward {before['reward']:.3f} solved {before['solved']:.3f} "
               f"on {len(seeds)} seeds ({before['seconds']:.0f} s)", file=sys.stderr, flush=True)
     run_row = store.create_run("grind", args.tenant, params={
-        "env": cfg.env, "options": cfg.options, "train": config_dict(train),
-        "grpo": _plain_cfg(cfg), "run_id": rule.run_id}) if store else None
+        **params, "run_id": rule.run_id, "out": str(out),
+        "resumed_from": resumed.id if resumed else None}) if store else None
+    if resumed is not None:
+        store.update_run(resumed.id, progress={"resumed_by": run_row.id})
     record = {"command": "onthejob " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
               "run_id": rule.run_id, "env": cfg.env, "options": cfg.options,
-              "grpo": _plain_cfg(cfg), "train": config_dict(train), "eval_before": before}
+              "grpo": _plain_cfg(cfg), "train": config_dict(train), "params": params,
+              "eval_before": before}
+    if carried is not None and carried.get("warmup"):
+        record["warmup"] = carried["warmup"]
+    _write(out / "curve.json", record)  # what a resume checks its work against
     examples = getattr(args, "examples", None)
     parent = None
-    if examples:
+    if record.get("warmup") and (out / "warmup-adapter").exists():
+        parent = out / "warmup-adapter"  # the warm-up finished before the kill
+    elif examples:
         try:
             parent, record["warmup"] = _warm_up(args, cfg, lm, train, examples, out, held_out)
         except BaseException as exc:
@@ -223,7 +257,7 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
                                                    if isinstance(v, (int, float)) and math.isfinite(v)})
 
     try:
-        trainer.run(rule, progress=progress)
+        trainer.run(rule, progress=progress, checkpoint=out / "checkpoint")
     except BaseException as exc:
         if store:
             store.update_run(run_row.id, status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -249,15 +283,20 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
     if store:
         version = store.next_adapter_version("tenant", args.tenant)
         where = config.adapters_dir() / "tenant" / args.tenant / f"v{version}"
+        set_aside(where, "unregistered")  # written by a killed run, never registered
         digest = save(lm.model, STUDENT, where, meta=meta)
+        faults.point("adapter-saved")
         adapter = store.add_adapter("tenant", args.tenant, method="grpo", path=str(where),
                                     checksum=digest, version=version, metrics=metrics,
                                     status="candidate", reason=f"grpo on {cfg.env}")
+        faults.point("candidate-registered")
         store.update_run(run_row.id, status="done", progress={"adapter": adapter.id})
         where_text = f"candidate v{version} of tenant {args.tenant} ({where})"
     else:
         where = out / "adapter"
+        set_aside(where, "previous")  # an earlier grind's result in the same folder
         save(lm.model, STUDENT, where, meta=meta)
+        faults.point("adapter-saved")
         where_text = str(where)
     record.update(history=history, eval_after=after, summary=summary, adapter=str(where))
     _write(out / "curve.json", record)
@@ -266,6 +305,50 @@ def run_grind(args: argparse.Namespace, cfg: GrpoConfig, rule, store) -> int:
           f"{summary['reward_last']:.3f} (last {k}); adapter: {where_text}; "
           f"curve: {out / 'curve.json'}, {plot}; {summary['seconds']:.0f} s")
     return 0
+
+
+def _warmup_params(args: argparse.Namespace) -> dict | None:
+    """The warm-up's settings, part of what makes two grinds the same work."""
+    if not getattr(args, "warmup_steps", 0):
+        return None
+    return {"steps": args.warmup_steps, "episodes": args.warmup_episodes,
+            "options": args.warmup_option, "skip_pages": list(args.warmup_skip_page),
+            "lr": args.warmup_lr, "batch": args.warmup_batch}
+
+
+def _resumable(store, tenant: str, params: dict):
+    """The latest interrupted grind of the same work, not taken over, whose folder still
+    holds its checkpoint."""
+    wanted = json.loads(json.dumps(params, default=str))  # as stored: tuples become lists
+    for run in store.list_runs("grind", tenant, status="interrupted", limit=10):
+        same = {k: v for k, v in run.params.items()
+                if k not in ("process", "resumed_from", "run_id", "out")}
+        if (same == wanted and not run.progress.get("resumed_by") and run.params.get("out")
+                and (Path(run.params["out"]) / "checkpoint" / "state.pt").exists()):
+            return run
+    return None
+
+
+def _unfinished(out: Path, params: dict) -> dict | None:
+    """The record of a grind of the same work in `out` that did not finish, if any."""
+    try:
+        record = json.loads((out / "curve.json").read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(params, default=str))
+    if record.get("params") != wanted or "summary" in record:
+        return None
+    return record
+
+
+def set_aside(path: Path, why: str) -> Path | None:
+    """Rename an existing adapter folder out of the way (`NAME.WHY-<time>`); None if absent."""
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, target)
+    print(f"set aside {path} as {target.name}", file=sys.stderr, flush=True)
+    return target
 
 
 def _warm_up(args: argparse.Namespace, cfg: GrpoConfig, lm, train, examples: list, out: Path,
@@ -294,8 +377,9 @@ def _warm_up(args: argparse.Namespace, cfg: GrpoConfig, lm, train, examples: lis
              else ""), file=sys.stderr, flush=True)
     warm = Trainer(lm, replace(train, steps=args.warmup_steps, lr=lr))
     warm.run(Imitation(pairs, batch_size=args.warmup_batch),
-             progress=print_progress(f"[warm-up {cfg.env}] "))
+             progress=print_progress(f"[warm-up {cfg.env}] "), checkpoint=out / "warmup-checkpoint")
     where = out / "warmup-adapter"
+    set_aside(where, "previous")
     save(lm.model, STUDENT, where, meta={"method": "imitation", "env": cfg.env,
                                          "options": args.warmup_options})
     seconds = time.time() - started

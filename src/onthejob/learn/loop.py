@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from onthejob import faults
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import LoraSpec, activate, attach
 
@@ -159,9 +160,11 @@ class Trainer:
         state = {n: p.detach().clone() for n, p in self.lm.model.named_parameters() if p.requires_grad}
         tmp = path / "state.pt.tmp"
         torch.save({"step": step, "params": state, "optimizer": self.optimizer.state_dict(),
-                    "history": self.history}, tmp)
+                    "history": self.history, "rng": self.rng.getstate(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, path / "state.pt")
         (path / "progress.json").write_text(json.dumps({"step": step, "of": self.cfg.steps}))
+        faults.point("checkpoint-saved")
 
     def _resume(self, path: str | os.PathLike | None) -> int:
         if path is None or not (Path(path) / "state.pt").exists():
@@ -173,6 +176,9 @@ class Trainer:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.history = saved["history"]
+        if "rng" in saved:  # the rule's draws (e.g. GRPO's start seeds) go on where they were
+            self.rng.setstate(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
         log.info("resumed from step %d", saved["step"])
         return int(saved["step"])
 

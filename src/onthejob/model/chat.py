@@ -23,17 +23,31 @@ def validate_messages(messages: Sequence[Message]) -> None:
             raise ValueError(f"messages[{i}].content must be a string")
 
 
-def render_text(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template has a format for tool definitions (it reads a
+    `tools` variable); SmolLM2's does not."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(template.values())
+    return "tools" in template
+
+
+def render_text(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+                tools: Sequence[dict] | None = None) -> str:
+    """`tools` (OpenAI function definitions) are rendered by the template; give them only
+    where `supports_tools` says it has a format for them."""
     validate_messages(messages)
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    extra = {"tools": list(tools)} if tools else {}
     return tokenizer.apply_chat_template(
-        plain, tokenize=False, add_generation_prompt=add_generation_prompt
+        plain, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
 
 
-def render_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+def render_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of `messages` in the model's chat template, ready for the assistant's answer."""
-    text = render_text(tokenizer, messages, add_generation_prompt)
+    text = render_text(tokenizer, messages, add_generation_prompt, tools)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

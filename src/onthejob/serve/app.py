@@ -3,7 +3,7 @@ model in-process); `onthejob serve` runs it under uvicorn on loopback.
 
 Endpoints (all but /health need `Authorization: Bearer <key>`):
   GET  /health                       liveness, no key
-  GET  /v1/models                    the served model
+  GET  /v1/models, /v1/models/{id}   the served model
   POST /v1/chat/completions          OpenAI chat completions, streaming (SSE) or not
   GET  /v1/sessions                  the caller's sessions (?status=open|ended&limit&offset)
   POST /v1/sessions                  start a session explicitly ({"title": ...})
@@ -56,6 +56,18 @@ def _session_json(session: Session) -> dict:
     return {"object": "session", **_json(session)}
 
 
+def _created(lm: LoadedModel) -> int:
+    """The model's `created` time: when its directory's config was written (stable across
+    requests and restarts); for a model without a directory, when this process loaded it."""
+    try:
+        return int((Path(lm.path) / "config.json").stat().st_mtime)
+    except OSError:
+        return _STARTED
+
+
+_STARTED = int(time.time())
+
+
 def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
                engine: Engine | None = None, figures: Path | None = None) -> FastAPI:
     """The server app. It owns (and closes on shutdown) an Engine unless one is given.
@@ -88,11 +100,19 @@ def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
     def health() -> dict:
         return {"status": "ok", "model": lm.name}
 
+    model_card = {"id": lm.name, "object": "model", "created": _created(lm),
+                  "owned_by": "onthejob", "context_length": lm.context_length}
+
     @app.get("/v1/models")
     def models(_who: Principal = Depends(principal)) -> dict:
-        data = [{"id": lm.name, "object": "model", "created": int(time.time()),
-                 "owned_by": "onthejob", "context_length": lm.context_length}]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str, _who: Principal = Depends(principal)) -> dict:
+        if model_id not in ctx.model_ids:
+            raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists "
+                           f"{', '.join(ctx.model_ids)}", "model_not_found", "model")
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request, who: Principal = Depends(principal)):

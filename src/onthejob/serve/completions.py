@@ -15,19 +15,34 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from onthejob.model import Completion, ContextLengthError, SamplingParams
+from onthejob.model import (
+    Completion,
+    ContextLengthError,
+    LoadedModel,
+    SamplingParams,
+    render_ids,
+)
+from onthejob.model.chat import supports_tools
 from onthejob.serve.engine import Overloaded
 from onthejob.serve.errors import APIError, error_body
 from onthejob.serve.http import Principal, ServerContext, read_json
-from onthejob.serve.schemas import ChatMessage, ChatRequest
+from onthejob.serve.schemas import ChatMessage, ChatRequest, NamedToolChoice
 from onthejob.serve.turns import new_messages, prompt_ids, prompt_messages
 from onthejob.store import Conflict, NewMessage, NotFound
 
 SESSION_HEADER = "X-Session-Id"
+TOOLS_HEADER = "X-Onthejob-Tools"  # "rendered" or "not-rendered", when the request sent tools
+
+
+def _plain(value: Any) -> Any:
+    """A pydantic value as plain JSON data (for the store)."""
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 def to_new_message(message: ChatMessage) -> NewMessage:
@@ -46,10 +61,22 @@ def sampling(ctx: ServerContext, req: ChatRequest) -> tuple[SamplingParams, bool
     """The sampling parameters, and whether max_tokens was left to the server."""
     context = ctx.lm.context_length
     cap = min(ctx.limits.max_tokens or context, context)
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if None not in (req.max_tokens, req.max_completion_tokens) \
+            and req.max_tokens != req.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them "
+                       "(max_completion_tokens is OpenAI's current name)", "invalid_value",
+                       "max_completion_tokens")
     if asked is not None and not 1 <= asked <= cap:
-        raise APIError(400, f"max_tokens must be between 1 and {cap} (the model's context is "
-                       f"{context} tokens)", "invalid_value", "max_tokens")
+        raise APIError(400, f"{field} must be between 1 and {cap} (the model's context is "
+                       f"{context} tokens)", "invalid_value", field)
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise APIError(400, f"temperature must be between 0 and 2, not {req.temperature}",
+                       "invalid_value", "temperature")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise APIError(400, f"top_p must be in (0, 1], not {req.top_p}", "invalid_value",
+                       "top_p")
     params = SamplingParams(
         max_tokens=asked or ctx.limits.default_max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -61,16 +88,45 @@ def sampling(ctx: ServerContext, req: ChatRequest) -> tuple[SamplingParams, bool
     return params, asked is None
 
 
-def session_id_of(request: Request, req: ChatRequest) -> str | None:
+def session_id_of(request: Request, req: ChatRequest) -> tuple[str | None, str]:
+    """The session id the request names, and where it named it (the error's param)."""
     header = request.headers.get(SESSION_HEADER)
     body = (req.metadata or {}).get("session_id")
     if header and body and header != body:
         raise APIError(400, f"the {SESSION_HEADER} header and metadata.session_id differ; "
                        "send one of them", "invalid_value", "metadata.session_id")
-    return header or body
+    return (header, SESSION_HEADER) if header else (body, "metadata.session_id")
 
 
-def _plan(ctx: ServerContext, principal: Principal, session_id: str | None,
+def tool_plan(lm: LoadedModel, req: ChatRequest) -> tuple[list[dict] | None, str | None]:
+    """The tool definitions to render into the prompt (None: none), and the statement the
+    response carries about them (None when the request sent no tools).
+
+    Tools are rendered where the chat template has a format for them and tool_choice is not
+    "none". Whatever the template, the answer is text: onthejob does not parse tool calls out
+    of it, so a tool_choice that demands a call ("required", a named function) is refused."""
+    if not req.tools:
+        return None, None
+    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+        raise APIError(400, f"this server cannot make the model call a tool (tool_choice "
+                       f"{req.tool_choice if isinstance(req.tool_choice, str) else 'function'}"
+                       f"): answers are plain text and tool calls are not parsed from them; "
+                       "send tool_choice 'auto' or 'none'", "tool_choice_unsupported",
+                       "tool_choice")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.tool_choice == "none":
+        return None, ("tool_choice is 'none': the tools were stored with the session and not "
+                      "shown to the model")
+    if not supports_tools(lm.tokenizer):
+        return None, (f"this model ({lm.name}) cannot call tools: its chat template has no "
+                      "format for them, so they were stored with the session but not shown "
+                      "to the model; the answer is plain text")
+    return tools, ("the tools were rendered into the prompt by the model's chat template; a "
+                   "tool call the model writes comes back as text in message.content (it is "
+                   "not parsed into tool_calls)")
+
+
+def _plan(ctx: ServerContext, principal: Principal, session_id: str | None, named_in: str,
           incoming: list[NewMessage]) -> tuple[list[NewMessage], list[dict]]:
     stored = []
     if session_id is not None:
@@ -79,7 +135,7 @@ def _plan(ctx: ServerContext, principal: Principal, session_id: str | None,
             stored = ctx.store.messages(principal.tenant, session_id)
         except NotFound:
             raise APIError(404, f"no session {session_id!r} for this API key",
-                           "session_not_found", SESSION_HEADER) from None
+                           "session_not_found", named_in) from None
         if session.status != "open":
             raise APIError(409, f"session {session_id} has ended; start a new session "
                            "(send no session id)", "session_ended")
@@ -106,13 +162,20 @@ async def chat_completions(ctx: ServerContext, request: Request, principal: Prin
         raise APIError(404, f"the model {req.model!r} does not exist; GET /v1/models lists "
                        f"{', '.join(ctx.model_ids)}", "model_not_found", "model")
     params, defaulted = sampling(ctx, req)
+    tools, tools_note = tool_plan(ctx.lm, req)
     incoming = [to_new_message(m) for m in req.messages]
-    session_id = session_id_of(request, req)
-    new, chat = await asyncio.to_thread(_plan, ctx, principal, session_id, incoming)
+    session_id, named_in = session_id_of(request, req)
+    new, chat = await asyncio.to_thread(_plan, ctx, principal, session_id, named_in, incoming)
     try:
-        ids = prompt_ids(ctx.lm, chat, 1 if defaulted else params.max_tokens)
+        ids = prompt_ids(ctx.lm, chat, 1 if defaulted else params.max_tokens, tools)
     except ContextLengthError as exc:
-        raise APIError(400, str(exc), "context_length_exceeded", "messages") from None
+        message = str(exc)
+        if defaulted:  # no max_tokens was sent: the prompt alone leaves no room
+            message = (f"the prompt is {len(render_ids(ctx.lm.tokenizer, chat, tools=tools))} "
+                       f"tokens, which leaves no room for an answer in the model's context of "
+                       f"{ctx.lm.context_length} tokens: shorten the conversation, or compact "
+                       "the session (POST /v1/sessions/{id}/compact) and go on from its summary")
+        raise APIError(400, message, "context_length_exceeded", "messages") from None
     except ValueError as exc:
         raise APIError(400, str(exc), "invalid_value", "messages") from None
     if defaulted:  # no max_tokens given: as much as fits, up to the default
@@ -121,18 +184,25 @@ async def chat_completions(ctx: ServerContext, request: Request, principal: Prin
     if ctx.engine.queued >= ctx.engine.max_queue:  # refuse before storing anything
         raise APIError(503, f"{ctx.engine.queued} requests are waiting; retry shortly",
                        "server_overloaded")
+    offered = {"tools": [t.model_dump(exclude_none=True) for t in req.tools],
+               "tool_choice": _plain(req.tool_choice), "tools_rendered": tools is not None} \
+        if req.tools else {}
+    if offered and new:  # stored with the request's last new message
+        new[-1] = replace(new[-1], meta={**new[-1].meta, **offered})
     session_id = await asyncio.to_thread(_store_request, ctx, principal, session_id, new)
 
     def store_answer(completion: Completion):
         meta = {"finish_reason": completion.finish_reason, "model": ctx.lm.name,
                 "prompt_tokens": len(ids), "completion_tokens": len(completion.token_ids),
-                "adapters": adapters}
+                "adapters": adapters, **(offered if not new else {})}
         ctx.store.add_message(principal.tenant, session_id, "assistant", completion.text,
                               meta=meta)
         return completion
 
-    reply = _Reply(ctx, session_id, len(ids))
+    reply = _Reply(ctx, session_id, len(ids), [tools_note] if tools_note else [])
     headers = {SESSION_HEADER: session_id}
+    if tools_note:
+        headers[TOOLS_HEADER] = "rendered" if tools is not None else "not-rendered"
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         events = reply.stream(ids, params, adapters, store_answer, include_usage)
@@ -149,8 +219,10 @@ async def chat_completions(ctx: ServerContext, request: Request, principal: Prin
 class _Reply:
     """Response bodies in OpenAI's shapes, with the session id added."""
 
-    def __init__(self, ctx: ServerContext, session_id: str, prompt_tokens: int) -> None:
+    def __init__(self, ctx: ServerContext, session_id: str, prompt_tokens: int,
+                 warnings: list[str]) -> None:
         self.ctx, self.session_id, self.prompt_tokens = ctx, session_id, prompt_tokens
+        self.warnings = warnings  # statements about the request (e.g. tools not shown)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -165,7 +237,10 @@ class _Reply:
                 "choices": [{"index": 0, "finish_reason": completion.finish_reason,
                              "logprobs": None,
                              "message": {"role": "assistant", "content": completion.text}}],
-                "usage": self._usage(completion)}
+                "usage": self._usage(completion), **self._warnings()}
+
+    def _warnings(self) -> dict:
+        return {"warnings": self.warnings} if self.warnings else {}
 
     def _chunk(self, delta: dict | None, finish: str | None = None,
                usage: dict | None = None) -> str:
@@ -174,6 +249,8 @@ class _Reply:
                                              "finish_reason": finish, "logprobs": None}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.ctx.lm.name, "session_id": self.session_id, "choices": choices}
+        if delta is not None and delta.get("role"):  # the first chunk says what the body would
+            body.update(self._warnings())
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -9,6 +9,10 @@
 Jobs run one at a time on their own thread, on a private copy of the served model (made
 under the engine's lock), so training never touches the weights that answer requests. A
 newly promoted adapter is served from the next request on (the resolver re-reads it).
+
+A server stopped mid-job (killed, crashed) leaves its dream runs "running"; the next server
+marks them "interrupted" when it starts, and the same request again (same session, budget,
+mode and checker) resumes the interrupted run: its gated tasks and its training checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class DreamJobs:
         self._pending = 0
         self._count = threading.Lock()
         self._lm = None
+        for dead in ctx.store.interrupt_dead_runs():
+            log.warning("run %s (%s) had stopped mid-way (its process is gone); marked "
+                        "interrupted", dead.id, dead.kind)
 
     def start(self, tenant, session_id: str, body: DreamRequest) -> Run:
         from onthejob.dream.run import Budget, DreamOptions

@@ -17,6 +17,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           503: "server_overloaded", 500: "server_error"}
 
 
+DOCUMENT = "/openapi.json"  # the route the 404 text points to (FastAPI serves it)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -44,7 +47,7 @@ def install(app: FastAPI) -> None:
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 404:
-            message = "no such endpoint: see GET /docs for the API"
+            message = f"no such endpoint: GET {DOCUMENT} lists the API's routes"
         return error_response(exc.status_code, message, f"http_{exc.status_code}")
 
     @app.exception_handler(RequestValidationError)

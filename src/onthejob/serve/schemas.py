@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_MESSAGES = 1024
 MAX_STOP_LENGTH = 64
@@ -21,12 +29,67 @@ class TextPart(Strict):
     text: str
 
 
+# Content parts OpenAI defines for inputs this text-only model cannot read.
+NON_TEXT_PARTS = ("image_url", "input_audio", "file", "image", "audio", "video_url")
+
+
+def _text_parts(value: Any) -> Any:
+    """A list content's parts as TextPart, with a clear refusal of non-text parts."""
+    if not isinstance(value, list):
+        return value
+    parts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in NON_TEXT_PARTS:
+            raise PydanticCustomError(
+                "text_only", "part {i} is of type '{kind}', but this model takes text only: "
+                "send the content as a string or as parts of type 'text'", {"i": i, "kind": kind})
+        parts.append(TextPart.model_validate(part))
+    return parts
+
+
+class FunctionDef(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=64)
     tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=64)
     tool_call_id: str | None = Field(default=None, max_length=128)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        return _text_parts(value)
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        # As OpenAI: only an assistant message that calls tools may leave its content out.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError(
+                "missing_content", "a {role} message needs content (a string or text parts); "
+                "only an assistant message with tool_calls may have content null",
+                {"role": self.role})
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -54,6 +117,27 @@ class ChatRequest(Strict):
     frequency_penalty: Literal[0, 0.0] | None = None
     logprobs: Literal[False] | None = None
     response_format: dict[str, Literal["text"]] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatRequest:
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "only allowed when stream is true")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or ()}
+            if self.tool_choice.function.name not in names:
+                raise PydanticCustomError(
+                    "tool_choice", "names the function '{name}', which is not in tools",
+                    {"name": self.tool_choice.function.name})
+        elif self.tool_choice == "required" and not self.tools:
+            raise PydanticCustomError("tool_choice", "'required' needs tools")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +179,10 @@ class TenantUpdate(Strict):
     allow_shared: bool  # false withdraws consent to shared learning
 
 
+# The field that a check on the whole request is about.
+_REQUEST_CHECKS = {"stream_options": "stream_options", "tool_choice": "tool_choice"}
+
+
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """A one-line reason and the offending field, from pydantic's error list."""
     errors = exc.errors()
@@ -103,5 +191,9 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field (not part of the API)"
+    elif first["type"] in _REQUEST_CHECKS:  # a check on a whole object names its field
+        where = _REQUEST_CHECKS[first["type"]] or where
+    elif first["type"] == "missing_content":
+        where = f"{where}.content"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where}: {message}{more}" if where else message + more, where

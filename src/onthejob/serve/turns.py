@@ -57,9 +57,10 @@ def prompt_messages(session_id: str, stored: Sequence[Message],
     return context_messages(_as_messages(session_id, stored, new))
 
 
-def prompt_ids(lm: LoadedModel, chat: Sequence[dict[str, str]], max_tokens: int) -> list[int]:
+def prompt_ids(lm: LoadedModel, chat: Sequence[dict[str, str]], max_tokens: int,
+               tools: Sequence[dict] | None = None) -> list[int]:
     """Rendered prompt ids; raises ContextLengthError (with the allowed length) if too long."""
-    ids = render_ids(lm.tokenizer, chat)
+    ids = render_ids(lm.tokenizer, chat, tools=tools)
     check_fits(lm, len(ids), max_tokens)
     return ids
 

@@ -165,7 +165,8 @@ class SessionStore(StoreBase):
             if row.status != "ended":
                 row.status = "ended"
                 row.updated_at = utcnow()
-            return _session_of(row, owner.name)
+            count = orm.scalar(select(func.count()).where(MessageRow.session_id == row.id))
+            return _session_of(row, owner.name, int(count or 0))
 
     def set_review(self, tenant: TenantRef, session_id: str, verdict: str,
                    text: str = "") -> Review:
