@@ -189,13 +189,9 @@ def _generate(args: argparse.Namespace) -> int:
     if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
         print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")
         precisions.remove("bfloat16")
-    before = None
-    if args.before:
-        try:
-            before = json.loads(Path(args.before).read_text())
-        except (OSError, ValueError) as exc:
-            print(f"error: cannot read --before {args.before}: {exc}", file=sys.stderr)
-            return 2
+    if args.before and not Path(args.before).exists():
+        print(f"--before {args.before} does not exist yet: it is read when this run is done "
+              "(the before measurement may still be running)")
     try:
         batches = [int(b) for b in _names(args.batches)]
     except ValueError:
@@ -203,6 +199,13 @@ def _generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model)
+    before = None
+    if args.before:
+        try:
+            before = json.loads(Path(args.before).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read --before {args.before}: {exc}", file=sys.stderr)
+            return 2
     command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     before_command = before.get("command") if before else None
     result["command"] = command
