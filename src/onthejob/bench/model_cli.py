@@ -102,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     g.add_argument("--repeats", type=int, default=3, help="calls per figure (the median is kept)")
     g.add_argument("--before", metavar="JSON", help="figures of the same measurement on older code")
+    g.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the report of "
+                   "an earlier run's JSON (e.g. with --before, once that run is done)")
     g.add_argument("--out", default="docs/results/generate", help="output path prefix (.md, .json)")
     g.set_defaults(func=_generate)
 
@@ -197,25 +199,35 @@ def _generate(args: argparse.Namespace) -> int:
     if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
         print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")
         precisions.remove("bfloat16")
-    before = None
-    if args.before:
-        try:
-            before = json.loads(Path(args.before).read_text())
-        except (OSError, ValueError) as exc:
-            print(f"error: cannot read --before {args.before}: {exc}", file=sys.stderr)
-            return 2
+    if args.before and not Path(args.before).exists():
+        print(f"--before {args.before} does not exist yet: it is read when this run is done "
+              "(the before measurement may still be running)")
     try:
         batches = [int(b) for b in _names(args.batches)]
     except ValueError:
         print(f"error: --batches {args.batches!r} is not a comma-separated list of integers",
               file=sys.stderr)
         return 2
-    result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model)
-    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    before_command = before.get("command") if before else None
-    result["command"] = command
+    if args.render:
+        try:
+            result = json.loads(Path(args.render).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read --render {args.render}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model)
+        result["command"] = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    before = None
+    if args.before:
+        try:
+            before = json.loads(Path(args.before).read_text())
+        except (OSError, ValueError) as exc:
+            # The figures just measured are written all the same; --render adds --before later.
+            print(f"warning: cannot read --before {args.before} ({exc}): writing without it; "
+                  f"add it later with --render {args.out}.json --before FILE", file=sys.stderr)
     result["before"] = before
     result["compare"] = compare(result, before)
-    _write(args.out, result, markdown(result, before, command, before_command))
+    _write(args.out, result, markdown(result, before, result["command"],
+                                      before.get("command") if before else None))
     return 0
 
