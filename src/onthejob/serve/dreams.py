@@ -80,7 +80,14 @@ class DreamJobs:
     def _model(self):
         if self._lm is None:
             with self.ctx.engine.lock:
-                self._lm = copy.deepcopy(self.ctx.lm)
+                # The fast decoder's prepacked weights cannot be copied (and are derived):
+                # the copy builds its own on first use.
+                lm = self.ctx.lm
+                cache, lm.decoder_cache = lm.decoder_cache, None
+                try:
+                    self._lm = copy.deepcopy(lm)
+                finally:
+                    lm.decoder_cache = cache
         return self._lm
 
     def _work(self, tenant: str, session_id: str, opts, run_id: int) -> None:
