@@ -487,9 +487,10 @@ def test_bench_dream_smoke(tmp_path, tiny_dir):
     result = json.loads((tmp_path / "d.json").read_text())
     assert [t["method"] for t in result["table"]] == ["compact", "dream"]
     d = result["dream_totals"]
-    # The session's 5 sentences: 3 of MATERIAL with answer spans (4 spans), 2 of the bench's
-    # framing ("Here is a passage about Bluefin.", "I have read ...") without any.
-    assert (d["units"], d["no_span"]) == (4, 2) and result["questions"] == 1
+    # The co-work session's sentences (bench/knowledge.py session_for): 3 of MATERIAL with
+    # answer spans (4 spans), 3 of the user's and the model's framing turns without any
+    # ("What stands out ...", "Good. Keep these notes ...", "Understood, I will ...").
+    assert (d["units"], d["no_span"]) == (4, 3) and result["questions"] == 1
     assert d["written"] == d["parsed"] + len(result["rows"][0]["dream"]["dropped"])
     assert d["usable"] == d["parsed"] + d["by_rule"] == 4  # what did not parse: rule questions
     assert "transfer ratio" in (tmp_path / "d.md").read_text()
