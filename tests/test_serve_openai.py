@@ -86,9 +86,13 @@ def test_client_disconnect_mid_stream_still_stores_the_answer(live, monkeypatch)
     original = Engine.submit_stream
 
     def submit_stream(self, prompt, params, adapters, on_piece, cancel, then=None):
+        pieces = []
+
         def held(piece):
             on_piece(piece)
-            cancel.wait(timeout=60)
+            pieces.append(piece)
+            if len(pieces) == 1:
+                cancel.wait(timeout=60)
 
         cancels.append(cancel)
         return original(self, prompt, params, adapters, held, cancel, then)
