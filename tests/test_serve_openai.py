@@ -80,23 +80,24 @@ def test_openai_client_errors(live):
 def test_client_disconnect_mid_stream_still_stores_the_answer(live, monkeypatch):
     # Generation is held after its first piece until the server has cancelled it (or 60 s
     # passed): it cannot finish before the hang-up, so only a working cancel ends it early.
-    from onthejob.serve import engine as engine_module
+    from onthejob.serve.engine import Engine
 
     cancels: list[threading.Event] = []
-    original_submit, real_stream = engine_module.Engine.submit_stream, engine_module.stream
+    original = Engine.submit_stream
 
     def submit_stream(self, prompt, params, adapters, on_piece, cancel, then=None):
+        pieces = []
+
+        def held(piece):
+            on_piece(piece)
+            pieces.append(piece)
+            if len(pieces) == 1:
+                cancel.wait(timeout=60)
+
         cancels.append(cancel)
-        return original_submit(self, prompt, params, adapters, on_piece, cancel, then)
+        return original(self, prompt, params, adapters, held, cancel, then)
 
-    def held_stream(lm, prompt, params):
-        for i, item in enumerate(real_stream(lm, prompt, params)):
-            yield item
-            if i == 0:
-                cancels[-1].wait(timeout=60)
-
-    monkeypatch.setattr(engine_module.Engine, "submit_stream", submit_stream)
-    monkeypatch.setattr(engine_module, "stream", held_stream)
+    monkeypatch.setattr(Engine, "submit_stream", submit_stream)
     base, key, store, model = live
     body = {"model": model, "stream": True, "max_tokens": 50, "temperature": 1.0, "seed": 1,
             "messages": [{"role": "user", "content": "tell me everything"}]}
