@@ -47,10 +47,9 @@ if (_why := _missing()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
@@ -121,17 +120,17 @@ def shoot(driver, name: str, size: tuple[int, int] = DESKTOP) -> Path:
 
 def click(driver, css: str | None = None, *, link: str | None = None,
           partial: str | None = None) -> None:
-    """Click a button or link that loads a new page, and wait until that page has loaded."""
+    """Click a button or link that loads a page at a new address, and wait until it has loaded."""
     if css is not None:
         element = driver.find_element(By.CSS_SELECTOR, css)
     elif link is not None:
         element = driver.find_element(By.LINK_TEXT, link)
     else:
         element = driver.find_element(By.PARTIAL_LINK_TEXT, partial)
-    old = driver.find_element(By.TAG_NAME, "html")
+    before = driver.current_url  # every click here loads a page at another address
     element.click()
-    wait = WebDriverWait(driver, 20)
-    wait.until(expected_conditions.staleness_of(old))
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,))
+    wait.until(lambda d: d.current_url != before)
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
