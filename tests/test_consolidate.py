@@ -147,3 +147,16 @@ def test_gate_reuses_known_reading_scores(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"yy")  # new weights: the cache no longer applies
     assert c._known_reading(None, [], lm) is None
     assert c._known_reading(None, [], SimpleNamespace(path="in-memory")) is None
+
+
+def test_lessons_hold_back_a_phrasing_training_never_sees(tmp_path):
+    from onthejob.learn.consolidate import lesson_from
+
+    lm = tiny_model(seed=0)
+    context = [{"role": "user", "content": f"Please remember this: {PASSAGE}"},
+               {"role": "assistant", "content": "I will remember it."}]
+    lesson = lesson_from(lm, "s1", context, held_out_share=0.25)
+    assert lesson.held_out and lesson.probes
+    assert not set(lesson.held_out) & set(lesson.probes)
+    assert {p.text for p in lesson.practice} == set(lesson.held_out) | set(lesson.probes)
+    assert lesson_from(lm, "s1", context, held_out_share=0.0).held_out == []

@@ -259,19 +259,28 @@ def report(result: dict, command: str, plots: dict[str, str], md_dir: str | None
 def _joint_lines(joint: dict, cfg: dict) -> list[str]:
     n, q = len(joint["sessions"]), sum(joint["questions"])
     steps = cfg.get("joint_steps") or cfg["steps"]
+    budget = (f"{cfg['visits']:g} visits per practice prompt" if cfg.get("visits")
+              and not cfg.get("joint_steps") else f"{steps} steps")
+    prompts = joint.get("practice_prompts") or []
     lines = ["", f"## Joint consolidation: {n} sessions together into one adapter per method", "",
              f"As `onthejob consolidate` does with a tenant's batch of approved sessions: "
-             f"{steps} steps, lr {cfg['lr']:g}, seed {cfg['seed']}; {q} questions, asked "
+             f"{budget}, lr {cfg['lr']:g}, seed {cfg['seed']}; {q} questions, asked "
              f"without context. Base {joint['base']:.1%}, in context {joint['in_context']:.1%} "
-             f"(F1 {_f(joint['base_f1'])} and {_f(joint['in_context_f1'])}).", "",
+             f"(F1 {_f(joint['base_f1'])} and {_f(joint['in_context_f1'])}; exact match "
+             f"{_f(joint.get('base_em'))} and {_f(joint.get('in_context_em'))})."
+             + (f" Practice prompts per session {min(prompts)}-{max(prompts)} "
+                f"({sum(prompts)} in all); coverage of the gold answers "
+                f"{_f(joint.get('coverage'))}." if prompts else ""), "",
              "| method | no-context accuracy after | transfer ratio | transfer ratio (F1) | "
+             "transfer ratio (EM) | "
              "reading drop (pts) | general drop (pts) | KL to base | wall s (per session) | "
              "peak MB | tokens student | tokens teacher |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in joint["methods"].items():
         c = v["cost"]
         lines.append(f"| {m} | {v['after']:.1%} | {_f(v['transfer_ratio'])} | "
-                     f"{_f(v['transfer_ratio_f1'])} | {_f(v['reading_drop_pts'], '+.1f')} | "
+                     f"{_f(v['transfer_ratio_f1'])} | {_f(v.get('transfer_ratio_em'))} | "
+                     f"{_f(v['reading_drop_pts'], '+.1f')} | "
                      f"{_f(v['general_drop_pts'], '+.1f')} | {_f(v['kl_to_base'])} | "
                      f"{c['seconds']:.0f} ({c['seconds_per_session']:.0f}) | "
                      f"{_f(c['peak_mb'], '.0f')} | {c['tokens_student']:.0f} | "

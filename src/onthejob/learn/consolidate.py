@@ -97,11 +97,18 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
     lesson = Lesson(session_id, context)
     check_fits(lm, lesson)
     practice = practice_prompts(lm, context, kinds)
+    rng = random.Random(seed)
     spans = sorted({p.answer for p in practice if p.kind == "span"})
-    random.Random(seed).shuffle(spans)
-    held = set(spans[:round(len(spans) * held_out_share)]) if len(spans) > 1 else set()
-    lesson.practice = practice
+    rng.shuffle(spans)
+    held = set(spans[:max(1, round(len(spans) * held_out_share))]) if len(spans) > 1 else set()
     lesson.held_out = [p.text for p in practice if p.kind == "span" and p.answer in held]
+    if not lesson.held_out and held_out_share > 0:
+        # Fewer than two model-written span questions: hold back some of the questions the
+        # model wrote per sentence instead (scored against the teacher's answers).
+        plain = [p.text for p in practice if p.kind in ("question", "topic")]
+        rng.shuffle(plain)
+        lesson.held_out = plain[:max(1, round(len(plain) * held_out_share))] if len(plain) > 1 else []
+    lesson.practice = practice
     lesson.probes = [p.text for p in practice if p.text not in set(lesson.held_out)]
     return lesson
 
