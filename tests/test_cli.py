@@ -73,9 +73,9 @@ def test_help_shows_the_gate_thresholds_and_defaults(capsys, command):
     assert "promotion gate:" in out
     for option, default in (("--min-gain", "0.02"), ("--max-kl", "0.5"),
                             ("--max-retention-drop", "0.15"), ("--max-earlier-drop", "0.1"),
-                            ("--rank", "16"), ("--anchor-share", "0.5")):
+                            ("--rank", "16"), ("--anchor-share", "0.25")):
         assert re.search(rf"{option} [A-Z_]+ [^()]*\(default:? {default}\)", out), option
-    assert re.search(r"--lr LR learning rate \(default:? 0.003\)", out)
+    assert re.search(r"--lr LR learning rate \(default:? 0.00[13]\)", out)
     assert re.search(r"--seed SEED training (and gate )?seed \(default: 0\)", out)
     assert not re.search(r"\(default: (None|False|\(\))\)", out)  # no empty defaults
 
