@@ -25,4 +25,4 @@ def test_make_test_fast_leaves_out_the_slow_tests():
     kept = [line.split("/")[-1] for line in done.stdout.splitlines() if "::" in line]
     assert kept and all(node.startswith("test_learn_cli.py::") for node in kept), kept
     assert "test_learn_cli.py::test_bench_knowledge_smoke" not in kept
-    assert "test_learn_cli.py::test_demo_runs_the_whole_loop_and_reports_the_gate" in kept
+    assert "test_learn_cli.py::test_demo_runs_the_whole_loop_and_never_asks_what_it_trained_on" in kept
