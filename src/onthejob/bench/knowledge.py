@@ -239,8 +239,9 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
         raise ValueError("compact trains nothing: use it in the joint part only (--sessions 0 "
                          "--sequential 0 --joint N)")
     bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
-    log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {cfg.steps} steps "
-        + (f"({cfg.joint_steps or cfg.steps} for joint ones) " if n_joint else "") +
+    budget = f"{cfg.visits:g} visits per practice prompt" if cfg.visits else f"{cfg.steps} steps"
+    log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {budget} "
+        + (f"({cfg.joint_steps} steps for joint ones) " if n_joint and cfg.joint_steps else "") +
         f"({'bf16' if bf16 else 'float32'}): "
         f"independent {n_indep} x {list(cfg.methods)} x seeds {seeds}, sweep lrs {sweep_lrs}, "
         f"sequential {n_seq} x {list(cfg.sequential_methods)}, joint {n_joint} sessions x "
