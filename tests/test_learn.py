@@ -219,3 +219,19 @@ def test_top_k_forward_kl_is_never_negative_and_zero_when_student_equals_teacher
     for _ in range(5):
         student = torch.randn(6, 60) * 2
         assert (per_token_top(student, few.indices, few.values, "forward_kl") >= -1e-6).all()
+
+
+def test_training_anchors_are_disjoint_from_the_drift_anchors_and_the_general_questions():
+    from onthejob.bench.measures import general_set
+    from onthejob.learn.drift import DEFAULT_ANCHORS, SHORT_ANCHORS, TRAINING_ANCHORS
+    from onthejob.learn.evaluate import ANSWER_HINT
+    from onthejob.learn.practice import assert_unseen
+
+    general = [it["question"] for it in general_set()]
+    assert_unseen(general, TRAINING_ANCHORS)
+    assert_unseen(DEFAULT_ANCHORS, TRAINING_ANCHORS)
+    assert_unseen(TRAINING_ANCHORS, DEFAULT_ANCHORS)
+    assert len(set(TRAINING_ANCHORS)) == len(TRAINING_ANCHORS)
+    # Short questions in the lessons' own form, so that form alone does not come to mean
+    # "answer with the session's facts".
+    assert sum(a.endswith(ANSWER_HINT) for a in TRAINING_ANCHORS) == len(SHORT_ANCHORS) >= 40

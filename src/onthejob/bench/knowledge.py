@@ -227,6 +227,8 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential, cfg.joint))
     reading_items = reading_set(data, cfg.reading_items)
     general_items = general_set()[: cfg.general_items]
+    # The forgetting measure must not ask what the anchors trained on.
+    assert_unseen([it["question"] for it in general_items], TRAINING_ANCHORS)
     seeds = [cfg.seed + k for k in range(max(cfg.seeds, 1))]
     sweep_lrs = [lr for lr in dict.fromkeys(cfg.lrs) if lr != cfg.lr]
     n_indep = min(cfg.sessions, len(articles))
