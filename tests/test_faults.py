@@ -279,6 +279,39 @@ def test_consolidate_killed_mid_training_is_interrupted_then_resumed(tiny_dir, t
     _assert_serves_a_valid_active_adapter(store, {2})
 
 
+def test_consolidate_to_a_pipe_logs_each_phase_as_it_happens_and_a_resume_reuses_them(
+        tiny_dir, tmp_path, monkeypatch, capsys):
+    """A job runner's view: stdout is a pipe and Python is NOT told to be unbuffered. Killed
+    at its first checkpoint, the run has already written every phase line before that point,
+    in order, each with its time; its row in the store says the phase it is in. The same
+    command again reuses the practice material and the gate's first measures."""
+    import re
+
+    store, db, v1 = _store_with_v1(tmp_path)
+    args = _consolidate_args(db, tiny_dir, steps=2)
+    env = {**_env(tmp_path / "home"), "ONTHEJOB_FAULT_PAUSE": "checkpoint-saved"}
+    env.pop("PYTHONUNBUFFERED")
+    lines = _wait_for_point(_spawn(args, env), "checkpoint-saved", kill=True)
+    phases = [m.group(1) for line in lines
+              if (m := re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d phase (.+?): (?:started|done)", line))]
+    assert phases == ["practice material", "practice material", "gate before training",
+                      "gate before training", "teacher answers and anchors",
+                      "teacher answers and anchors", "training"], "".join(lines)
+    dead = store.list_runs("consolidate")[0]
+    assert dead.progress["phase"] == "training"  # (its step is stored just after the checkpoint)
+    assert set(dead.progress["phases"]) == {"practice material", "gate before training",
+                                            "teacher answers and anchors"}
+    monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "reused the interrupted run's practice material" in out
+    assert "(reused from the interrupted run)" in out
+    new = store.list_runs("consolidate")[0]
+    assert new.params["resumed_from"] == dead.id and new.status == "done"
+    assert store.active_adapter("acme").version == 2
+
+
 @pytest.mark.parametrize("point", PROMOTION)
 def test_consolidate_killed_during_promotion_keeps_a_valid_active_adapter(tiny_dir, tmp_path,
                                                                           monkeypatch, point):

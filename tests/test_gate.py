@@ -10,15 +10,18 @@ import pytest
 
 from onthejob.learn.gate import GateConfig, decide
 
-CFG = GateConfig()  # min_gain 0.02, max_kl 0.5, max_retention_drop 0.15, max_earlier_drop 0.10
-PASSING = {"gain": 0.1, "kl": 0.2, "retention_drop": 0.0, "earlier_drop": 0.0}
+CFG = GateConfig()  # min_gain 0.02, max_kl 0.5, max_retention_drop 0.15, max_earlier_drop 0.10,
+# max_general_drop 0.05
+PASSING = {"gain": 0.1, "kl": 0.2, "retention_drop": 0.0, "earlier_drop": 0.0, "general_drop": 0.0}
 REASONS = {"gain": "did not learn", "kl": "moved too far", "retention_drop": "forgot reading",
-           "earlier_drop": "forgot earlier sessions"}
+           "earlier_drop": "forgot earlier sessions", "general_drop": "forgot general knowledge"}
+FIELDS = {"gain": "min_gain", "kl": "max_kl", "retention_drop": "max_retention_drop",
+          "earlier_drop": "max_earlier_drop", "general_drop": "max_general_drop"}
 
 
 def test_the_defaults_are_the_documented_recipe():
-    assert (CFG.min_gain, CFG.max_kl, CFG.max_retention_drop, CFG.max_earlier_drop) == \
-        (0.02, 0.5, 0.15, 0.10)
+    assert (CFG.min_gain, CFG.max_kl, CFG.max_retention_drop, CFG.max_earlier_drop,
+            CFG.max_general_drop) == (0.02, 0.5, 0.15, 0.10, 0.05)
 
 
 # (measure, value, promoted): each threshold just inside, exactly at and just past its bound.
@@ -31,6 +34,8 @@ TABLE = [
     ("retention_drop", 0.1501, False), ("retention_drop", -0.2, True),
     ("earlier_drop", 0.0999, True), ("earlier_drop", 0.10, True),
     ("earlier_drop", 0.1001, False), ("earlier_drop", -0.5, True),
+    ("general_drop", 0.0499, True), ("general_drop", 0.05, True),
+    ("general_drop", 0.0501, False), ("general_drop", -0.1, True),
 ]
 
 
@@ -48,8 +53,7 @@ def test_each_threshold_and_its_bound(measure, value, promoted):
 @pytest.mark.parametrize("measure", list(REASONS))
 def test_thresholds_come_from_the_config(measure):
     """The same value passes or fails with the bound moved: no constant hides in decide()."""
-    field = {"gain": "min_gain", "kl": "max_kl", "retention_drop": "max_retention_drop",
-             "earlier_drop": "max_earlier_drop"}[measure]
+    field = FIELDS[measure]
     value = 0.3
     loose = GateConfig(**{field: -1.0 if measure == "gain" else 1.0})
     strict = GateConfig(**{field: 1.0 if measure == "gain" else 0.0})
@@ -60,7 +64,7 @@ def test_thresholds_come_from_the_config(measure):
 
 
 def test_every_failed_check_is_named_in_order():
-    verdict = decide(CFG, gain=0.0, kl=0.9, retention_drop=0.3, earlier_drop=0.2)
+    verdict = decide(CFG, gain=0.0, kl=0.9, retention_drop=0.3, earlier_drop=0.2, general_drop=0.4)
     assert not verdict.promote
     parts = verdict.reason.split("; ")
     assert [p.split(":")[0] for p in parts] == list(REASONS.values())
@@ -68,12 +72,15 @@ def test_every_failed_check_is_named_in_order():
     assert parts[1] == "moved too far: KL to base 0.900 > 0.5"
     assert parts[2] == "forgot reading: retention dropped 0.300 > 0.15"
     assert parts[3] == "forgot earlier sessions: probe F1 dropped 0.200 > 0.1"
+    assert parts[4] == ("forgot general knowledge: general-question accuracy dropped 0.400 > "
+                        "0.05")
 
 
 @pytest.mark.parametrize("failing", [("gain", "kl"), ("kl", "retention_drop"),
-                                     ("gain", "earlier_drop"), ("retention_drop", "earlier_drop")])
+                                     ("gain", "earlier_drop"), ("retention_drop", "earlier_drop"),
+                                     ("kl", "general_drop")])
 def test_two_failed_checks_give_both_reasons_and_only_those(failing):
-    bad = {"gain": -0.1, "kl": 0.8, "retention_drop": 0.2, "earlier_drop": 0.4}
+    bad = {"gain": -0.1, "kl": 0.8, "retention_drop": 0.2, "earlier_drop": 0.4, "general_drop": 0.3}
     verdict = decide(CFG, **{**PASSING, **{m: bad[m] for m in failing}})
     assert not verdict.promote
     named = [m for m, text in REASONS.items() if text in verdict.reason]
@@ -85,7 +92,8 @@ def test_the_metrics_carry_the_measures_thresholds_and_extras():
     assert verdict.metrics["gain"] == 0.1 and verdict.metrics["kl_to_base"] == 0.2
     assert verdict.metrics["thresholds"] == {"min_gain": 0.02, "max_kl": 0.5,
                                              "max_retention_drop": 0.15,
-                                             "max_earlier_drop": 0.10}
+                                             "max_earlier_drop": 0.10,
+                                             "max_general_drop": 0.05}
     assert verdict.metrics["steps"] == 16
 
 
@@ -95,6 +103,16 @@ def test_a_measure_that_is_not_a_number_never_promotes(measure, value):
     # -inf KL or drop, +inf gain would pass their comparison; NaN passes every one.
     verdict = decide(CFG, **{**PASSING, measure: value})
     assert not verdict.promote and "not a finite number" in verdict.reason
+
+
+def test_a_candidate_that_forgets_general_questions_is_rejected_though_its_kl_is_low():
+    """The sft candidate of the nightly-job report: 8 of 10 general questions right before,
+    0 after ("The capital of Japan is New York City"), KL under the limit, reading unchanged."""
+    verdict = decide(CFG, gain=0.3, kl=0.2, retention_drop=0.0, earlier_drop=0.0, general_drop=0.8)
+    assert not verdict.promote
+    assert verdict.reason == ("forgot general knowledge: general-question accuracy dropped 0.800 "
+                              "> 0.05")
+    assert verdict.metrics["general_drop"] == 0.8
 
 
 def test_a_missing_kl_is_an_error_not_zero():

@@ -222,9 +222,9 @@ def test_top_k_forward_kl_is_never_negative_and_zero_when_student_equals_teacher
 
 
 def test_training_anchors_are_disjoint_from_the_drift_anchors_and_the_general_questions():
-    from onthejob.bench.measures import general_set
     from onthejob.learn.drift import DEFAULT_ANCHORS, SHORT_ANCHORS, TRAINING_ANCHORS
     from onthejob.learn.evaluate import ANSWER_HINT
+    from onthejob.learn.gate import general_set
     from onthejob.learn.practice import assert_unseen
 
     general = [it["question"] for it in general_set()]

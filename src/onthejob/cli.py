@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "tenants": (("onthejob.store.cli",), "add, list or change tenants"),
     "keys": (("onthejob.store.cli",), "add, list or revoke API keys"),
     "sessions": (("onthejob.store.cli",), "list, show or export a tenant's sessions"),
+    "runs": (("onthejob.store.cli",), "list long jobs or show one's live progress"),
     "envs": (("onthejob.envs.cli",), "list or play the grindable environments"),
     "replay": (("onthejob.envs.cli",), "replay a run's logged rollouts and check them"),
     "serve": (("onthejob.serve.cli",), "run the OpenAI-compatible HTTP server"),
@@ -83,6 +84,11 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A job runner's log (stdout a file or a pipe) gets each line as it is said, not a block
+    # at a time half an hour later.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     command = _command_of(argv)
     parser = build_parser([command] if command else [])
     args = parser.parse_args(argv)

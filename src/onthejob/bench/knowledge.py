@@ -47,7 +47,6 @@ from onthejob.bench.measures import (
     adapter_bytes,
     bf16_is_fast,
     general_right,
-    general_set,
     kv_cache_bytes,
     reading_prompt,
     reading_set,
@@ -55,6 +54,7 @@ from onthejob.bench.measures import (
 from onthejob.learn.consolidate import lesson_from
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import QaResult, answer
+from onthejob.learn.gate import general_set
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
@@ -485,8 +485,9 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
     if method == "compact":
         return _compact_joint(cfg, sessions, forgetting_base, kv)
     lm = load_model(cfg.model, device=cfg.device)
-    log(f"joint {method}: {len(sessions)} sessions into one adapter, "
-        f"{cfg.joint_steps or cfg.steps} steps")
+    budget = (f"{cfg.joint_steps} steps" if cfg.joint_steps else
+              f"{cfg.visits:g} visits per practice prompt" if cfg.visits else f"{cfg.steps} steps")
+    log(f"joint {method}: {len(sessions)} sessions into one adapter, {budget}")
     trainer, history, cost = _train(cfg, lm, sessions, method, cfg.lr, cfg.seed,
                                     steps=cfg.joint_steps, log=log)
     with trainer.frozen_student():

@@ -8,11 +8,9 @@ the bytes of the KV cache that keeping a session in context would cost instead.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -20,12 +18,6 @@ import torch
 from onthejob.learn.evaluate import contains
 
 READING_FIRST_ARTICLE = 1000  # ../shared/data/README.md: articles 1000+ are never trained on
-
-
-def general_set() -> list[dict]:
-    """Short general questions ({"question", "answers"}) the default base model answers right."""
-    text = resources.files("onthejob").joinpath("data/general.json").read_text()
-    return json.loads(text)["items"]
 
 
 def general_right(answers: Sequence[str], items: Sequence[dict]) -> list[bool]:

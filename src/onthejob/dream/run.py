@@ -36,10 +36,10 @@ from onthejob.learn.consolidate import (
     ConsolidateOptions,
     Outcome,
     StopTraining,
-    _shared_below,
-    _train_and_gate,
     checkpoint_dir,
     recommended_opsd,
+    shared_below,
+    train_and_gate,
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
@@ -370,7 +370,7 @@ def _carried_over(record: dict) -> tuple[DreamWriting, GateReport, float]:
 def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id,
            carried: dict | None = None) -> DreamOutcome:
     parent = store.active_adapter(tenant)
-    below = _shared_below(store, tenant)
+    below = shared_below(store, tenant)
     if carried is not None:
         writing, report, seconds = _carried_over(carried)
     else:
@@ -428,8 +428,8 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
                 and session.consolidated_adapter_id is None)
     say(f"training ({opts.mode}) on {len(lesson.probes)} dreamed prompts, budget {opts.budget}; "
         f"{len(lesson.held_out)} held back for the adapter gate")
-    outcome: Outcome = _train_and_gate(store, lm, tenant, tenant, copts, [session], [lesson],
-                                       parent, below, run_id, say, rule=rule, mark=approved)
+    outcome: Outcome = train_and_gate(store, lm, tenant, tenant, copts, [session], [lesson],
+                                      parent, below, run_id, say, rule=rule, mark=approved)
     metrics = {**outcome.metrics, "tokens_dream": writing.tokens + report.tokens,
                "dream_seconds": seconds}
     record["outcome"] = {"status": outcome.status, "message": outcome.message,

@@ -123,12 +123,15 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
                    help="forgot: in-context reading accuracy may drop at most this")
     g.add_argument("--max-earlier-drop", type=float, default=GateConfig.max_earlier_drop,
                    help="forgot: earlier sessions' held-back probe F1 may drop at most this")
+    g.add_argument("--max-general-drop", type=float, default=GateConfig.max_general_drop,
+                   help="forgot: accuracy on the 40 general questions may drop at most this")
 
 
 def gate_options(args: argparse.Namespace) -> GateConfig:
     return GateConfig(min_gain=args.min_gain, max_kl=args.max_kl,
                       max_retention_drop=args.max_retention_drop,
-                      max_earlier_drop=args.max_earlier_drop)
+                      max_earlier_drop=args.max_earlier_drop,
+                      max_general_drop=args.max_general_drop)
 
 
 def opsd_options(args: argparse.Namespace) -> OpsdConfig:
@@ -160,12 +163,17 @@ def _consolidate(args: argparse.Namespace) -> int:
         return 1
     try:
         lm = load_model(args.model)
-        outcome = consolidate(store, lm, args.tenant, _options(args))
+        outcome = consolidate(store, lm, args.tenant, _options(args), say=stamped)
     except (StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(outcome.message)
     return 0 if outcome.status in ("promoted", "planned", "nothing") else 3
+
+
+def stamped(line: str) -> None:
+    """A line for a job runner's log: the time first, written at once."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
 
 
 def _owner(args) -> str | None:

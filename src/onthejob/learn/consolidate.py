@@ -18,6 +18,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,10 +26,13 @@ import torch
 
 from onthejob import config, faults
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
+from onthejob.learn.estimate import estimate
 from onthejob.learn.gate import (
     GateConfig,
     Verdict,
     decide,
+    general_accuracy,
+    general_set,
     probe_f1,
     reading_accuracy,
     references,
@@ -38,7 +42,7 @@ from onthejob.learn.lesson import Lesson, check_fits, context_messages
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, practice_prompts
+from onthejob.learn.practice import KINDS, PracticePrompt, practice_prompts
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import activate, detach, save
@@ -114,14 +118,65 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
 
 
 def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
-                  opts: ConsolidateOptions) -> list[Lesson]:
-    lessons = []
-    for s in sessions:
+                  opts: ConsolidateOptions, say: Callable[[str], None] | None = None,
+                  observe: Callable[[dict], None] | None = None) -> list[Lesson]:
+    """Each session's lesson with its practice material; a line (and `observe`) per session."""
+    lessons, started = [], time.time()
+    for n, s in enumerate(sessions, 1):
         messages = store.messages(s.tenant, s.id)
         review = store.get_review(s.tenant, s.id)
         lessons.append(lesson_from(lm, s.id, context_messages(messages, review.text if review else ""),
                                    opts.probe_kinds, opts.held_out_share, opts.train.seed))
+        elapsed = time.time() - started
+        eta = elapsed / n * (len(sessions) - n)
+        if say is not None:
+            say(f"  practice material: session {n}/{len(sessions)} ({s.id}): "
+                f"{len(lessons[-1].probes)} prompts, {len(lessons[-1].held_out)} held back | "
+                f"{elapsed / n:.0f} s/session, ETA {eta:.0f} s")
+        if observe is not None:
+            observe({"what": "practice material", "unit": "sessions", "done": n,
+                     "total": len(sessions), "eta_s": round(eta, 1)})
     return lessons
+
+
+def lessons_to_json(lessons: Sequence[Lesson]) -> list[dict]:
+    return [asdict(lesson) for lesson in lessons]
+
+
+def lessons_from_json(rows: Sequence[dict]) -> list[Lesson]:
+    return [Lesson(**{**row, "practice": [PracticePrompt(**p) for p in row.get("practice", [])]})
+            for row in rows]
+
+
+class Phases:
+    """Each phase of a run said as it starts and as it ends (with its seconds), and kept in the
+    run's row with live progress inside it, so a job runner's log and `onthejob runs show`
+    both show where a nightly consolidation is."""
+
+    def __init__(self, store: Store, run_id: int, say: Callable[[str], None]):
+        self.store, self.run_id, self.say = store, run_id, say
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def start(self, name: str, detail: str = "") -> None:
+        self._started[name] = time.time()
+        self.say(f"phase {name}: started" + (f" ({detail})" if detail else ""))
+        self.store.update_run(self.run_id, progress={"phase": name, "phase_progress": {}})
+
+    def end(self, name: str) -> None:
+        self.seconds[name] = time.time() - self._started.pop(name)
+        self.store.update_run(self.run_id, progress={"phases": dict(self.seconds)})
+        self.say(f"phase {name}: done in {self.seconds[name]:.0f} s")
+
+    @contextmanager
+    def __call__(self, name: str, detail: str = ""):
+        self.start(name, detail)
+        yield
+        self.end(name)
+
+    def observe(self, info: dict) -> None:
+        """Live progress inside the current phase (done, total, rate, ETA)."""
+        self.store.update_run(self.run_id, progress={"phase_progress": info})
 
 
 def rule_for(opts: ConsolidateOptions, lessons: Sequence[Lesson], lm: LoadedModel):
@@ -149,16 +204,6 @@ def _eligible(store: Store, tenant: str, opts: ConsolidateOptions) -> list[Sessi
     return sessions
 
 
-def _cost_estimate(store: Store, opts: ConsolidateOptions) -> str:
-    """The time estimate from this store's last finished run of the same method, if any."""
-    for run in store.list_runs(kind="consolidate", limit=50):
-        rate = run.progress.get("s_per_step")
-        if run.params.get("method") == opts.method and isinstance(rate, (int, float)):
-            return (f"about {opts.train.steps * rate / 60:.1f} min of training at the "
-                    f"{rate:.1f} s/step measured by run {run.id} here, plus the gate's checks")
-    return "no earlier run of this method here to estimate the time from"
-
-
 def _earlier_probes(store: Store, parent: Adapter | None) -> list[dict]:
     out, seen = [], 0
     while parent is not None and seen < 20:
@@ -181,42 +226,57 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
                        "/review up (or POST /v1/sessions/{id}/review) first")
     owner = None if opts.scope == "shared" else tenant
     parent = store.active_adapter(owner, scope=opts.scope)
-    below = [] if opts.scope == "shared" else _shared_below(store, tenant)
+    below = [] if opts.scope == "shared" else shared_below(store, tenant)
     say(f"consolidating {len(sessions)} session(s) of {tenant if owner else 'shared'} with "
         f"{opts.method}; parent adapter: {f'v{parent.version}' if parent else 'none (base)'}")
-    lessons = build_lessons(lm, store, sessions, opts)
-    n_probes = sum(len(x.probes) for x in lessons)
-    if opts.visits:
-        steps = min(steps_for_visits(n_probes, opts.visits, opts.opsd), MAX_AUTO_STEPS)
-        opts = replace(opts, train=replace(opts.train, steps=steps))
-    say(f"probes: {n_probes} for training, {sum(len(x.held_out) for x in lessons)} held back; "
-        f"{opts.train.steps} steps" + (f" (about {opts.visits:g} visits each)" if opts.visits else ""))
     if opts.dry_run:
-        per_step = opts.opsd.prompts_per_step * opts.opsd.samples_per_prompt
-        shape = (f"{per_step} samples x {opts.opsd.max_new_tokens} tokens"
-                 if opts.method == "opsd" else "one batch")
-        msg = (f"plan: {opts.train.steps} steps of {shape}, lr {opts.train.lr}; "
-               f"{_cost_estimate(store, opts)}. Nothing was trained.")
-        say(msg)
-        return Outcome("planned", msg, sessions=[s.id for s in sessions])
+        plan = estimate(store, lm, sessions, opts)
+        say(plan.text)
+        return Outcome("planned", plan.text, sessions=[s.id for s in sessions],
+                       metrics={"estimate_s": plan.seconds, "estimate": plan.parts})
 
     params = {"method": opts.method, "scope": opts.scope, "sessions": [s.id for s in sessions],
               "parent": parent.id if parent else None, "train": config_dict(opts.train),
-              "opsd": asdict(opts.opsd), "gate": asdict(opts.gate)}
+              "visits": opts.visits, "opsd": asdict(opts.opsd), "gate": asdict(opts.gate)}
     resumed = _resumable(store, owner, params)
     run = store.create_run("consolidate", owner,
                            params={**params, "resumed_from": resumed.id if resumed else None})
     if resumed is not None:
         os.replace(checkpoint_dir(resumed.id), checkpoint_dir(run.id))
         store.update_run(resumed.id, progress={"resumed_by": run.id})
-        say(f"resuming the training of interrupted run {resumed.id} from its last checkpoint")
+        say(f"resuming interrupted run {resumed.id}: its practice material, gate measures and "
+            "training checkpoint are reused where it had them")
+    say(f"run {run.id} (`onthejob runs show {run.id}` shows its progress)")
+    phases = Phases(store, run.id, say)
     try:
-        return _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below,
-                               run.id, say)
+        saved = checkpoint_dir(run.id) / "lessons.json"
+        with phases("practice material", f"{len(sessions)} session(s)"):
+            if saved.exists():
+                lessons = lessons_from_json(json.loads(saved.read_text()))
+                say("  reused the interrupted run's practice material")
+            else:
+                lessons = build_lessons(lm, store, sessions, opts, say, phases.observe)
+                write_json(saved, lessons_to_json(lessons))
+        n_probes = sum(len(x.probes) for x in lessons)
+        if opts.visits:
+            steps = min(steps_for_visits(n_probes, opts.visits, opts.opsd), MAX_AUTO_STEPS)
+            opts = replace(opts, train=replace(opts.train, steps=steps))
+        say(f"probes: {n_probes} for training, {sum(len(x.held_out) for x in lessons)} held back; "
+            f"{opts.train.steps} steps" + (f" (about {opts.visits:g} visits each)" if opts.visits else ""))
+        return train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below,
+                              run.id, say, phases=phases)
     except BaseException as exc:
         store.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}\n"
                          + traceback.format_exc(limit=5))
         raise
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON atomically (a crash leaves the old file or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, default=str))
+    os.replace(tmp, path)
 
 
 def checkpoint_dir(run_id: int):
@@ -224,85 +284,115 @@ def checkpoint_dir(run_id: int):
 
 
 def _resumable(store: Store, owner: str | None, params: dict):
-    """The latest interrupted run that did the same work and left a training checkpoint."""
+    """The latest interrupted run that did the same work and left something to reuse: its
+    practice material, its gate measures or a training checkpoint."""
     wanted = json.loads(json.dumps(params, default=str))  # as stored: tuples become lists
     for run in store.list_runs("consolidate", owner, status="interrupted", limit=5):
         same = {k: v for k, v in run.params.items() if k not in ("process", "resumed_from")}
-        if same == wanted and (checkpoint_dir(run.id) / "state.pt").exists():
+        if same == wanted and any((checkpoint_dir(run.id) / f).exists()
+                                  for f in ("state.pt", "lessons.json", "gate-before.json")):
             return run
     return None
 
 
-def _shared_below(store: Store, tenant: str) -> list[str]:
+def shared_below(store: Store, tenant: str) -> list[str]:
     shared = store.active_adapter(None, scope="shared")
     allowed = any(t.name == tenant for t in store.shared_tenants())
     return [shared.path] if shared is not None and allowed else []
 
 
-def _base_reading_file(lm) -> Path | None:
-    """Where the base model's reading score is cached: keyed by the model directory, its
-    weight files' sizes and times, and the retention set; None for a model with no directory."""
+def _base_measures_file(lm) -> Path | None:
+    """Where the base model's reading and general-question scores are cached: keyed by the
+    model directory, its weight files' sizes and times, and both item sets; None for a model
+    with no directory."""
     folder = Path(lm.path)
     if not folder.is_dir():
         return None
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                      for f in folder.glob("*.safetensors"))
-    key = json.dumps([str(folder.resolve()), weights, retention_set()])
+    key = json.dumps([str(folder.resolve()), weights, retention_set(), general_set()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return config.models_dir() / f".reading-{folder.name}-{digest}.json"
+    return config.models_dir() / f".gate-base-{folder.name}-{digest}.json"
 
 
-def _known_reading(parent, below, lm) -> float | None:
-    """The teacher view's in-context reading when it was measured before: the parent's own
-    gate measured it after training; the bare base model's is cached beside the models."""
+def _known_measures(parent, below, lm) -> dict:
+    """The teacher view's reading and general scores where they were measured before: the
+    parent's own gate measured them after its training; the bare base model's are cached
+    beside the models. Missing keys are measured."""
+    if below:
+        return {}
     if parent is not None:
-        value = (parent.metrics or {}).get("reading_after")
-        return float(value) if value is not None and not below else None
-    path = _base_reading_file(lm)
-    if below or path is None:
-        return None
+        m = parent.metrics or {}
+        return {k: float(m[f"{k}_after"]) for k in ("reading", "general")
+                if m.get(f"{k}_after") is not None}
+    path = _base_measures_file(lm)
     try:
-        return float(json.loads(path.read_text())["reading"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        saved = json.loads(path.read_text()) if path is not None else {}
+        return {k: float(saved[k]) for k in ("reading", "general") if k in saved}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
-def _remember_base_reading(parent, below, lm, value: float) -> None:
-    path = _base_reading_file(lm)
+def _remember_base_measures(parent, below, lm, values: dict) -> None:
+    path = _base_measures_file(lm)
     if parent is None and not below and path is not None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"reading": value, "model": lm.path}))
-        os.replace(tmp, path)
+        write_json(path, {**values, "model": lm.path})
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
     """A rule raises it from `step()` to end training early (its compute budget is spent)."""
 
 
-def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, below, run_id,
-                    say, rule=None, mark: bool = True) -> Outcome:
-    """Train (with `rule`, default: the method's), gate, register; shared by dreaming.
-    `mark=False` leaves the sessions unmarked (dreams of sessions nobody approved)."""
-    started = time.time()
-    trainer = Trainer(lm, opts.train, parent=parent.path if parent else None, stack_below=below)
-    held = [(lesson.context, q) for lesson in lessons for q in lesson.held_out]
-    known = {p.text: p.answer for lesson in lessons for p in lesson.practice if p.answer}
-    earlier = _earlier_probes(store, parent)
-    t0 = time.time()
-    say(f"gate, before training: {len(held)} held-back probes ({sum(q in known for _, q in held)} "
-        f"with a known answer, the teacher answers the rest), the parent on them, "
-        f"{len(earlier)} earlier probes and in-context reading ...")
+def _gate_before(lm, trainer, run_id, held, known, earlier, parent, below) -> dict:
+    """The gate's measures of the teacher view (the parent) before training, saved beside the
+    run's checkpoint so that a resumed run does not measure them again."""
+    path = checkpoint_dir(run_id) / "gate-before.json"
+    questions = [q for _, q in held]
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("questions") == questions:
+            return {**saved, "reused": True}
+    except (OSError, ValueError):
+        pass
     with trainer.teacher():
         unknown = [(c, q) for c, q in held if q not in known]
         teacher_refs = iter(references(lm, unknown))
         refs = [known[q] if q in known else next(teacher_refs) for _, q in held]
-        before_probe = probe_f1(lm, [q for _, q in held], refs)
-        before_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
-        before_reading = _known_reading(parent, below, lm)
-        if before_reading is None:
-            before_reading = reading_accuracy(lm)
-            _remember_base_reading(parent, below, lm, before_reading)
-    say(f"  probe F1 {before_probe:.3f}, reading {before_reading:.1%} ({time.time() - t0:.0f} s)")
+        out = {"questions": questions, "refs": refs,
+               "probe": probe_f1(lm, questions, refs),
+               "earlier": probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier]),
+               **_known_measures(parent, below, lm)}
+        if "reading" not in out:
+            out["reading"] = reading_accuracy(lm)
+        if "general" not in out:
+            out["general"] = general_accuracy(lm)
+    _remember_base_measures(parent, below, lm, {"reading": out["reading"], "general": out["general"]})
+    write_json(path, out)
+    return out
+
+
+def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None,
+                   opts: ConsolidateOptions, sessions: Sequence[Session], lessons: Sequence[Lesson],
+                   parent: Adapter | None, below: Sequence[str], run_id: int,
+                   say: Callable[[str], None], rule=None, mark: bool = True,
+                   phases: Phases | None = None) -> Outcome:
+    """Train (with `rule`, default: the method's), gate, register; shared by dreaming.
+    `mark=False` leaves the sessions unmarked (dreams of sessions nobody approved)."""
+    started = time.time()
+    phases = phases or Phases(store, run_id, say)
+    trainer = Trainer(lm, opts.train, parent=parent.path if parent else None, stack_below=below)
+    trainer.observer = phases.observe
+    held = [(lesson.context, q) for lesson in lessons for q in lesson.held_out]
+    known = {p.text: p.answer for lesson in lessons for p in lesson.practice if p.answer}
+    earlier = _earlier_probes(store, parent)
+    with phases("gate before training", f"{len(held)} held-back probes "
+                f"({sum(q in known for _, q in held)} with a known answer, the teacher answers "
+                f"the rest), {len(earlier)} earlier probes, reading and general questions"):
+        before = _gate_before(lm, trainer, run_id, held, known, earlier, parent, below)
+        say(f"  probe F1 {before['probe']:.3f}, reading {before['reading']:.1%}, general "
+            f"{before['general']:.1%}" + (" (reused from the interrupted run)"
+                                          if before.get("reused") else ""))
+    refs = before["refs"]
     rule = rule if rule is not None else rule_for(opts, lessons, lm)
     show = print_progress(f"[{opts.method}] ")
 
@@ -310,66 +400,110 @@ def _train_and_gate(store, lm, tenant, owner, opts, sessions, lessons, parent, b
         show(m)
         store.update_run(run_id, progress={k: v for k, v in m.items() if isinstance(v, (int, float))})
 
+    phases.start("teacher answers and anchors", f"{opts.method} prepares its rows")
+
+    def prepared() -> None:
+        phases.end("teacher answers and anchors")
+        phases.start("training", f"{opts.train.steps} steps")
+
     try:
-        trainer.run(rule, progress=progress, checkpoint=checkpoint_dir(run_id))
+        trainer.run(rule, progress=progress, checkpoint=checkpoint_dir(run_id), prepared=prepared)
     except StopTraining as stop:
         say(f"stopped after {len(trainer.history)} steps: {stop}")
         if not trainer.history:
             raise ValueError("the budget ended training before its first step") from None
-    say("gate, after training: held-back probes, earlier probes and reading without context ...")
-    with trainer.frozen_student():
-        after_probe = probe_f1(lm, [q for _, q in held], refs)
-        after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
-        after_reading = reading_accuracy(lm)
-    # Drift is measured here, once, not at every step (it was a quarter of each step).
-    kl = AnchorDrift()(trainer)
+    phases.end("training")
+    with phases("gate after training", "held-back and earlier probes without context, reading, "
+                "general questions, KL to the base"):
+        with trainer.frozen_student():
+            after_probe = probe_f1(lm, [q for _, q in held], refs)
+            after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
+            after_reading = reading_accuracy(lm)
+            after_general = general_accuracy(lm)
+        # Drift is measured here, once, not at every step (it was a quarter of each step).
+        kl = AnchorDrift()(trainer)
+    by_tenant: dict[str, list[str]] = {}
+    for s in sessions if mark else ():
+        by_tenant.setdefault(s.tenant, []).append(s.id)
+    steps = len(trainer.history)
     verdict: Verdict = decide(
-        opts.gate, gain=after_probe - before_probe, kl=kl,
-        retention_drop=before_reading - after_reading,
-        earlier_drop=(before_earlier - after_earlier) if earlier else 0.0,
-        extra={"probe_f1_before": before_probe, "probe_f1_after": after_probe,
-               "reading_before": before_reading, "reading_after": after_reading,
-               "seconds": time.time() - started,
+        opts.gate, gain=after_probe - before["probe"], kl=kl,
+        retention_drop=before["reading"] - after_reading,
+        earlier_drop=(before["earlier"] - after_earlier) if earlier else 0.0,
+        general_drop=before["general"] - after_general,
+        extra={"probe_f1_before": before["probe"], "probe_f1_after": after_probe,
+               "reading_before": before["reading"], "reading_after": after_reading,
+               "general_before": before["general"], "general_after": after_general,
+               "reading_items": len(retention_set()), "general_items": len(general_set()),
+               "seconds": time.time() - started, "phases": dict(phases.seconds),
                "peak_rss_mb": _peak_rss_mb(),
                "tokens_student": getattr(rule, "tokens_student", 0),
                "tokens_teacher": getattr(rule, "tokens_teacher", 0),
                "held_out": [{"q": q, "ref": r} for (_, q), r in zip(held, refs, strict=True)],
-               "steps": len(trainer.history), "lr": opts.train.lr,
+               "steps": steps, "lr": opts.train.lr,
                "teacher_rows": dict(getattr(rule, "counts", {})),
-               "training_probes": [q for lesson in lessons for q in lesson.probes]})
-    version = store.next_adapter_version(opts.scope, owner)
-    where = config.adapters_dir() / opts.scope / (owner or "shared") / f"v{version}"
-    if where.exists():  # written by a run killed before registering it: never served, set aside
-        os.replace(where, where.with_name(f"{where.name}.unregistered-{int(time.time())}"))
-    digest = save(lm.model, STUDENT, where, meta={"method": opts.method, "run": run_id,
-                                                   "sessions": [s.id for s in sessions]})
-    faults.point("adapter-saved")
-    adapter = store.add_adapter(opts.scope, owner, method=opts.method, path=str(where),
-                                checksum=digest, parent_id=parent.id if parent else None,
-                                version=version, metrics=verdict.metrics,
-                                status="candidate", reason=verdict.reason)
-    faults.point("candidate-registered")
-    status, reason = ("promoted", verdict.reason) if verdict.promote else ("rejected", verdict.reason)
-    if verdict.promote:
-        by_tenant: dict[str, list[str]] = {}
-        for s in sessions if mark else ():
-            by_tenant.setdefault(s.tenant, []).append(s.id)
-        try:
-            adapter = store.promote_adapter(adapter.id, by_tenant, reason=verdict.reason)
-            faults.point("promoted")
-        except Conflict as exc:  # e.g. a review turned thumbs-down while it trained
-            status, reason = "rejected", f"not promoted: {exc}"
-    if status == "rejected":
-        adapter = store.set_adapter_status(adapter.id, "rejected", reason)
-    store.update_run(run_id, status="done", progress={"outcome": status, "adapter": adapter.id})
+               "training_probes": [q for lesson in lessons for q in lesson.probes],
+               "sessions_by_tenant": by_tenant})
+    status, reason, adapter = register_candidate(store, lm, opts.scope, owner, opts.method, run_id,
+                                                 [s.id for s in sessions], parent, verdict, by_tenant)
+    store.update_run(run_id, status="done", progress={
+        "outcome": status, "adapter": adapter.id, "phases": dict(phases.seconds),
+        "rates": _rates(phases.seconds, lessons, getattr(rule, "counts", {}), steps)})
     # Leave the model as the server would serve it: training adapters removed.
     for name in (STUDENT, "teacher", *[f"below{i}" for i in range(len(below))]):
         detach(lm, name)
     activate(lm, None)
     torch.set_grad_enabled(True)
     say(f"{status}: adapter v{adapter.version} ({reason})")
-    return Outcome(status, reason, adapter, run_id, [s.id for s in sessions],
-                   verdict.metrics)
+    return Outcome(status, reason, adapter, run_id, [s.id for s in sessions], verdict.metrics)
+
+
+def register_candidate(store: Store, lm: LoadedModel, scope: str, owner: str | None, method: str,
+                       run_id: int | None, session_ids: Sequence[str], parent: Adapter | None,
+                       verdict: Verdict, by_tenant: dict[str, list[str]] | None = None
+                       ) -> tuple[str, str, Adapter]:
+    """The one way an adapter enters the registry: the student's weights written atomically
+    under the next version (a folder a killed run left there is set aside, never served),
+    registered as a candidate with the gate's metrics and verdict, then promoted (its sessions
+    marked consolidated, in one transaction) or rejected with the reason.
+    Returns (status, reason, adapter)."""
+    version = store.next_adapter_version(scope, owner)
+    where = config.adapters_dir() / scope / (owner or "shared") / f"v{version}"
+    if where.exists():  # written by a run killed before registering it: never served, set aside
+        os.replace(where, where.with_name(f"{where.name}.unregistered-{int(time.time())}"))
+    digest = save(lm.model, STUDENT, where, meta={"method": method, "run": run_id,
+                                                   "sessions": list(session_ids)})
+    faults.point("adapter-saved")
+    metrics = {**verdict.metrics, "gate": {"promote": verdict.promote, "reason": verdict.reason}}
+    adapter = store.add_adapter(scope, owner, method=method, path=str(where), checksum=digest,
+                                parent_id=parent.id if parent else None, version=version,
+                                metrics=metrics, status="candidate", reason=verdict.reason)
+    faults.point("candidate-registered")
+    status, reason = ("promoted", verdict.reason) if verdict.promote else ("rejected", verdict.reason)
+    if verdict.promote:
+        try:
+            adapter = store.promote_adapter(adapter.id, by_tenant or {}, reason=verdict.reason)
+            faults.point("promoted")
+        except Conflict as exc:  # e.g. a review turned thumbs-down while it trained
+            status, reason = "rejected", f"not promoted: {exc}"
+    if status == "rejected":
+        adapter = store.set_adapter_status(adapter.id, "rejected", reason)
+    return status, reason, adapter
+
+
+def _rates(seconds: dict, lessons: Sequence[Lesson], counts: dict, steps: int) -> dict:
+    """What this run measured per unit of work, for the next dry run's estimate."""
+    prompts = sum(len(x.probes) + len(x.held_out) for x in lessons)
+    out = {}
+    if seconds.get("practice material") and prompts:
+        out["practice_s_per_prompt"] = seconds["practice material"] / prompts
+    if seconds.get("teacher answers and anchors") and counts.get("teacher_answers"):
+        out["teacher_s_per_answer"] = seconds["teacher answers and anchors"] / counts["teacher_answers"]
+    if "training" in seconds and steps:
+        out["s_per_step"] = seconds["training"] / steps
+    if seconds.get("gate after training"):
+        out["gate_after_s"] = seconds["gate after training"]
+    return out
 
 
 def _peak_rss_mb() -> float:

@@ -5,9 +5,12 @@
   (or, where none is known, the teacher's answer *with* the session): 1 if it contains it,
   else token F1; the gain over the parent must reach `min_gain`;
 - forgot: (a) KL to the base on anchor prompts at most `max_kl`; (b) in-context reading
-  comprehension on passages never trained on (shipped with the package) drops at most
+  comprehension on passages never trained on (24 shipped with the package) drops at most
   `max_retention_drop`; (c) earlier sessions' held-back probes, recorded in the parent
-  chain's metrics, lose at most `max_earlier_drop` of F1.
+  chain's metrics, lose at most `max_earlier_drop` of F1; (d) short general questions the
+  base model answers right (40 shipped with the package: "What is the capital of Japan?")
+  drop at most `max_general_drop`. (d) is what caught an sft candidate that answered "New
+  York City" for Japan's capital while its KL was under the limit and reading did not move.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class GateConfig:
     max_kl: float = 0.5
     max_retention_drop: float = 0.15
     max_earlier_drop: float = 0.10
+    max_general_drop: float = 0.05  # 2 of the 40 general questions
 
 
 @dataclass
@@ -41,6 +45,21 @@ class Verdict:
 def retention_set() -> list[dict]:
     text = resources.files("onthejob").joinpath("data/retention.json").read_text()
     return json.loads(text)["items"]
+
+
+def general_set() -> list[dict]:
+    """Short general questions ({"question", "answers"}) the default base model answers right."""
+    text = resources.files("onthejob").joinpath("data/general.json").read_text()
+    return json.loads(text)["items"]
+
+
+def general_accuracy(lm: LoadedModel, items: Sequence[dict] | None = None) -> float:
+    """Share of the general questions answered right without context (any accepted answer)."""
+    items = list(items or general_set())
+    result = answer(lm, [it["question"] for it in items], [it["answers"][0] for it in items])
+    right = [any(contains(a, g) for g in it["answers"])
+             for a, it in zip(result.answers, items, strict=True)]
+    return sum(right) / max(len(right), 1)
 
 
 def reading_accuracy(lm: LoadedModel, items: Sequence[dict] | None = None) -> float:
@@ -73,7 +92,7 @@ def probe_f1(lm: LoadedModel, questions: Sequence[str], refs: Sequence[str]) -> 
 
 
 def decide(cfg: GateConfig, *, gain: float, kl: float | None, retention_drop: float,
-           earlier_drop: float, extra: dict | None = None) -> Verdict:
+           earlier_drop: float, general_drop: float = 0.0, extra: dict | None = None) -> Verdict:
     """Promote only if every check passes; the reason names each check that failed. A bound
     is inclusive (a gain of exactly `min_gain`, a KL of exactly `max_kl` pass). A measure
     that is not a finite number fails its check: a NaN compares false with every bound and
@@ -83,10 +102,12 @@ def decide(cfg: GateConfig, *, gain: float, kl: float | None, retention_drop: fl
                          "measure it (no 'kl_to_base' in its last step): train with an anchor "
                          "drift measure (AnchorDrift) so that forgetting can be checked")
     metrics = {"gain": gain, "kl_to_base": kl, "retention_drop": retention_drop,
-               "earlier_drop": earlier_drop, "thresholds": asdict(cfg), **(extra or {})}
+               "earlier_drop": earlier_drop, "general_drop": general_drop,
+               "thresholds": asdict(cfg), **(extra or {})}
     problems = [f"{name} is {value!r}, not a finite number" for name, value in
                 (("held-back probe F1 gain", gain), ("KL to base", kl),
-                 ("retention drop", retention_drop), ("earlier-probe drop", earlier_drop))
+                 ("retention drop", retention_drop), ("earlier-probe drop", earlier_drop),
+                 ("general-question drop", general_drop))
                 if not math.isfinite(value)]
     if gain < cfg.min_gain:
         problems.append(f"did not learn: held-back probe F1 gain {gain:+.3f} < {cfg.min_gain}")
@@ -98,7 +119,11 @@ def decide(cfg: GateConfig, *, gain: float, kl: float | None, retention_drop: fl
     if earlier_drop > cfg.max_earlier_drop:
         problems.append(f"forgot earlier sessions: probe F1 dropped {earlier_drop:.3f} > "
                         f"{cfg.max_earlier_drop}")
+    if general_drop > cfg.max_general_drop:
+        problems.append(f"forgot general knowledge: general-question accuracy dropped "
+                        f"{general_drop:.3f} > {cfg.max_general_drop}")
     if problems:
         return Verdict(False, "; ".join(problems), metrics)
     return Verdict(True, f"learned (gain {gain:+.3f}) and did not forget "
-                         f"(KL {kl:.3f}, retention drop {retention_drop:+.3f})", metrics)
+                         f"(KL {kl:.3f}, retention drop {retention_drop:+.3f}, "
+                         f"general drop {general_drop:+.3f})", metrics)

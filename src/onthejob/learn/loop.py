@@ -84,6 +84,15 @@ class Trainer:
                 dist.broadcast(p.data, src=0)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.history: list[dict[str, float]] = []
+        # Told of every progress line of a long preparation phase (e.g. the teacher's answers):
+        # consolidation keeps it in the run's row, so `onthejob runs show` sees it live.
+        self.observer: Callable[[dict], None] | None = None
+
+    def report(self, what: str, unit: str, done: int, total: int, started: float) -> None:
+        """A progress line of a preparation phase (stderr), also given to `observer`."""
+        info = report_rate(what, unit, done, total, started)
+        if self.observer is not None:
+            self.observer(info)
 
     def student(self) -> None:
         activate(self.lm, [*self.below, STUDENT], trainable=STUDENT)
@@ -123,8 +132,13 @@ class Trainer:
 
     def run(self, rule: Rule, progress: Callable[[dict], None] | None = None,
             checkpoint: str | os.PathLike | None = None,
-            drift: Callable[[Trainer], float] | None = None) -> list[dict[str, float]]:
+            drift: Callable[[Trainer], float] | None = None,
+            prepared: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        """`prepared` is called once the rule's preparation (e.g. the teacher's answers) is
+        done, before the first step."""
         rule.prepare(self)
+        if prepared is not None:
+            prepared()
         start_step = self._resume(checkpoint)
         started = time.time()
         for step in range(start_step, self.cfg.steps):
@@ -198,11 +212,15 @@ def print_progress(prefix: str = "", write: Callable[[str], None] | None = None
     return show
 
 
-def report_rate(what: str, unit: str, done: int, total: int, started: float) -> None:
-    """One progress line for a long preparation phase: done/total, rate and ETA (stderr)."""
+def report_rate(what: str, unit: str, done: int, total: int, started: float) -> dict:
+    """One progress line for a long preparation phase: done/total, rate and ETA (stderr).
+    Returns what it said, as numbers."""
     rate = done / max(time.time() - started, 1e-9)
-    print(f"  {what}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {(total - done) / rate:.0f} s",
+    eta = (total - done) / max(rate, 1e-9)
+    print(f"  {what}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {eta:.0f} s",
           file=sys.stderr, flush=True)
+    return {"what": what, "unit": unit, "done": done, "total": total, "rate": round(rate, 3),
+            "eta_s": round(eta, 1)}
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from onthejob.learn.lesson import Lesson
-from onthejob.learn.loop import Trainer, report_rate
+from onthejob.learn.loop import Trainer
 from onthejob.learn.sft import TextLoss
 from onthejob.model import SamplingParams, generate, render_ids
 
@@ -42,7 +42,7 @@ class Notes(TextLoss):
             outs = []
             for start in range(0, len(prompts), 8):
                 if start and (start // 8) % 2 == 0:
-                    report_rate("notes written", "notes", start, len(prompts), started)
+                    trainer.report("notes written", "notes", start, len(prompts), started)
                 chunk = prompts[start: start + 8]
                 greedy_rows = [k for k in range(len(chunk))
                                if (start + k) % self.notes_per_session == 0]

@@ -41,7 +41,7 @@ import torch
 from onthejob.learn.divergence import per_token, per_token_top
 from onthejob.learn.evaluate import contains
 from onthejob.learn.lesson import Lesson, check_fits
-from onthejob.learn.loop import Trainer, report_rate
+from onthejob.learn.loop import Trainer
 from onthejob.learn.practice import PracticePrompt
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
@@ -199,7 +199,7 @@ class Opsd:
                         answers[i].append(self._with_eot(out))
                     done += len(chunk)
                     if (done // cfg.batch) % 4 == 0 or done == total:
-                        report_rate("teacher answers", "answers", done, total, started)
+                        trainer.report("teacher answers", "answers", done, total, started)
             for i in lesson_probes:
                 prompt = self.probes[i].prompt
                 self.counts["teacher_answers"] += len(answers[i])

@@ -114,14 +114,20 @@ class AdapterStore(StoreBase):
             return self._activate(orm, adapter_id, reason)
 
     def promote_adapter(self, adapter_id: int, sessions: dict[str, Sequence[str]],
-                        reason: str = "") -> Adapter:
+                        reason: str = "", metrics: dict[str, Any] | None = None) -> Adapter:
         """Activate a candidate and mark the sessions it learned (per tenant) consolidated, in
         one transaction: a crash or a refusal leaves neither. Refused (Conflict) if any session
-        is no longer approved, e.g. its review was changed to thumbs-down during training."""
+        is no longer approved, e.g. its review was changed to thumbs-down during training.
+        `metrics` are merged into the adapter's (e.g. who activated it and over what verdict)."""
         with self.tx() as orm:
             adapter = self._activate(orm, adapter_id, reason)
             for tenant, ids in sessions.items():
                 self._mark_consolidated(orm, tenant, ids, adapter_id)
+            if metrics:
+                row = self._adapter_row(orm, adapter_id, None)
+                row.metrics = {**(row.metrics or {}), **metrics}
+                orm.flush()
+                adapter = self._convert(orm, row)
             return adapter
 
     def _activate(self, orm: OrmSession, adapter_id: int, reason: str) -> Adapter:

@@ -1,4 +1,5 @@
-"""`onthejob tenants|keys|sessions ...`: manage tenants and keys, inspect stored sessions."""
+"""`onthejob tenants|keys|sessions|runs ...`: manage tenants and keys, inspect stored sessions
+and the runs of long jobs (consolidation, dreaming, grinding) with their live progress."""
 
 from __future__ import annotations
 
@@ -115,6 +116,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--out", metavar="PATH", help="file to write (default: stdout)")
     export.set_defaults(func=_command(_sessions_export))
 
+    runs = sub.add_parser("runs", help="list long jobs or show one's live progress",
+                          description="Consolidation, dreaming and grinding runs as the store "
+                          "keeps them: status, phase, live progress and, when done, the seconds "
+                          "of each phase.")
+    rsub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    rlist = rsub.add_parser("list", parents=[db], help="list runs, newest first",
+                            description="List runs, newest first.")
+    rlist.add_argument("--tenant", metavar="NAME", help="only this tenant's runs")
+    rlist.add_argument("--kind", choices=("consolidate", "dream", "grind"))
+    rlist.add_argument("--limit", type=int, default=20)
+    rlist.set_defaults(func=_command(_runs_list))
+    rshow = rsub.add_parser("show", parents=[db], help="one run in full, with its progress",
+                            description="One run: status, phase, progress inside the phase "
+                            "(done/total, rate, ETA) and the seconds of each phase so far.")
+    rshow.add_argument("run_id", type=int, metavar="RUN")
+    rshow.add_argument("--json", action="store_true", help="the whole row as JSON")
+    rshow.set_defaults(func=_command(_runs_show))
+
 
 def _owner_options(p: argparse.ArgumentParser) -> None:
     owner = p.add_mutually_exclusive_group(required=True)
@@ -217,4 +236,41 @@ def _sessions_export(store: Store, args: argparse.Namespace) -> int:
         print(f"wrote {len(records)} session(s) to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
+    return 0
+
+
+def _runs_list(store: Store, args: argparse.Namespace) -> int:
+    rows = store.list_runs(args.kind, args.tenant, limit=args.limit)
+    if not rows:
+        print("no runs yet")
+    for r in rows:
+        phase = r.progress.get("phase", "")
+        print(f"{r.id:<5} {r.kind:<11} {r.status:<11} {r.tenant or 'shared':<12} "
+              f"{r.started_at:%Y-%m-%d %H:%M}  {phase}")
+    return 0
+
+
+def _runs_show(store: Store, args: argparse.Namespace) -> int:
+    r = store.get_run(args.run_id)
+    if args.json:
+        print(json.dumps(_plain(r), indent=2, default=str))
+        return 0
+    p = r.progress
+    print(f"run {r.id} ({r.kind}) of {r.tenant or 'shared'}: {r.status}, started "
+          f"{r.started_at:%Y-%m-%d %H:%M:%S}, last heartbeat {r.heartbeat_at:%H:%M:%S}"
+          + (f", ended {r.ended_at:%H:%M:%S}" if r.ended_at else ""))
+    if p.get("phase"):
+        inner = p.get("phase_progress") or {}
+        live = (f": {inner['done']}/{inner['total']} {inner.get('unit', '')}, ETA "
+                f"{inner.get('eta_s', 0):.0f} s" if inner.get("total") else "")
+        print(f"phase: {p['phase']}{live}")
+    if "step" in p:
+        print(f"training: step {p['step']}, {p.get('s_per_step', 0):.1f} s/step, ETA "
+              f"{p.get('eta_s', 0):.0f} s, loss {p.get('loss', float('nan')):.4g}")
+    for name, seconds in (p.get("phases") or {}).items():
+        print(f"  {name}: {seconds:.0f} s")
+    if p.get("outcome"):
+        print(f"outcome: {p['outcome']}" + (f" (adapter id {p['adapter']})" if p.get("adapter") else ""))
+    if r.error:
+        print(f"error: {r.error.splitlines()[0]}")
     return 0

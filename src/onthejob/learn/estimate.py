@@ -1,0 +1,135 @@
+"""What a consolidation will cost, before it runs (`onthejob consolidate --dry-run`).
+
+The work is counted from the sessions themselves, without the model writing anything: their
+context tokens, the practice prompts made by rule, the sentences and answer spans the model
+would write a question for (learn/practice.py), hence the training probes, the steps the
+visits budget gives, the teacher's answers and the gate's items. The time per unit of work
+comes from the last finished consolidation of the same method in this store (its phases'
+measured seconds, `rates` in its run row) or, on a store that never ran one, from a
+calibration on this machine just now (a batch of 16 decoding and one forward pass). It is an
+estimate and says which rates it used; `onthejob runs show RUN` shows the real figures after.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from onthejob.learn.drift import TRAINING_ANCHORS
+from onthejob.learn.gate import general_set, retention_set
+from onthejob.learn.lesson import context_messages
+from onthejob.learn.opsd import steps_for_visits
+from onthejob.learn.practice import material, practice_prompts, sentences_of
+from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
+from onthejob.store import Store
+from onthejob.store.types import Session
+
+GATE_TOKENS = 24  # the gate's answers (learn/evaluate.py)
+WRITE_TOKENS = 32  # a model-written practice question
+
+
+@dataclass
+class Plan:
+    seconds: float
+    parts: dict  # phase -> {"seconds", "units", "unit"}
+    text: str
+
+
+def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts) -> dict:
+    """The units of work of a consolidation, counted without generating anything."""
+    tokens = rule = written = held = sentences = 0
+    for s in sessions:
+        review = store.get_review(s.tenant, s.id)
+        context = context_messages(store.messages(s.tenant, s.id), review.text if review else "")
+        tokens += len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
+        made = practice_prompts(None, context, opts.probe_kinds)  # the rule-made kinds only
+        units = sum(p.kind == "rule" for p in made)
+        n_sent = len(sentences_of(material(context)))
+        # Upper bounds: the model writes one question per answer span and one per sentence
+        # (some do not parse and are dropped).
+        model_made = units * ("span" in opts.probe_kinds) + n_sent * ("question" in opts.probe_kinds)
+        rule += len(made)
+        written += model_made
+        sentences += n_sent
+        held += max(1, round(units * opts.held_out_share)) if units > 1 and opts.held_out_share else 0
+    probes = max(rule + written - held, 1)
+    steps = opts.train.steps
+    if opts.visits:
+        from onthejob.learn.consolidate import MAX_AUTO_STEPS
+
+        steps = min(steps_for_visits(probes, opts.visits, opts.opsd), MAX_AUTO_STEPS)
+    opsd = opts.method == "opsd"
+    teacher = probes * (1 + opts.opsd.teacher_samples) if opsd and opts.opsd.teacher_mix > 0 else 0
+    anchors = (len(TRAINING_ANCHORS) + opts.opsd.reading_anchors * len(sessions)) if opsd else 0
+    return {"sessions": len(sessions), "context_tokens": tokens, "rule_prompts": rule,
+            "written_prompts": written, "sentences": sentences, "probes": probes, "held": held,
+            "steps": steps, "teacher_answers": teacher, "anchor_answers": anchors,
+            "gate_items": held + len(retention_set()) + len(general_set())}
+
+
+def calibrate(lm: LoadedModel, rows: int = 16, tokens: int = 16, length: int = 72) -> dict:
+    """Seconds per decoding step at batch `rows`, and per forward pass over `rows` x `length`
+    tokens, measured now on this machine."""
+    tok = lm.tokenizer
+    prompt = render_ids(tok, [{"role": "user", "content": "Name a city in Norway."}])
+    t0 = time.time()
+    generate(lm, [prompt] * rows, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    decode = (time.time() - t0) / tokens
+    ids = torch.full((rows, length), tok.eos_token_id or 0, dtype=torch.long, device=lm.device)
+    with torch.no_grad():
+        t0 = time.time()
+        lm.model(input_ids=ids)
+        forward = time.time() - t0
+    return {"decode_s_per_step": decode, "forward_s": forward, "rows": rows}
+
+
+def _latest_rates(store: Store, method: str) -> tuple[dict, int | None]:
+    for run in store.list_runs(kind="consolidate", status="done", limit=50):
+        rates = run.progress.get("rates") or {}
+        if run.params.get("method") == method and "s_per_step" in rates:
+            return rates, run.id
+    return {}, None
+
+
+def estimate(store: Store, lm: LoadedModel, sessions: Sequence[Session], opts) -> Plan:
+    work = count_work(lm, store, sessions, opts)
+    rates, run_id = _latest_rates(store, opts.method)
+    batch = opts.opsd.batch
+    if run_id is not None:
+        source = f"rates measured by run {run_id} in this store"
+        practice = work["written_prompts"] * rates.get("practice_s_per_prompt", 0.0)
+        teacher = work["teacher_answers"] * rates.get("teacher_s_per_answer", 0.0)
+        training = work["steps"] * rates["s_per_step"]
+        gate = 2 * rates.get("gate_after_s", 0.0)
+    else:
+        cal = calibrate(lm, rows=batch)
+        step_s, fwd = cal["decode_s_per_step"], cal["forward_s"]
+        source = (f"calibrated just now on this machine: a decoding step of {batch} rows "
+                  f"{step_s * 1000:.0f} ms, a forward pass of {batch} x 72 tokens {fwd:.2f} s")
+        practice = math.ceil(work["written_prompts"] / batch) * WRITE_TOKENS * step_s
+        gen = work["teacher_answers"] + work["anchor_answers"]
+        teacher = math.ceil(gen / batch) * opts.opsd.teacher_tokens * step_s + gen / batch * fwd
+        per_step = 3 * fwd * max(opts.opsd.prompts_per_step / batch, 1)  # forward + backward
+        if opts.method == "opsd" and (opts.opsd.teacher_mix < 1 or opts.opsd.on_policy_from < 1):
+            per_step += opts.opsd.max_new_tokens * step_s + fwd  # the student samples, the teacher scores
+        training = work["steps"] * per_step
+        gate = 2 * math.ceil(work["gate_items"] / 8) * (GATE_TOKENS * step_s + fwd)
+    parts = {"practice material": {"seconds": practice, "units": work["written_prompts"],
+                                   "unit": "model-written prompts"},
+             "teacher answers and anchors": {"seconds": teacher,
+                                             "units": work["teacher_answers"] + work["anchor_answers"],
+                                             "unit": "answers"},
+             "training": {"seconds": training, "units": work["steps"], "unit": "steps"},
+             "gate": {"seconds": gate, "units": work["gate_items"], "unit": "items, before and after"}}
+    total = sum(p["seconds"] for p in parts.values())
+    detail = ", ".join(f"{name} ~{p['seconds'] / 60:.1f} min ({p['units']} {p['unit']})"
+                       for name, p in parts.items())
+    text = (f"plan: {work['sessions']} session(s), {work['context_tokens']} context tokens, about "
+            f"{work['probes']} training probes and {work['held']} held back; {work['steps']} steps "
+            f"at lr {opts.train.lr}. Estimate: about {total / 60:.1f} min ({detail}); {source}. "
+            "An estimate from token counts, not a promise. Nothing was trained.")
+    return Plan(total, {**parts, "work": work}, text)
