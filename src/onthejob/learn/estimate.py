@@ -81,6 +81,7 @@ def calibrate(lm: LoadedModel, rows: int = 16, tokens: int = 16, length: int = 7
     decode = (time.time() - t0) / tokens
     ids = torch.full((rows, length), tok.eos_token_id or 0, dtype=torch.long, device=lm.device)
     with torch.no_grad():
+        lm.model(input_ids=ids[:1, :8])  # the first pass pays one-time costs: not timed
         t0 = time.time()
         lm.model(input_ids=ids)
         forward = time.time() - t0
@@ -110,7 +111,8 @@ def estimate(store: Store, lm: LoadedModel, sessions: Sequence[Session], opts) -
         step_s, fwd = cal["decode_s_per_step"], cal["forward_s"]
         source = (f"calibrated just now on this machine: a decoding step of {batch} rows "
                   f"{step_s * 1000:.0f} ms, a forward pass of {batch} x 72 tokens {fwd:.2f} s")
-        practice = math.ceil(work["written_prompts"] / batch) * WRITE_TOKENS * step_s
+        # The writers decode in batches of 8 after a few-shot prompt of ~300 tokens.
+        practice = math.ceil(work["written_prompts"] / 8) * (WRITE_TOKENS * step_s + 2 * fwd)
         gen = work["teacher_answers"] + work["anchor_answers"]
         teacher = math.ceil(gen / batch) * opts.opsd.teacher_tokens * step_s + gen / batch * fwd
         per_step = 3 * fwd * max(opts.opsd.prompts_per_step / batch, 1)  # forward + backward
