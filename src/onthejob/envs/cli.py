@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from onthejob.envs.base import EnvError
-from onthejob.envs.registry import list_envs, make
+from onthejob.envs.registry import list_envs, make, parse_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,19 +69,6 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise EnvError(f"--option {pair!r} must look like KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def _read_action(stream) -> str | None:
     line = stream.readline()
     if not line:
@@ -99,7 +85,7 @@ def _read_action(stream) -> str | None:
 
 def _try(args: argparse.Namespace) -> int:
     try:
-        env = make(args.name, **_options(args.option))
+        env = make(args.name, **parse_options(args.option))
     except (EnvError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -111,9 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> GrpoConfig:
-    from onthejob.envs.cli import _options
+    from onthejob.envs.registry import parse_options
 
-    options = _options(args.option)
+    options = parse_options(args.option)
     if args.difficulty is not None:
         options["difficulty"] = args.difficulty
     max_turns = args.max_turns or (1 if args.env == "arith" else 6)
@@ -128,7 +128,7 @@ def _config(args: argparse.Namespace) -> GrpoConfig:
 
 def _warmup_examples(args: argparse.Namespace, cfg: GrpoConfig) -> list | None:
     """The scripted decisions the warm-up imitates (None without a warm-up)."""
-    from onthejob.envs.cli import _options
+    from onthejob.envs.registry import parse_options
     from onthejob.learn.warmup import check_skip_pages, scripted_examples, warmup_seeds
 
     if args.warmup_steps < 0 or args.warmup_batch < 1 or args.warmup_episodes < 0:
@@ -137,7 +137,7 @@ def _warmup_examples(args: argparse.Namespace, cfg: GrpoConfig) -> list | None:
     if not args.warmup_steps:
         return None
     check_skip_pages(cfg.env, args.warmup_skip_page)
-    options = cfg.options if args.warmup_option is None else _options(args.warmup_option)
+    options = cfg.options if args.warmup_option is None else parse_options(args.warmup_option)
     examples = scripted_examples(cfg.env, options, warmup_seeds(args.warmup_episodes),
                                  skip_pages=args.warmup_skip_page)
     if not examples:
