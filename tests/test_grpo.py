@@ -307,10 +307,10 @@ def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
 
 def test_imitation_teaches_an_action_the_base_never_takes():
     from onthejob.envs.model_policy import ModelPolicy
-    from onthejob.learn.grind_cli import SYSTEMS
     from onthejob.learn.grpo import eval_seeds, evaluate
     from onthejob.learn.warmup import Imitation, encode_examples, scripted_examples, warmup_seeds
     from onthejob.model.chat import end_of_turn_ids
+    from onthejob.recipes.grind import SYSTEMS
 
     lm = tiny_model(seed=0)
     system, options = SYSTEMS["shop"], {"start": "review", "max_steps": 1}
