@@ -2,8 +2,9 @@
 
 Each step, on the one training loop (`Trainer`):
   1. pick `starts` start seeds; from each, run a group of `group` rollouts of the student
-     (sampling, eval mode, no grad) with `run_group` and `ModelPolicy` - every rollout is
-     logged and replayable (`onthejob replay RUN_ID`);
+     (sampling, eval mode, no grad) with `run_group` and `ModelPolicy` (its one `generate`
+     call encodes the group's shared first prompt once) - every rollout is logged and
+     replayable (`onthejob replay RUN_ID`);
   2. the reward of a rollout is its return from the environment's checker. A rollout with a
      fault (sandbox timeout or crash, a worker that died) has no reward: it is left out of
      its group's statistics and out of the loss;
@@ -35,12 +36,12 @@ import torch
 from transformers import DynamicCache
 
 from onthejob.envs.model_policy import SYSTEM, ModelPolicy
-from onthejob.envs.policies import Action, Policy
+from onthejob.envs.policies import Policy
 from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
 from onthejob.learn.loop import Trainer, _all_reduce_grads
 from onthejob.learn.scoring import Prefix, _body, response_logits, token_logprobs
-from onthejob.model import Completion, SamplingParams, generate
+from onthejob.model import SamplingParams
 from onthejob.model.chat import end_of_turn_ids
 
 # Training start seeds come from [0, TRAIN_SEEDS); evaluations use seeds from EVAL_SEED_BASE up.
@@ -82,24 +83,6 @@ class GrpoConfig:
             raise ValueError("clip_eps must be in (0, 1)")
         if self.beta < 0:
             raise ValueError("beta must be >= 0")
-
-
-# ---- sampling a group: the shared prompt is encoded once -----------------------------------
-def generate_shared(lm: Any, prompts: Sequence[Sequence[int]],
-                    params: SamplingParams) -> list[Completion]:
-    """`generate`: the one generation path encodes identical prompts (a group's first turn)
-    once and copies their KV cache to every row that asks for them, so a group of G costs one
-    prefill, not G. Kept as a name for the policies below."""
-    return generate(lm, prompts, params)
-
-
-class GroupPolicy(ModelPolicy):
-    """The model policy, sampling each batch with `generate_shared`."""
-
-    def act(self, observations: list[str]) -> list[Action]:
-        prompts = [self.prompt_ids(o) for o in observations]
-        completions = generate_shared(self.lm, prompts, self.params)
-        return [Action(c.text, c.prompt_ids, c.token_ids, c.logprobs) for c in completions]
 
 
 # ---- the math, separately testable ---------------------------------------------------------
@@ -234,7 +217,7 @@ class Grpo:
         cfg = self.cfg
         params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p)
-        return GroupPolicy(trainer.lm, params, system=cfg.system)
+        return ModelPolicy(trainer.lm, params, system=cfg.system)
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, trainer: Trainer, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -353,7 +336,7 @@ def evaluate(lm: Any, env: str, options: dict, seeds: Sequence[int], max_turns: 
     """Mean reward and share solved of the model as it is now (whatever adapters are active),
     one episode per seed, the seeds' episodes decoded together in lockstep batches."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
-    policy = GroupPolicy(lm, params, system=system)
+    policy = ModelPolicy(lm, params, system=system)
     rewards: list[float] = []
     turns = 0
     model = lm.model
