@@ -272,7 +272,8 @@ def test_shared_prompt_logprobs_and_gradients_are_exact():
 
 # ---- the supervised warm-up (imitation of the scripted policy) before GRPO ----------------
 def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
-    from onthejob.learn.grpo import EVAL_SEED_BASE, TRAIN_SEEDS, eval_seeds
+    from onthejob.envs.held_out import EVAL_SEED_BASE, eval_seeds
+    from onthejob.learn.grpo import TRAIN_SEEDS
     from onthejob.learn.warmup import WARMUP_SEED_BASE, scripted_examples, warmup_seeds
 
     seeds = warmup_seeds(6)
@@ -294,8 +295,8 @@ def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
 
 
 def test_imitation_teaches_an_action_the_base_never_takes():
+    from onthejob.envs.held_out import eval_seeds, evaluate
     from onthejob.envs.model_policy import ModelPolicy
-    from onthejob.learn.grpo import eval_seeds, evaluate
     from onthejob.learn.warmup import Imitation, encode_examples, scripted_examples, warmup_seeds
     from onthejob.model.chat import end_of_turn_ids
     from onthejob.recipes.grind import SYSTEMS

@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onthejob.learn.grpo import GrpoConfig, eval_seeds
+from onthejob.envs.held_out import eval_seeds
+from onthejob.learn.grpo import GrpoConfig
 
 # The action language, told to the model for environments whose actions are not free text.
 SYSTEMS = {
@@ -108,7 +109,7 @@ def run_grind(grind: Grind, cfg: GrpoConfig, rule, store=None,
     `Grpo` of `cfg`), evaluate before and after, save or register the adapter, plot; returns
     the record written to OUT/curve.json."""
     from onthejob import config, faults
-    from onthejob.learn.grpo import evaluate
+    from onthejob.envs.held_out import evaluate
     from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
     from onthejob.model import load_model
     from onthejob.model.adapters import LoraSpec, save
