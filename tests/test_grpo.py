@@ -243,8 +243,7 @@ def test_shop_start_pages_are_a_curriculum_with_the_same_checker():
 
 
 def test_shared_prompt_logprobs_and_gradients_are_exact():
-    from onthejob.learn.grpo import chunk_logprobs
-    from onthejob.learn.scoring import token_logprobs
+    from onthejob.learn.scoring import shared_prompt_logprobs, token_logprobs
     from onthejob.model.adapters import attach
 
     lm = tiny_model(seed=1)
@@ -263,7 +262,7 @@ def test_shared_prompt_logprobs_and_gradients_are_exact():
                                if p.grad is not None}
 
     exact, exact_grads = run(token_logprobs)
-    shared, shared_grads = run(chunk_logprobs)
+    shared, shared_grads = run(shared_prompt_logprobs)
     assert torch.allclose(exact, shared, atol=1e-5)
     assert exact_grads.keys() == shared_grads.keys() and exact_grads
     for name, g in exact_grads.items():

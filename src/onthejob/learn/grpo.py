@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from onthejob.envs.model_policy import SYSTEM, ModelPolicy
 from onthejob.envs.policies import Policy
 from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
 from onthejob.learn.loop import Trainer, _all_reduce_grads
-from onthejob.learn.scoring import Prefix, _body, response_logits, token_logprobs
+from onthejob.learn.scoring import shared_prompt_logprobs
 from onthejob.model import SamplingParams
 from onthejob.model.chat import end_of_turn_ids
 
@@ -180,23 +179,6 @@ def _chunks(rows: Sequence[_Row], budget: int) -> list[list[int]]:
     return out
 
 
-def chunk_logprobs(lm: Any, prompts: Sequence[Sequence[int]],
-                   responses: Sequence[Sequence[int]]) -> torch.Tensor:
-    """`token_logprobs`, exact, with the gradient; when every prompt is the same, the prompt
-    runs once and its keys and values are shared by all the responses (the gradient of the
-    shared prompt sums over them)."""
-    if len(prompts) < 2 or any(list(p) != list(prompts[0]) for p in prompts):
-        return token_logprobs(lm, prompts, responses)
-    prompt = list(prompts[0])
-    cache = DynamicCache()
-    _body(lm)(input_ids=torch.tensor([prompt[:-1]], device=lm.device), past_key_values=cache,
-              use_cache=True)
-    prefix = Prefix(ids=prompt[:-1], layers=[(layer.keys, layer.values) for layer in cache.layers])
-    logits = response_logits(lm, [prompt[-1:]] * len(responses), responses, prefix=prefix)
-    targets = torch.tensor([t for r in responses for t in r], device=logits.device)
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
-
-
 class Grpo:
     name = "grpo"
 
@@ -280,8 +262,8 @@ class Grpo:
         if measure_kl:
             with trainer.base():
                 for c, idx in enumerate(chunks):
-                    ref[c] = chunk_logprobs(lm, [rows[i].prompt for i in idx],
-                                            [rows[i].tokens for i in idx]).float()
+                    ref[c] = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
+                                                    [rows[i].tokens for i in idx]).float()
         olds = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
                 for idx in chunks]
         advs = [torch.tensor([rows[i].adv for i in idx for _ in rows[i].tokens], device=device)
@@ -297,8 +279,8 @@ class Grpo:
             clipped = kl_sum = ratio_dev = 0.0
             final: torch.Tensor | None = None
             for c, idx in enumerate(chunks):
-                logp = chunk_logprobs(lm, [rows[i].prompt for i in idx],
-                                      [rows[i].tokens for i in idx])
+                logp = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
+                                              [rows[i].tokens for i in idx])
                 old = olds[c]
                 if epoch == 0:  # tokens without a sampling log-prob start on-policy (ratio 1)
                     olds[c] = old = torch.where(torch.isnan(old), logp.detach(), old)
