@@ -38,7 +38,7 @@ from onthejob.envs.model_policy import SYSTEM, ModelPolicy
 from onthejob.envs.policies import Policy
 from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
-from onthejob.learn.loop import Trainer, _all_reduce_grads
+from onthejob.learn.loop import Trainer
 from onthejob.learn.scoring import shared_prompt_logprobs
 from onthejob.model import SamplingParams
 from onthejob.model.chat import end_of_turn_ids
@@ -302,10 +302,8 @@ class Grpo:
                 stats["kl"] = kl_sum if any(r is not None for r in ref) else float("nan")
                 stats["ratio_dev"] = ratio_dev
             stats["clip_frac"] = clipped
-            if not last:  # an inner update, done the way the loop does its own
-                _all_reduce_grads(trainer.params)
-                torch.nn.utils.clip_grad_norm_(trainer.params, trainer.cfg.max_grad_norm)
-                trainer.optimizer.step()
+            if not last:  # an inner update, made the way the loop makes its own
+                trainer.apply_gradients()
         assert final is not None
         # The value is the whole loss; the gradient of the earlier chunks is accumulated already.
         return final + (total - float(final.detach())), stats

@@ -133,9 +133,7 @@ class Trainer:
             with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss, metrics = rule.step(self, step)
             loss.backward()
-            _all_reduce_grads(self.params)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.optimizer.step()
+            norm = self.apply_gradients()
             metrics = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(norm),
                        **metrics}
             if drift is not None:
@@ -153,6 +151,16 @@ class Trainer:
                 progress(metrics)
         self.student()
         return self.history
+
+    def apply_gradients(self) -> torch.Tensor:
+        """One optimizer update from the gradients accumulated so far: averaged over the ranks
+        under torchrun, clipped to `max_grad_norm`; returns the norm before clipping. The loop
+        makes one after every step; a rule that updates inside its step (GRPO's inner epochs)
+        calls it too, so every update is made the same way."""
+        _all_reduce_grads(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return norm
 
     def _save_checkpoint(self, path: str | os.PathLike, step: int) -> None:
         path = Path(path)
