@@ -120,7 +120,7 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 class _Row:
     prompt: list[int]
     tokens: list[int]
-    old: list[float]  # NaN where the sampler recorded none (the end-of-turn token)
+    old: list[float]  # log-probs at sampling time; NaN where none was recorded (end of turn)
     adv: float
     rollout: int  # index of the rollout (for agg="rollout")
 
@@ -264,8 +264,9 @@ class Grpo:
                 for c, idx in enumerate(chunks):
                     ref[c] = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
                                                     [rows[i].tokens for i in idx]).float()
-        olds = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
-                for idx in chunks]
+        # Per chunk: the log-prob each token had when it was sampled, its advantage, its weight.
+        old_logps = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
+                     for idx in chunks]
         advs = [torch.tensor([rows[i].adv for i in idx for _ in rows[i].tokens], device=device)
                 for idx in chunks]
         ws = [torch.tensor([x for i in idx for x in weights[i]], device=device) for idx in chunks]
@@ -281,9 +282,9 @@ class Grpo:
             for c, idx in enumerate(chunks):
                 logp = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
                                               [rows[i].tokens for i in idx])
-                old = olds[c]
+                old = old_logps[c]
                 if epoch == 0:  # tokens without a sampling log-prob start on-policy (ratio 1)
-                    olds[c] = old = torch.where(torch.isnan(old), logp.detach(), old)
+                    old_logps[c] = old = torch.where(torch.isnan(old), logp.detach(), old)
                 per_token, clip_mask = clipped_surrogate(logp, old, advs[c], cfg.clip_eps, eps_high)
                 if ref[c] is not None:
                     kl = k3(logp, ref[c])
