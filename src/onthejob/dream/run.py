@@ -370,11 +370,12 @@ def _carried_over(record: dict) -> tuple[DreamWriting, GateReport, float]:
 def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id,
            carried: dict | None = None) -> DreamOutcome:
     parent = store.active_adapter(tenant)
-    below = _shared_below(store, tenant)
+    # The active shared adapter, stacked under the tenant's, when the tenant allows sharing.
+    shared_paths = _shared_below(store, tenant)
     if carried is not None:
         writing, report, seconds = _carried_over(carried)
     else:
-        use_adapter(lm, [*below, parent.path] if parent else (below or None))
+        use_adapter(lm, [*shared_paths, parent.path] if parent else (shared_paths or None))
         try:
             writing, report, seconds = dream_session(lm, lesson.context, lesson.title, opts, say)
         finally:
@@ -429,7 +430,7 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
     say(f"training ({opts.mode}) on {len(lesson.probes)} dreamed prompts, budget {opts.budget}; "
         f"{len(lesson.held_out)} held back for the adapter gate")
     outcome: Outcome = _train_and_gate(store, lm, tenant, tenant, copts, [session], [lesson],
-                                       parent, below, run_id, say, rule=rule, mark=approved)
+                                       parent, shared_paths, run_id, say, rule=rule, mark=approved)
     metrics = {**outcome.metrics, "tokens_dream": writing.tokens + report.tokens,
                "dream_seconds": seconds}
     record["outcome"] = {"status": outcome.status, "message": outcome.message,

@@ -65,11 +65,11 @@ class Trainer:
         self.rng = random.Random(cfg.seed + rank())
         torch.manual_seed(cfg.seed)
         # Adapters stacked below (the shared adapter) stay frozen in every view but the base.
-        self.below: list[str] = []
+        self.frozen_below: list[str] = []
         for i, path in enumerate(stack_below):
             attach(lm, f"below{i}", init_from=path, trainable=False)
-            self.below.append(f"below{i}")
-        self.teacher_names = list(self.below)
+            self.frozen_below.append(f"below{i}")
+        self.teacher_names = list(self.frozen_below)
         if parent is not None:
             attach(lm, TEACHER, init_from=parent, trainable=False)
             self.teacher_names.append(TEACHER)
@@ -86,7 +86,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     def student(self) -> None:
-        activate(self.lm, [*self.below, STUDENT], trainable=STUDENT)
+        activate(self.lm, [*self.frozen_below, STUDENT], trainable=STUDENT)
         self.lm.model.train()
 
     @contextmanager
@@ -113,7 +113,7 @@ class Trainer:
     @contextmanager
     def frozen_student(self):
         """The student as it is now, for sampling and evaluation: eval mode, no grad."""
-        activate(self.lm, [*self.below, STUDENT])
+        activate(self.lm, [*self.frozen_below, STUDENT])
         self.lm.model.eval()
         try:
             with torch.no_grad():
