@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "onthejob.envs"
 _BUILTINS = {
     "arith": "onthejob.envs.arith:ArithEnv",
-    "code": "onthejob.envs.coding:CodeEnv",
+    "code": "onthejob.envs.code_env:CodeEnv",
     "shop": "onthejob.envs.shop:ShopEnv",
 }
 _registry: dict[str, Callable[..., Env]] = {}
