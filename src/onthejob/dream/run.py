@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from onthejob import config, faults
-from onthejob.dream.gate import DreamGateConfig, EnvVerdict, GateReport, gate
 from onthejob.dream.tasks import DreamTask, DreamWriting, check_writer, materials, write_tasks
+from onthejob.dream.validity import DreamGateConfig, EnvVerdict, GateReport, gate
 from onthejob.learn.consolidate import (
     ConsolidateOptions,
     Outcome,
@@ -286,7 +286,7 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     if opts.style == "span" and opts.checker == "program":
         opts.style = "qa"  # program checks are written by the "qa" writer only
     check_writer(opts.style, opts.checker, opts.fallback)  # before a run is created
-    # Reward spread is what GRPO learns from; OPSD learns from the teacher (dream/gate.py).
+    # Reward spread is what GRPO learns from; OPSD learns from the teacher (dream/validity.py).
     opts.env_gate = replace(opts.env_gate, require_spread=opts.mode == "grpo")
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
