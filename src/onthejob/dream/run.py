@@ -43,7 +43,7 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.lesson import Lesson, check_fits, context_messages
+from onthejob.learn.lesson import Lesson, check_fits, teacher_context
 from onthejob.learn.loop import TrainConfig, config_dict
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.practice import PracticePrompt, practice_prompts
@@ -291,7 +291,7 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
     review = store.get_review(tenant, session_id)
-    context = context_messages(messages, review.text if review else "")
+    context = teacher_context(messages, review.text if review else "")
     if not context:
         raise ValueError(f"session {session_id} is empty: there is nothing to dream about")
     lesson = Lesson(session.id, context, title=session.title or "")

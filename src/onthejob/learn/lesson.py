@@ -37,14 +37,19 @@ class Lesson:
         return [known.get(text, PracticePrompt(text, "question")) for text in self.probes]
 
 
-def context_messages(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
-    """Teacher context: the store's one context rule (a compaction replaces what came before
-    it), then the reviewer's words."""
+def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
+    """Teacher context: the store's one context rule (`store.context_messages`: a compaction
+    replaces what came before it), then the reviewer's words."""
     out = store_context(messages)
     if review_text.strip():
         out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
         out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
     return out
+
+
+# The old name, which learn/consolidate.py still imports (being edited elsewhere); it goes when
+# consolidate.py calls teacher_context. New code: teacher_context.
+context_messages = teacher_context
 
 
 def replay_prompts(messages: Sequence[StoredMessage], max_chars: int = 400) -> list[str]:
