@@ -52,13 +52,6 @@ def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") ->
 context_messages = teacher_context
 
 
-def replay_prompts(messages: Sequence[StoredMessage], max_chars: int = 400) -> list[str]:
-    """The session's own user turns, to replay without the session. Turns that carry the
-    material themselves (long pastes) are skipped: replayed, they would put it in context."""
-    return [m.content for m in messages
-            if m.role == "user" and m.kind == "message" and 0 < len(m.content) <= max_chars]
-
-
 def check_fits(lm: LoadedModel, lesson: Lesson, room: int = 256) -> int:
     """Tokens of the lesson's context; refuse (never truncate) when the context plus a probe
     turn and an answer (`room`) would not fit."""

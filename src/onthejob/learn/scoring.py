@@ -24,11 +24,6 @@ class Prefix:
     ids: list[int]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in self.layers)
-
     def cache_for(self, batch: int) -> DynamicCache:
         return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
                              for k, v in self.layers])
