@@ -10,7 +10,7 @@ from pathlib import Path
 
 from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import CHECKERS, FALLBACKS, STYLES
-from onthejob.envs.cli import _bench_subparsers
+from onthejob.envs.cli import bench_subparsers
 from onthejob.learn.cli import add_gate_options, add_opsd_options, gate_options, opsd_options
 from onthejob.learn.loop import TrainConfig
 from onthejob.store import Store
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print the whole record as JSON")
     s.set_defaults(func=_command(_show))
 
-    bench = _bench_subparsers(sub)
+    bench = bench_subparsers(sub)
     b = bench.add_parser(
         "dream", help="compact vs opsd vs dream vs dream+opsd on the knowledge benchmark",
         description="On SQuAD articles as sessions: the session's summary in context "

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("run_id", help="the run's id (a folder name under $ONTHEJOB_HOME/runs)")
     rp.set_defaults(func=_replay)
 
-    bsub = _bench_subparsers(sub)
+    bsub = bench_subparsers(sub)
     be = bsub.add_parser("envs", help="benchmark the environments",
                          description="Time shop reset/snapshot/restore, scripted env steps/s on "
                          "1 and 2 worker processes, Ray against the process pool, and the share "
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.set_defaults(func=_bench_envs)
 
 
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """`onthejob bench`'s subcommands, shared with other packages that add benchmarks."""
     bench = sub.choices.get("bench") or sub.add_parser(
         "bench", help="run a benchmark", description="Run a benchmark; each writes its "
