@@ -89,31 +89,23 @@ class Trainer:
         activate(self.lm, [*self.frozen_below, STUDENT], trainable=STUDENT)
         self.lm.model.train()
 
-    @contextmanager
     def teacher(self):
         """Teacher view: frozen adapters, eval mode (no dropout), no grad."""
-        activate(self.lm, self.teacher_names or None)
-        self.lm.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.student()
+        return self._frozen(self.teacher_names or None)
 
-    @contextmanager
     def base(self):
-        activate(self.lm, None)
-        self.lm.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.student()
+        """The base model alone: no adapter, eval mode, no grad."""
+        return self._frozen(None)
 
-    @contextmanager
     def frozen_student(self):
         """The student as it is now, for sampling and evaluation: eval mode, no grad."""
-        activate(self.lm, [*self.frozen_below, STUDENT])
+        return self._frozen([*self.frozen_below, STUDENT])
+
+    @contextmanager
+    def _frozen(self, adapters: list[str] | None):
+        """A view for a `with` block: these adapters active (None: the base alone), eval mode,
+        no grad; the trainable student again after it."""
+        activate(self.lm, adapters)
         self.lm.model.eval()
         try:
             with torch.no_grad():
