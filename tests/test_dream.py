@@ -6,7 +6,6 @@ import json
 import pytest
 
 from onthejob.dream.env import DreamEnv, match_reward
-from onthejob.dream.gate import DreamGateConfig, EnvVerdict, GateReport, gate, judge
 from onthejob.dream.run import Budget, Budgeted, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import (
     DreamTask,
@@ -17,6 +16,7 @@ from onthejob.dream.tasks import (
     rule_task,
     write_tasks,
 )
+from onthejob.dream.validity import DreamGateConfig, EnvVerdict, GateReport, gate, judge
 from onthejob.envs.base import EnvError
 from onthejob.learn.consolidate import StopTraining
 from onthejob.learn.gate import GateConfig

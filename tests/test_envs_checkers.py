@@ -7,7 +7,7 @@ import pytest
 
 from onthejob.envs import make
 from onthejob.envs.arith import generate_problem, parse_answer
-from onthejob.envs.code_tasks import SOLUTIONS, TASK_KEYS, make_code_task
+from onthejob.envs.code_repos import SOLUTIONS, TASK_KEYS, make_code_task
 from onthejob.envs.policies import RandomPolicy, ScriptedPolicy, solve_shop
 from onthejob.envs.shop import score_order
 from onthejob.envs.shop_world import BY_ID, CATALOG, make_task

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from onthejob.envs import Env, EnvError, StepResult, list_envs, make
 from onthejob.envs import registry as registry_module
-from onthejob.envs.code_tasks import SOLUTIONS
+from onthejob.envs.code_repos import SOLUTIONS
 
 SHOP_WORDS = [
     "search blue kettle", "search red mug", "search lamp", "click p04", "click p02",

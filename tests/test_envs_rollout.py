@@ -152,7 +152,7 @@ def test_cli_lists_and_plays_environments(monkeypatch, capsys):
     assert cli_main(["envs", "try", "arith", "--seed", "3", "--option", "difficulty=1"]) == 0
     assert "correct" in capsys.readouterr().out
 
-    path, text = __import__("onthejob.envs.code_tasks", fromlist=["SOLUTIONS"]).SOLUTIONS["count"]
+    path, text = __import__("onthejob.envs.code_repos", fromlist=["SOLUTIONS"]).SOLUTIONS["count"]
     monkeypatch.setattr("sys.stdin", io.StringIO(f"write {path}\n{text}.\nsubmit\n"))
     assert cli_main(["envs", "try", "code", "--option", "variant=count"]) == 0
     out = capsys.readouterr().out

@@ -14,13 +14,12 @@ from onthejob.learn.grpo import (
     Grpo,
     GrpoConfig,
     clipped_surrogate,
-    generate_shared,
     group_advantages,
     k3,
     rows_from_groups,
 )
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer
-from onthejob.model import SamplingParams, generate, render_ids, tiny_model
+from onthejob.model import render_ids, tiny_model
 from onthejob.model.adapters import LoraSpec
 from onthejob.store import Store
 
@@ -131,17 +130,6 @@ def test_rows_skip_faults_and_flat_groups_and_train_every_turn():
     assert rows[0].tokens == [5, 6, 2] and math.isnan(rows[0].old[-1])
     full = rows_from_groups(groups, advantages, eot=2, max_new_tokens=2)
     assert full[0].tokens == [5, 6] and len(full[0].old) == 2
-
-
-def test_generate_shared_matches_generate_greedy(tiny_lm):
-    tok = tiny_lm.tokenizer
-    prompts = [render_ids(tok, [{"role": "user", "content": t}])
-               for t in ("hello", "What is 2 + 3?", "hello", "hello")]
-    params = SamplingParams(max_tokens=6, temperature=0.0)
-    ours, ref = generate_shared(tiny_lm, prompts, params), generate(tiny_lm, prompts, params)
-    for a, b in zip(ours, ref, strict=True):
-        assert a.token_ids == b.token_ids and a.text == b.text
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
 
 
 # ---- training on the tiny model -------------------------------------------------------------
@@ -255,8 +243,7 @@ def test_shop_start_pages_are_a_curriculum_with_the_same_checker():
 
 
 def test_shared_prompt_logprobs_and_gradients_are_exact():
-    from onthejob.learn.grpo import chunk_logprobs
-    from onthejob.learn.scoring import token_logprobs
+    from onthejob.learn.scoring import shared_prompt_logprobs, token_logprobs
     from onthejob.model.adapters import attach
 
     lm = tiny_model(seed=1)
@@ -275,7 +262,7 @@ def test_shared_prompt_logprobs_and_gradients_are_exact():
                                if p.grad is not None}
 
     exact, exact_grads = run(token_logprobs)
-    shared, shared_grads = run(chunk_logprobs)
+    shared, shared_grads = run(shared_prompt_logprobs)
     assert torch.allclose(exact, shared, atol=1e-5)
     assert exact_grads.keys() == shared_grads.keys() and exact_grads
     for name, g in exact_grads.items():
@@ -284,7 +271,8 @@ def test_shared_prompt_logprobs_and_gradients_are_exact():
 
 # ---- the supervised warm-up (imitation of the scripted policy) before GRPO ----------------
 def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
-    from onthejob.learn.grpo import EVAL_SEED_BASE, TRAIN_SEEDS, eval_seeds
+    from onthejob.envs.held_out import EVAL_SEED_BASE, eval_seeds
+    from onthejob.learn.grpo import TRAIN_SEEDS
     from onthejob.learn.warmup import WARMUP_SEED_BASE, scripted_examples, warmup_seeds
 
     seeds = warmup_seeds(6)
@@ -306,11 +294,11 @@ def test_warmup_examples_come_from_their_own_seeds_and_skip_pages():
 
 
 def test_imitation_teaches_an_action_the_base_never_takes():
+    from onthejob.envs.held_out import eval_seeds, evaluate
     from onthejob.envs.model_policy import ModelPolicy
-    from onthejob.learn.grind_cli import SYSTEMS
-    from onthejob.learn.grpo import eval_seeds, evaluate
     from onthejob.learn.warmup import Imitation, encode_examples, scripted_examples, warmup_seeds
     from onthejob.model.chat import end_of_turn_ids
+    from onthejob.recipes.grind import SYSTEMS
 
     lm = tiny_model(seed=0)
     system, options = SYSTEMS["shop"], {"start": "review", "max_steps": 1}

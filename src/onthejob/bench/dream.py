@@ -6,7 +6,7 @@ benchmark's sessions (SQuAD passages; data loading and sessions from bench/knowl
   weights change; the compute is the summary's generation.
 - opsd: OPSD with the session as teacher on consolidation's probes (make_probes).
 - dream: the model with the session writes tasks (dream/tasks.py), the environment gate
-  keeps those that pass (dream/gate.py), OPSD trains on the dreamed questions.
+  keeps those that pass (dream/validity.py), OPSD trains on the dreamed questions.
 - dream+opsd: OPSD on the probes and the dreamed questions together.
 - dream-grpo: GRPO (learn/grpo.py) on a DreamEnv of the dreamed tasks that passed the gate:
   the student's sampled answers rewarded by the tasks' checkers (`onthejob dream --mode grpo`).
@@ -33,9 +33,9 @@ from datetime import date
 import torch
 
 from onthejob.bench.knowledge import SPLITS, load_articles, load_data, session_for
-from onthejob.dream.gate import DreamGateConfig
 from onthejob.dream.run import Alternating, DreamOptions, dream_session, grpo_rule
 from onthejob.dream.tasks import RULE_SOURCES
+from onthejob.dream.validity import DreamGateConfig
 from onthejob.learn.consolidate import recommended_opsd
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer

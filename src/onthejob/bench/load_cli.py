@@ -9,11 +9,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from onthejob.envs.cli import _bench_subparsers
+from onthejob.envs.cli import bench_subparsers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bsub = _bench_subparsers(sub)
+    bsub = bench_subparsers(sub)
     p = bsub.add_parser(
         "load", help="concurrent clients against a real server; nothing acknowledged is lost",
         description="Start `onthejob serve` on a loopback port, run N concurrent clients that "

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from onthejob.envs.cli import _bench_subparsers
+from onthejob.envs.cli import bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
@@ -21,7 +21,7 @@ DEFAULT_DATA = str(Path(__file__).resolve().parents[3].parent / "shared" / "data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bsub = _bench_subparsers(sub)
+    bsub = bench_subparsers(sub)
     k = bsub.add_parser("knowledge", help="knowledge transfer: SQuAD passages as sessions",
                         description="Consolidate SQuAD passages (one session each) with each "
                         "method and seed and measure no-context accuracy before/after against the "

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from onthejob.dream.run import MODES, Budget, DreamOptions, dream, load_dream
 from onthejob.dream.tasks import CHECKERS, FALLBACKS, STYLES
-from onthejob.envs.cli import _bench_subparsers
+from onthejob.envs.cli import bench_subparsers
 from onthejob.learn.cli import add_gate_options, add_opsd_options, gate_options, opsd_options
 from onthejob.learn.loop import TrainConfig
 from onthejob.store import Store
-from onthejob.store.cli import _command, _db_option
+from onthejob.store.cli import command, db_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    db = _db_option()
+    db = db_option()
     d = sub.add_parser(
         "dream", parents=[db], help="write practice tasks from a session and train on them",
         description="The model, with the session in context, writes practice tasks about it "
@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("run_id", type=int)
     s.add_argument("--tenant", help="refuse a run of another tenant")
     s.add_argument("--json", action="store_true", help="print the whole record as JSON")
-    s.set_defaults(func=_command(_show))
+    s.set_defaults(func=command(_show))
 
-    bench = _bench_subparsers(sub)
+    bench = bench_subparsers(sub)
     b = bench.add_parser(
         "dream", help="compact vs opsd vs dream vs dream+opsd on the knowledge benchmark",
         description="On SQuAD articles as sessions: the session's summary in context "
@@ -140,7 +140,7 @@ def _dream(args: argparse.Namespace) -> int:
               f"passed the gate {out.passed}; see `onthejob dream show {out.run_id}`")
         return 0 if out.status in ("promoted", "nothing") else 3
 
-    return _command(run)(args)
+    return command(run)(args)
 
 
 def _show(store: Store, args: argparse.Namespace) -> int:

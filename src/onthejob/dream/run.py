@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from onthejob import config, faults
-from onthejob.dream.gate import DreamGateConfig, EnvVerdict, GateReport, gate
 from onthejob.dream.tasks import DreamTask, DreamWriting, check_writer, materials, write_tasks
+from onthejob.dream.validity import DreamGateConfig, EnvVerdict, GateReport, gate
 from onthejob.learn.consolidate import (
     ConsolidateOptions,
     Outcome,
@@ -43,7 +43,7 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.lesson import Lesson, check_fits, context_messages
+from onthejob.learn.lesson import Lesson, check_fits, teacher_context
 from onthejob.learn.loop import TrainConfig, config_dict
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.practice import PracticePrompt, practice_prompts
@@ -286,12 +286,12 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     if opts.style == "span" and opts.checker == "program":
         opts.style = "qa"  # program checks are written by the "qa" writer only
     check_writer(opts.style, opts.checker, opts.fallback)  # before a run is created
-    # Reward spread is what GRPO learns from; OPSD learns from the teacher (dream/gate.py).
+    # Reward spread is what GRPO learns from; OPSD learns from the teacher (dream/validity.py).
     opts.env_gate = replace(opts.env_gate, require_spread=opts.mode == "grpo")
     session = store.get_session(tenant, session_id)  # NotFound for a foreign or unknown session
     messages = store.messages(tenant, session_id)
     review = store.get_review(tenant, session_id)
-    context = context_messages(messages, review.text if review else "")
+    context = teacher_context(messages, review.text if review else "")
     if not context:
         raise ValueError(f"session {session_id} is empty: there is nothing to dream about")
     lesson = Lesson(session.id, context, title=session.title or "")
@@ -370,11 +370,12 @@ def _carried_over(record: dict) -> tuple[DreamWriting, GateReport, float]:
 def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_id,
            carried: dict | None = None) -> DreamOutcome:
     parent = store.active_adapter(tenant)
-    below = shared_below(store, tenant)
+    # The active shared adapter, stacked under the tenant's, when the tenant allows sharing.
+    shared_paths = shared_below(store, tenant)
     if carried is not None:
         writing, report, seconds = _carried_over(carried)
     else:
-        use_adapter(lm, [*below, parent.path] if parent else (below or None))
+        use_adapter(lm, [*shared_paths, parent.path] if parent else (shared_paths or None))
         try:
             writing, report, seconds = dream_session(lm, lesson.context, lesson.title, opts, say)
         finally:
@@ -429,7 +430,7 @@ def _dream(store, lm, tenant, session, messages, review, lesson, opts, say, run_
     say(f"training ({opts.mode}) on {len(lesson.probes)} dreamed prompts, budget {opts.budget}; "
         f"{len(lesson.held_out)} held back for the adapter gate")
     outcome: Outcome = train_and_gate(store, lm, tenant, tenant, copts, [session], [lesson],
-                                      parent, below, run_id, say, rule=rule, mark=approved)
+                                      parent, shared_paths, run_id, say, rule=rule, mark=approved)
     metrics = {**outcome.metrics, "tokens_dream": writing.tokens + report.tokens,
                "dream_seconds": seconds}
     record["outcome"] = {"status": outcome.status, "message": outcome.message,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from onthejob.envs.base import EnvError
-from onthejob.envs.registry import list_envs, make
+from onthejob.envs.registry import list_envs, make, parse_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("run_id", help="the run's id (a folder name under $ONTHEJOB_HOME/runs)")
     rp.set_defaults(func=_replay)
 
-    bsub = _bench_subparsers(sub)
+    bsub = bench_subparsers(sub)
     be = bsub.add_parser("envs", help="benchmark the environments",
                          description="Time shop reset/snapshot/restore, scripted env steps/s on "
                          "1 and 2 worker processes, Ray against the process pool, and the share "
@@ -48,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.set_defaults(func=_bench_envs)
 
 
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """`onthejob bench`'s subcommands, shared with other packages that add benchmarks."""
     bench = sub.choices.get("bench") or sub.add_parser(
         "bench", help="run a benchmark", description="Run a benchmark; each writes its "
@@ -70,19 +69,6 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise EnvError(f"--option {pair!r} must look like KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def _read_action(stream) -> str | None:
     line = stream.readline()
     if not line:
@@ -99,7 +85,7 @@ def _read_action(stream) -> str | None:
 
 def _try(args: argparse.Namespace) -> int:
     try:
-        env = make(args.name, **_options(args.option))
+        env = make(args.name, **parse_options(args.option))
     except (EnvError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from onthejob.envs.arith import parse_answer
-from onthejob.envs.code_tasks import SOLUTIONS, VARIANTS
+from onthejob.envs.code_repos import SOLUTIONS, VARIANTS
 from onthejob.envs.shop_world import CATEGORIES, COLORS, FIELDS
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "onthejob.envs"
 _BUILTINS = {
     "arith": "onthejob.envs.arith:ArithEnv",
-    "code": "onthejob.envs.coding:CodeEnv",
+    "code": "onthejob.envs.code_env:CodeEnv",
     "shop": "onthejob.envs.shop:ShopEnv",
 }
 _registry: dict[str, Callable[..., Env]] = {}
@@ -119,3 +120,17 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
         key, valid, n=1)) else repr(key) for key in unknown]
     raise EnvError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} for "
                    f"environment {name!r}: its options are {', '.join(valid) or '(none)'}")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """Options from `KEY=VALUE` strings (`--option`): each value read as JSON, else kept as text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise EnvError(f"--option {pair!r} must look like KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

@@ -22,11 +22,11 @@ from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
 from onthejob.store import Store, StoreError
-from onthejob.store.cli import _command, _db_option, _plain
+from onthejob.store.cli import command, db_option, plain
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    db = _db_option()
+    db = db_option()
     c = sub.add_parser("consolidate", parents=[db], help="learn approved sessions into an adapter",
                        description="Train a candidate adapter from a tenant's approved (thumbs-up), "
                        "not yet consolidated sessions, check it with the promotion gate, and "
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--scope", default="tenant", choices=("tenant", "shared"))
         if name in ("show", "activate"):
             p.add_argument("version", type=int)
-        p.set_defaults(func=_command(globals()[f"_adapters_{name}"]))
+        p.set_defaults(func=command(globals()[f"_adapters_{name}"]))
 
     d = sub.add_parser("demo", help="the whole loop on the default model, end to end",
                        description="A session teaches the model a fact it does not know; the "
@@ -202,7 +202,7 @@ def _find(store: Store, args):
 
 
 def _adapters_show(store: Store, args) -> int:
-    print(json.dumps(_plain(_find(store, args)), indent=2, default=str))
+    print(json.dumps(plain(_find(store, args)), indent=2, default=str))
     return 0
 
 

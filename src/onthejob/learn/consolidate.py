@@ -38,7 +38,7 @@ from onthejob.learn.gate import (
     references,
     retention_set,
 )
-from onthejob.learn.lesson import Lesson, check_fits, context_messages
+from onthejob.learn.lesson import Lesson, check_fits, teacher_context
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
@@ -125,7 +125,7 @@ def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
     for n, s in enumerate(sessions, 1):
         messages = store.messages(s.tenant, s.id)
         review = store.get_review(s.tenant, s.id)
-        lessons.append(lesson_from(lm, s.id, context_messages(messages, review.text if review else ""),
+        lessons.append(lesson_from(lm, s.id, teacher_context(messages, review.text if review else ""),
                                    opts.probe_kinds, opts.held_out_share, opts.train.seed))
         elapsed = time.time() - started
         eta = elapsed / n * (len(sessions) - n)
@@ -459,27 +459,34 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
 
 
 def register_candidate(store: Store, lm: LoadedModel, scope: str, owner: str | None, method: str,
-                       run_id: int | None, session_ids: Sequence[str], parent: Adapter | None,
-                       verdict: Verdict, by_tenant: dict[str, list[str]] | None = None
+                       run_id: int | str | None, session_ids: Sequence[str], parent: Adapter | None,
+                       verdict: Verdict | None, by_tenant: dict[str, list[str]] | None = None,
+                       metrics: dict | None = None, reason: str = "", meta: dict | None = None
                        ) -> tuple[str, str, Adapter]:
-    """The one way an adapter enters the registry: the student's weights written atomically
-    under the next version (a folder a killed run left there is set aside, never served),
-    registered as a candidate with the gate's metrics and verdict, then promoted (its sessions
-    marked consolidated, in one transaction) or rejected with the reason.
-    Returns (status, reason, adapter)."""
+    """The one way an adapter enters the registry (consolidation, dreaming, grinding): the
+    student's weights written atomically under the next version (a folder a killed run left
+    there is set aside, never served), registered as a candidate with its metrics, then, with
+    a gate's `verdict`, promoted (its sessions marked consolidated, in one transaction) or
+    rejected with the reason; without one (a grind) it stays a candidate for a person to
+    activate. Returns (status, reason, adapter)."""
     version = store.next_adapter_version(scope, owner)
     where = config.adapters_dir() / scope / (owner or "shared") / f"v{version}"
     if where.exists():  # written by a run killed before registering it: never served, set aside
         os.replace(where, where.with_name(f"{where.name}.unregistered-{int(time.time())}"))
     digest = save(lm.model, STUDENT, where, meta={"method": method, "run": run_id,
-                                                   "sessions": list(session_ids)})
+                                                   "sessions": list(session_ids), **(meta or {})})
     faults.point("adapter-saved")
-    metrics = {**verdict.metrics, "gate": {"promote": verdict.promote, "reason": verdict.reason}}
+    metrics = dict(metrics if metrics is not None else verdict.metrics if verdict else {})
+    if verdict is not None:
+        metrics["gate"] = {"promote": verdict.promote, "reason": verdict.reason}
+        reason = verdict.reason
     adapter = store.add_adapter(scope, owner, method=method, path=str(where), checksum=digest,
                                 parent_id=parent.id if parent else None, version=version,
-                                metrics=metrics, status="candidate", reason=verdict.reason)
+                                metrics=metrics, status="candidate", reason=reason)
     faults.point("candidate-registered")
-    status, reason = ("promoted", verdict.reason) if verdict.promote else ("rejected", verdict.reason)
+    if verdict is None:
+        return "candidate", reason, adapter
+    status = "promoted" if verdict.promote else "rejected"
     if verdict.promote:
         try:
             adapter = store.promote_adapter(adapter.id, by_tenant or {}, reason=verdict.reason)

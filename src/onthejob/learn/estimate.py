@@ -21,7 +21,7 @@ import torch
 
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import general_set, retention_set
-from onthejob.learn.lesson import context_messages
+from onthejob.learn.lesson import teacher_context
 from onthejob.learn.opsd import steps_for_visits
 from onthejob.learn.practice import material, practice_prompts, sentences_of
 from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
@@ -44,7 +44,7 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
     tokens = rule = written = held = sentences = 0
     for s in sessions:
         review = store.get_review(s.tenant, s.id)
-        context = context_messages(store.messages(s.tenant, s.id), review.text if review else "")
+        context = teacher_context(store.messages(s.tenant, s.id), review.text if review else "")
         tokens += len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
         made = practice_prompts(None, context, opts.probe_kinds)  # the rule-made kinds only
         units = sum(p.kind == "rule" for p in made)

@@ -2,8 +2,9 @@
 
 Each step, on the one training loop (`Trainer`):
   1. pick `starts` start seeds; from each, run a group of `group` rollouts of the student
-     (sampling, eval mode, no grad) with `run_group` and `ModelPolicy` - every rollout is
-     logged and replayable (`onthejob replay RUN_ID`);
+     (sampling, eval mode, no grad) with `run_group` and `ModelPolicy` (its one `generate`
+     call encodes the group's shared first prompt once) - every rollout is logged and
+     replayable (`onthejob replay RUN_ID`);
   2. the reward of a rollout is its return from the environment's checker. A rollout with a
      fault (sandbox timeout or crash, a worker that died) has no reward: it is left out of
      its group's statistics and out of the loss;
@@ -32,20 +33,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from onthejob.envs.model_policy import SYSTEM, ModelPolicy
-from onthejob.envs.policies import Action, Policy
+from onthejob.envs.policies import Policy
 from onthejob.envs.registry import make
 from onthejob.envs.rollout import Rollout, new_run_id, run_group
-from onthejob.learn.loop import Trainer, _all_reduce_grads
-from onthejob.learn.scoring import Prefix, _body, response_logits, token_logprobs
-from onthejob.model import Completion, SamplingParams, generate
+from onthejob.learn.loop import Trainer
+from onthejob.learn.scoring import shared_prompt_logprobs
+from onthejob.model import SamplingParams
 from onthejob.model.chat import end_of_turn_ids
 
-# Training start seeds come from [0, TRAIN_SEEDS); evaluations use seeds from EVAL_SEED_BASE up.
+# Training start seeds come from [0, TRAIN_SEEDS); held-out evaluations use seeds from
+# envs/held_out.py's EVAL_SEED_BASE up.
 TRAIN_SEEDS = 1_000_000
-EVAL_SEED_BASE = 10_000_000
 
 
 @dataclass
@@ -84,24 +84,6 @@ class GrpoConfig:
             raise ValueError("beta must be >= 0")
 
 
-# ---- sampling a group: the shared prompt is encoded once -----------------------------------
-def generate_shared(lm: Any, prompts: Sequence[Sequence[int]],
-                    params: SamplingParams) -> list[Completion]:
-    """`generate`: the one generation path encodes identical prompts (a group's first turn)
-    once and copies their KV cache to every row that asks for them, so a group of G costs one
-    prefill, not G. Kept as a name for the policies below."""
-    return generate(lm, prompts, params)
-
-
-class GroupPolicy(ModelPolicy):
-    """The model policy, sampling each batch with `generate_shared`."""
-
-    def act(self, observations: list[str]) -> list[Action]:
-        prompts = [self.prompt_ids(o) for o in observations]
-        completions = generate_shared(self.lm, prompts, self.params)
-        return [Action(c.text, c.prompt_ids, c.token_ids, c.logprobs) for c in completions]
-
-
 # ---- the math, separately testable ---------------------------------------------------------
 def group_advantages(rewards: Sequence[float | None], scale_std: bool = True,
                      eps: float = 1e-6) -> list[float | None] | None:
@@ -138,7 +120,7 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 class _Row:
     prompt: list[int]
     tokens: list[int]
-    old: list[float]  # NaN where the sampler recorded none (the end-of-turn token)
+    old: list[float]  # log-probs at sampling time; NaN where none was recorded (end of turn)
     adv: float
     rollout: int  # index of the rollout (for agg="rollout")
 
@@ -197,23 +179,6 @@ def _chunks(rows: Sequence[_Row], budget: int) -> list[list[int]]:
     return out
 
 
-def chunk_logprobs(lm: Any, prompts: Sequence[Sequence[int]],
-                   responses: Sequence[Sequence[int]]) -> torch.Tensor:
-    """`token_logprobs`, exact, with the gradient; when every prompt is the same, the prompt
-    runs once and its keys and values are shared by all the responses (the gradient of the
-    shared prompt sums over them)."""
-    if len(prompts) < 2 or any(list(p) != list(prompts[0]) for p in prompts):
-        return token_logprobs(lm, prompts, responses)
-    prompt = list(prompts[0])
-    cache = DynamicCache()
-    _body(lm)(input_ids=torch.tensor([prompt[:-1]], device=lm.device), past_key_values=cache,
-              use_cache=True)
-    prefix = Prefix(ids=prompt[:-1], layers=[(layer.keys, layer.values) for layer in cache.layers])
-    logits = response_logits(lm, [prompt[-1:]] * len(responses), responses, prefix=prefix)
-    targets = torch.tensor([t for r in responses for t in r], device=logits.device)
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
-
-
 class Grpo:
     name = "grpo"
 
@@ -234,7 +199,7 @@ class Grpo:
         cfg = self.cfg
         params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p)
-        return GroupPolicy(trainer.lm, params, system=cfg.system)
+        return ModelPolicy(trainer.lm, params, system=cfg.system)
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, trainer: Trainer, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,10 +262,11 @@ class Grpo:
         if measure_kl:
             with trainer.base():
                 for c, idx in enumerate(chunks):
-                    ref[c] = chunk_logprobs(lm, [rows[i].prompt for i in idx],
-                                            [rows[i].tokens for i in idx]).float()
-        olds = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
-                for idx in chunks]
+                    ref[c] = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
+                                                    [rows[i].tokens for i in idx]).float()
+        # Per chunk: the log-prob each token had when it was sampled, its advantage, its weight.
+        old_logps = [torch.tensor([x for i in idx for x in rows[i].old], device=device)
+                     for idx in chunks]
         advs = [torch.tensor([rows[i].adv for i in idx for _ in rows[i].tokens], device=device)
                 for idx in chunks]
         ws = [torch.tensor([x for i in idx for x in weights[i]], device=device) for idx in chunks]
@@ -314,11 +280,11 @@ class Grpo:
             clipped = kl_sum = ratio_dev = 0.0
             final: torch.Tensor | None = None
             for c, idx in enumerate(chunks):
-                logp = chunk_logprobs(lm, [rows[i].prompt for i in idx],
-                                      [rows[i].tokens for i in idx])
-                old = olds[c]
+                logp = shared_prompt_logprobs(lm, [rows[i].prompt for i in idx],
+                                              [rows[i].tokens for i in idx])
+                old = old_logps[c]
                 if epoch == 0:  # tokens without a sampling log-prob start on-policy (ratio 1)
-                    olds[c] = old = torch.where(torch.isnan(old), logp.detach(), old)
+                    old_logps[c] = old = torch.where(torch.isnan(old), logp.detach(), old)
                 per_token, clip_mask = clipped_surrogate(logp, old, advs[c], cfg.clip_eps, eps_high)
                 if ref[c] is not None:
                     kl = k3(logp, ref[c])
@@ -337,56 +303,8 @@ class Grpo:
                 stats["kl"] = kl_sum if any(r is not None for r in ref) else float("nan")
                 stats["ratio_dev"] = ratio_dev
             stats["clip_frac"] = clipped
-            if not last:  # an inner update, done the way the loop does its own
-                _all_reduce_grads(trainer.params)
-                torch.nn.utils.clip_grad_norm_(trainer.params, trainer.cfg.max_grad_norm)
-                trainer.optimizer.step()
+            if not last:  # an inner update, made the way the loop makes its own
+                trainer.apply_gradients()
         assert final is not None
         # The value is the whole loss; the gradient of the earlier chunks is accumulated already.
         return final + (total - float(final.detach())), stats
-
-
-# ---- evaluation ----------------------------------------------------------------------------
-def evaluate(lm: Any, env: str, options: dict, seeds: Sequence[int], max_turns: int,
-             max_new_tokens: int, temperature: float = 0.0, system: str | None = SYSTEM,
-             solved_at: float = 1.0, batch: int = 32) -> dict[str, float]:
-    """Mean reward and share solved of the model as it is now (whatever adapters are active),
-    one episode per seed, the seeds' episodes decoded together in lockstep batches."""
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
-    policy = GroupPolicy(lm, params, system=system)
-    rewards: list[float] = []
-    turns = 0
-    model = lm.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(seeds), batch):
-                envs = [make(env, **options) for _ in seeds[start: start + batch]]
-                obs = [e.reset(s) for e, s in zip(envs, seeds[start: start + batch], strict=True)]
-                total = [0.0] * len(envs)
-                alive = list(range(len(envs)))
-                for _ in range(max_turns):
-                    if not alive:
-                        break
-                    actions = policy.act([obs[i] for i in alive])
-                    still = []
-                    for i, action in zip(alive, actions, strict=True):
-                        result = envs[i].step(action.text)
-                        turns += 1
-                        obs[i] = result.observation
-                        total[i] += result.reward
-                        if not result.done:
-                            still.append(i)
-                    alive = still
-                rewards += total
-    finally:
-        model.train(was_training)
-    return {"reward": sum(rewards) / len(rewards),
-            "solved": sum(r >= solved_at for r in rewards) / len(rewards),
-            "episodes": float(len(rewards)), "turns": turns / len(rewards)}
-
-
-def eval_seeds(n: int, offset: int = 0) -> list[int]:
-    """Held-out seeds: disjoint from every training seed."""
-    return list(range(EVAL_SEED_BASE + offset, EVAL_SEED_BASE + offset + n))

@@ -37,21 +37,14 @@ class Lesson:
         return [known.get(text, PracticePrompt(text, "question")) for text in self.probes]
 
 
-def context_messages(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
-    """Teacher context: the store's one context rule (a compaction replaces what came before
-    it), then the reviewer's words."""
+def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
+    """Teacher context: the store's one context rule (`store.context_messages`: a compaction
+    replaces what came before it), then the reviewer's words."""
     out = store_context(messages)
     if review_text.strip():
         out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
         out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
     return out
-
-
-def replay_prompts(messages: Sequence[StoredMessage], max_chars: int = 400) -> list[str]:
-    """The session's own user turns, to replay without the session. Turns that carry the
-    material themselves (long pastes) are skipped: replayed, they would put it in context."""
-    return [m.content for m in messages
-            if m.role == "user" and m.kind == "message" and 0 < len(m.content) <= max_chars]
 
 
 def check_fits(lm: LoadedModel, lesson: Lesson, room: int = 256) -> int:

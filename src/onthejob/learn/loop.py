@@ -65,11 +65,11 @@ class Trainer:
         self.rng = random.Random(cfg.seed + rank())
         torch.manual_seed(cfg.seed)
         # Adapters stacked below (the shared adapter) stay frozen in every view but the base.
-        self.below: list[str] = []
+        self.frozen_below: list[str] = []
         for i, path in enumerate(stack_below):
             attach(lm, f"below{i}", init_from=path, trainable=False)
-            self.below.append(f"below{i}")
-        self.teacher_names = list(self.below)
+            self.frozen_below.append(f"below{i}")
+        self.teacher_names = list(self.frozen_below)
         if parent is not None:
             attach(lm, TEACHER, init_from=parent, trainable=False)
             self.teacher_names.append(TEACHER)
@@ -95,34 +95,26 @@ class Trainer:
             self.observer(info)
 
     def student(self) -> None:
-        activate(self.lm, [*self.below, STUDENT], trainable=STUDENT)
+        activate(self.lm, [*self.frozen_below, STUDENT], trainable=STUDENT)
         self.lm.model.train()
 
-    @contextmanager
     def teacher(self):
         """Teacher view: frozen adapters, eval mode (no dropout), no grad."""
-        activate(self.lm, self.teacher_names or None)
-        self.lm.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.student()
+        return self._frozen(self.teacher_names or None)
 
-    @contextmanager
     def base(self):
-        activate(self.lm, None)
-        self.lm.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.student()
+        """The base model alone: no adapter, eval mode, no grad."""
+        return self._frozen(None)
 
-    @contextmanager
     def frozen_student(self):
         """The student as it is now, for sampling and evaluation: eval mode, no grad."""
-        activate(self.lm, [*self.below, STUDENT])
+        return self._frozen([*self.frozen_below, STUDENT])
+
+    @contextmanager
+    def _frozen(self, adapters: list[str] | None):
+        """A view for a `with` block: these adapters active (None: the base alone), eval mode,
+        no grad; the trainable student again after it."""
+        activate(self.lm, adapters)
         self.lm.model.eval()
         try:
             with torch.no_grad():
@@ -147,9 +139,7 @@ class Trainer:
             with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss, metrics = rule.step(self, step)
             loss.backward()
-            _all_reduce_grads(self.params)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.optimizer.step()
+            norm = self.apply_gradients()
             metrics = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(norm),
                        **metrics}
             if drift is not None:
@@ -167,6 +157,16 @@ class Trainer:
                 progress(metrics)
         self.student()
         return self.history
+
+    def apply_gradients(self) -> torch.Tensor:
+        """One optimizer update from the gradients accumulated so far: averaged over the ranks
+        under torchrun, clipped to `max_grad_norm`; returns the norm before clipping. The loop
+        makes one after every step; a rule that updates inside its step (GRPO's inner epochs)
+        calls it too, so every update is made the same way."""
+        _all_reduce_grads(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return norm
 
     def _save_checkpoint(self, path: str | os.PathLike, step: int) -> None:
         path = Path(path)

@@ -2,6 +2,8 @@
 
 The teacher's long context (the session) is encoded once into a KV cache (`Prefix`) and
 reused for every scoring pass; each pass only runs the short probe turn and the response.
+With the gradient, responses to one shared prompt (a GRPO group's first turn) run that prompt
+once (`shared_prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,6 @@ class Prefix:
 
     ids: list[int]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in self.layers)
 
     def cache_for(self, batch: int) -> DynamicCache:
         return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
@@ -92,5 +89,22 @@ def token_logprobs(lm: LoadedModel, prompts: Sequence[Sequence[int]],
                    responses: Sequence[Sequence[int]]) -> torch.Tensor:
     """log p(response token) for every response token, flattened in order: [sum(len(r))]."""
     logits = response_logits(lm, prompts, responses)
+    targets = torch.tensor([t for r in responses for t in r], device=logits.device)
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def shared_prompt_logprobs(lm: LoadedModel, prompts: Sequence[Sequence[int]],
+                           responses: Sequence[Sequence[int]]) -> torch.Tensor:
+    """`token_logprobs`, exact, with the gradient; when every prompt is the same, the prompt
+    runs once and its keys and values are shared by all the responses (the gradient of the
+    shared prompt sums over them)."""
+    if len(prompts) < 2 or any(list(p) != list(prompts[0]) for p in prompts):
+        return token_logprobs(lm, prompts, responses)
+    prompt = list(prompts[0])
+    cache = DynamicCache()
+    _body(lm)(input_ids=torch.tensor([prompt[:-1]], device=lm.device), past_key_values=cache,
+              use_cache=True)
+    prefix = Prefix(ids=prompt[:-1], layers=[(layer.keys, layer.values) for layer in cache.layers])
+    logits = response_logits(lm, [prompt[-1:]] * len(responses), responses, prefix=prefix)
     targets = torch.tensor([t for r in responses for t in r], device=logits.device)
     return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)

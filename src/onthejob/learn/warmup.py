@@ -33,7 +33,7 @@ from onthejob.learn.loop import Trainer
 from onthejob.learn.scoring import response_logits
 
 # Warm-up seeds: [WARMUP_SEED_BASE, WARMUP_SEED_BASE + n). GRPO trains on [0, 1,000,000) and
-# evaluates from 10,000,000 up (grpo.TRAIN_SEEDS, grpo.EVAL_SEED_BASE).
+# evaluates from 10,000,000 up (grpo.TRAIN_SEEDS, envs/held_out.py EVAL_SEED_BASE).
 WARMUP_SEED_BASE = 5_000_000
 _PAGE = re.compile(r'<page name="(\w+)">')
 

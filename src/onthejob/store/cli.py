@@ -14,23 +14,23 @@ from typing import Any
 from onthejob.store import Store, StoreError
 
 
-def _db_option() -> argparse.ArgumentParser:
+def db_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--db", metavar="URL",
                         help="database URL (default: ONTHEJOB_DB, else SQLite under ONTHEJOB_HOME)")
     return parent
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     data = asdict(value) if hasattr(value, "__dataclass_fields__") else value
     if isinstance(data, dict):
-        return {k: _plain(v) for k, v in data.items()}
+        return {k: plain(v) for k, v in data.items()}
     if isinstance(data, list):
-        return [_plain(v) for v in data]
+        return [plain(v) for v in data]
     return data.isoformat() if hasattr(data, "isoformat") else data
 
 
-def _command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Open the store, run, and turn store errors into one clear line on stderr."""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def _command(func: Callable[[Store, argparse.Namespace], int]) -> Callable[[argp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    db = _db_option()
+    db = db_option()
     tenants = sub.add_parser("tenants", help="add, list or change tenants",
                              description="Tenants own sessions, keys and adapters.")
     tsub = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
@@ -60,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("name", help="lowercase letters, digits, '.', '_', '-'")
     add.add_argument("--allow-shared", action="store_true",
                      help="let its approved sessions feed the shared adapter")
-    add.set_defaults(func=_command(_tenants_add))
+    add.set_defaults(func=command(_tenants_add))
     lst = tsub.add_parser("list", parents=[db], help="list tenants", description="List tenants.")
-    lst.set_defaults(func=_command(_tenants_list))
+    lst.set_defaults(func=command(_tenants_list))
     tset = tsub.add_parser(
         "set", parents=[db], help="give or withdraw a tenant's consent to shared learning",
         description="Change a tenant's consent to shared learning. Withdrawn, its sessions stay "
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tset.add_argument("name")
     tset.add_argument("--allow-shared", action=argparse.BooleanOptionalAction, required=True,
                       help="--allow-shared gives consent, --no-allow-shared withdraws it")
-    tset.set_defaults(func=_command(_tenants_set))
+    tset.set_defaults(func=command(_tenants_set))
 
     keys = sub.add_parser("keys", help="add, list or revoke API keys",
                           description="API keys are stored hashed; a new key is shown once.")
@@ -82,17 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     _owner_options(kadd)
     kadd.add_argument("--admin", action="store_true",
                       help="a tenant admin key: manages that tenant's keys and consent over HTTP")
-    kadd.set_defaults(func=_command(_keys_add))
+    kadd.set_defaults(func=command(_keys_add))
     klist = ksub.add_parser("list", parents=[db], help="list a tenant's keys (prefixes only)",
                             description="List a tenant's (or the operator) keys by prefix.")
     _owner_options(klist)
-    klist.set_defaults(func=_command(_keys_list))
+    klist.set_defaults(func=command(_keys_list))
     krev = ksub.add_parser("revoke", parents=[db], help="revoke a key by its prefix",
                            description="Revoke a tenant's (or an operator) key, named by the "
                            "prefix `keys list` shows.")
     _owner_options(krev)
     krev.add_argument("prefix", help="the key's first 12 characters")
-    krev.set_defaults(func=_command(_keys_revoke))
+    krev.set_defaults(func=command(_keys_revoke))
 
     sessions = sub.add_parser("sessions", help="list, show or export a tenant's sessions",
                               description="Inspect what was stored: sessions, messages, reviews.")
@@ -102,19 +102,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     slist.add_argument("--tenant", required=True, metavar="NAME")
     slist.add_argument("--status", choices=("open", "ended"))
     slist.add_argument("--limit", type=int, default=50)
-    slist.set_defaults(func=_command(_sessions_list))
+    slist.set_defaults(func=command(_sessions_list))
     show = ssub.add_parser("show", parents=[db], help="print one session's transcript",
                            description="Print one session: its messages and review.")
     show.add_argument("session_id", metavar="ID")
     show.add_argument("--tenant", required=True, metavar="NAME")
-    show.set_defaults(func=_command(_sessions_show))
+    show.set_defaults(func=command(_sessions_show))
     export = ssub.add_parser("export", parents=[db], help="write sessions as JSON lines",
                              description="Write the tenant's sessions (or one) as JSON lines: "
                              "one session per line with its messages and review.")
     export.add_argument("--tenant", required=True, metavar="NAME")
     export.add_argument("--session", metavar="ID", help="only this session")
     export.add_argument("--out", metavar="PATH", help="file to write (default: stdout)")
-    export.set_defaults(func=_command(_sessions_export))
+    export.set_defaults(func=command(_sessions_export))
 
     runs = sub.add_parser("runs", help="list long jobs or show one's live progress",
                           description="Consolidation, dreaming and grinding runs as the store "
@@ -126,13 +126,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rlist.add_argument("--tenant", metavar="NAME", help="only this tenant's runs")
     rlist.add_argument("--kind", choices=("consolidate", "dream", "grind"))
     rlist.add_argument("--limit", type=int, default=20)
-    rlist.set_defaults(func=_command(_runs_list))
+    rlist.set_defaults(func=command(_runs_list))
     rshow = rsub.add_parser("show", parents=[db], help="one run in full, with its progress",
                             description="One run: status, phase, progress inside the phase "
                             "(done/total, rate, ETA) and the seconds of each phase so far.")
     rshow.add_argument("run_id", type=int, metavar="RUN")
     rshow.add_argument("--json", action="store_true", help="the whole row as JSON")
-    rshow.set_defaults(func=_command(_runs_show))
+    rshow.set_defaults(func=command(_runs_show))
 
 
 def _owner_options(p: argparse.ArgumentParser) -> None:
@@ -220,9 +220,9 @@ def _sessions_show(store: Store, args: argparse.Namespace) -> int:
 def export_record(store: Store, tenant: str, session_id: str) -> dict:
     """One session as a JSON-ready dict: the session, its messages, its review."""
     review = store.get_review(tenant, session_id)
-    return {**_plain(store.get_session(tenant, session_id)),
-            "messages": _plain(store.messages(tenant, session_id)),
-            "review": _plain(review) if review else None}
+    return {**plain(store.get_session(tenant, session_id)),
+            "messages": plain(store.messages(tenant, session_id)),
+            "review": plain(review) if review else None}
 
 
 def _sessions_export(store: Store, args: argparse.Namespace) -> int:
@@ -253,7 +253,7 @@ def _runs_list(store: Store, args: argparse.Namespace) -> int:
 def _runs_show(store: Store, args: argparse.Namespace) -> int:
     r = store.get_run(args.run_id)
     if args.json:
-        print(json.dumps(_plain(r), indent=2, default=str))
+        print(json.dumps(plain(r), indent=2, default=str))
         return 0
     p = r.progress
     print(f"run {r.id} ({r.kind}) of {r.tenant or 'shared'}: {r.status}, started "

@@ -1,4 +1,5 @@
-"""The gate before any training on a dreamed environment. A task passes only if:
+"""The validity gate before any training on a dreamed environment (not the promotion gate
+on an adapter, learn/gate.py). A task passes only if:
 
 1. reset is deterministic: two fresh environments reset to the same observation and state
    hash, and the same answer on two forks gives the same reward and state hash;

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from onthejob.envs.base import Env, EnvError, StepResult
-from onthejob.envs.code_tasks import RUNNER, make_code_task
+from onthejob.envs.code_repos import RUNNER, make_code_task
 from onthejob.envs.sandbox import Limits, run_python
 
 _MAX_FILE = 20_000
