@@ -23,8 +23,21 @@ def test_cli_writes_both_files(tiny_dir, tmp_path):
     out = tmp_path / "gen"
     assert main(["bench", "generate", "--model", tiny_dir, "--precisions", "float32",
                  "--batches", "1,8", "--tokens", "2", "--repeats", "1",
-                 "--before", str(tmp_path / "before.json"), "--out", str(out)]) == 0
+                 "--before", str(tmp_path / "before.json"), "--shared-context", "0",
+                 "--out", str(out)]) == 0
     written = json.loads((tmp_path / "gen.json").read_text())
     assert written["compare"]["torch float32"]["greedy_identical"] == "8/8"
     assert "generate speedup batch 8:" in (tmp_path / "gen.md").read_text()
     assert main(["bench", "generate", "--engine", "nope", "--out", str(out)]) == 2
+
+
+def test_the_shared_context_figure_compares_encoding_it_once_with_every_row_whole(tiny_dir,
+                                                                                  tmp_path):
+    out = tmp_path / "shared"
+    assert main(["bench", "generate", "--model", tiny_dir, "--only-shared", "--shared-context",
+                 "64", "--tokens", "3", "--out", str(out)]) == 0
+    r = json.loads((tmp_path / "shared.json").read_text())["shared"]
+    assert r["rows"] == 16 and r["context_tokens"] > r["shared_tokens"] >= 64
+    assert r["shared_tok_s"] > 0 and r["whole_tok_s"] > 0 and r["speedup"] > 0
+    assert r["identical"] == 16  # the same tokens either way
+    assert "Teacher rows" in (tmp_path / "shared.md").read_text()

@@ -177,3 +177,35 @@ def test_repeated_prompts_are_encoded_once_with_the_same_results(lm, fast, monke
     assert [c.token_ids for c in greedy] == [c.token_ids for c in alone]
     # Rows that share a prompt are still sampled independently.
     assert len({tuple(grouped[i].token_ids) for i in (0, 2, 3)}) == 3
+
+
+def test_a_prefix_every_prompt_shares_is_encoded_once_with_the_same_results(lm, monkeypatch):
+    """A session before each of its probes (the teacher's rows): the fast decoder encodes the
+    shared context once and gives the tokens and log-probs that encoding every row whole
+    gives (the transformers forward, and the fast decoder with the sharing switched off)."""
+    gen_module = importlib.import_module("onthejob.model.generate")
+
+    session = [{"role": "user", "content": "Here is a briefing: " + " ".join(QUESTIONS) * 2},
+               {"role": "assistant", "content": "Noted, I will keep it in mind."}]
+    full = [render_ids(lm.tokenizer, [*session, {"role": "user", "content": q}]) for q in QUESTIONS]
+    shared = gen_module.shared_prefix(full)
+    assert shared >= gen_module.SHARED_MIN and all(len(p) > shared for p in full)
+    assert gen_module.shared_prefix(full[:1]) == 0 and gen_module.shared_prefix(_prompts(lm)) == 0
+    prefilled = []
+    steps = gen_module._steps
+
+    def spy(*args, **kwargs):
+        made = steps(*args, **kwargs)
+        prefilled.append(getattr(made, "shared", 0))
+        return made
+
+    monkeypatch.setattr(gen_module, "_steps", spy)
+    for params in (GREEDY, SamplingParams(max_tokens=16, temperature=0.9, seed=5)):
+        once = generate(lm, full, params, fast=True)
+        assert prefilled[-1] == shared
+        assert_same(once, generate(lm, full, params, fast=False))
+        monkeypatch.setattr(gen_module, "SHARED_MIN", 10**9)
+        whole = generate(lm, full, params, fast=True)
+        assert prefilled[-1] == 0
+        assert_same(once, whole)
+        monkeypatch.setattr(gen_module, "SHARED_MIN", 32)

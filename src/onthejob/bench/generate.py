@@ -12,6 +12,7 @@ tree's src (Python then imports the old onthejob), then
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -87,8 +88,44 @@ def measure(gen: Callable[[list[list[int]], SamplingParams], list], prompts: lis
     return out
 
 
+def measure_shared(lm, adapter: str, context_tokens: int, rows: int = 16, tokens: int = 32,
+                   repeats: int = 2) -> dict:
+    """The teacher's rows: `rows` questions after one session of about `context_tokens` tokens,
+    in one batch. tokens/s (CPU time) with the shared context encoded once, and with every row
+    encoded whole (the sharing switched off), and whether both give the same tokens."""
+    module = importlib.import_module("onthejob.model.generate")
+    filler = " ".join(PROMPTS)
+    words = []
+    while len(lm.tokenizer.encode(" ".join(words))) < context_tokens:
+        words += filler.split()
+    session = [{"role": "user", "content": "Notes for our work: " + " ".join(words)},
+               {"role": "assistant", "content": "Noted."}]
+    prompts = [render_ids(lm.tokenizer, [*session, {"role": "user", "content": PROMPTS[i % 8]}])
+               for i in range(rows)]
+    forced = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    use_adapter(lm, [adapter])
+    out = {"context_tokens": len(prompts[0]), "rows": rows,
+           "shared_tokens": module.shared_prefix(prompts)}
+    saved = module.SHARED_MIN
+    try:
+        for label, minimum in (("shared", saved), ("whole", 10**9)):
+            module.SHARED_MIN = minimum
+            generate(lm, prompts[:2], SamplingParams(max_tokens=2))  # warm-up
+            _, cpu = _median_time(lambda: generate(lm, prompts, forced), repeats)
+            out[f"{label}_tok_s"] = rows * tokens / cpu
+            out[f"{label}_ids"] = [c.token_ids for c in generate(lm, prompts, forced)]
+    finally:
+        module.SHARED_MIN = saved
+        use_adapter(lm, None)
+    out["speedup"] = out["shared_tok_s"] / out["whole_tok_s"]
+    out["identical"] = sum(a == b for a, b in zip(out.pop("shared_ids"), out.pop("whole_ids"),
+                                                  strict=True))
+    return out
+
+
 def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = BATCHES,
-        tokens: int = 32, repeats: int = 3, model: str | None = None) -> dict:
+        tokens: int = 32, repeats: int = 3, model: str | None = None,
+        shared_context: int = 0) -> dict:
     """Measure `engine` (by name, from model/engine.py) at each precision; engine None measures
     the plain generate() of whatever onthejob is imported (an older checkout has no engines)."""
     started = time.perf_counter()
@@ -105,6 +142,8 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
     }
     with tempfile.TemporaryDirectory() as folder:
         adapter = bench_adapter(lm, folder)
+        if shared_context:
+            result["shared"] = measure_shared(lm, adapter, shared_context, tokens=tokens)
         for precision in precisions:
             if engine is None:
                 if precision != "float32":
@@ -150,7 +189,19 @@ def compare(after: dict, before: dict | None) -> dict:
     return out
 
 
+def shared_markdown(r: dict) -> str:
+    return (f"\nTeacher rows (`--shared-context`): {r['rows']} questions after one session, "
+            f"{r['context_tokens']} tokens a prompt of which {r['shared_tokens']} shared: "
+            f"{r['shared_tok_s']:.1f} tokens/s with the shared context encoded once, "
+            f"{r['whole_tok_s']:.1f} with every row encoded whole: **{r['speedup']:.2f}x**; "
+            f"{r['identical']} of {r['rows']} greedy answers token-identical.\n")
+
+
 def markdown(after: dict, before: dict | None, command: str, before_command: str | None) -> str:
+    if not after["runs"]:
+        return (f"# Generation throughput\n\nCommand: `{command}`  \nDate: {after['date']}; "
+                f"machine: {after['machine']}; model {after['model']}.\n"
+                + (shared_markdown(after["shared"]) if after.get("shared") else ""))
     speed = compare(after, before)
     batches = list(next(iter(after["runs"].values()))["tok_s"])
     head = ("| run | " + " | ".join(f"batch {b} tok/s" for b in batches)
@@ -197,6 +248,8 @@ def markdown(after: dict, before: dict | None, command: str, before_command: str
     text += (f"\nModel load (cached safetensors): {after['load_cached_s']:.2f} s. "
              "'greedy = before': of 8 prompts, how many greedy answers are token-identical to "
              "the before run's.\n")
+    if after.get("shared"):
+        text += shared_markdown(after["shared"])
     return text
 
 

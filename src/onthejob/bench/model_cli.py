@@ -104,6 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--before", metavar="JSON", help="figures of the same measurement on older code")
     g.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the report of "
                    "an earlier run's JSON (e.g. with --before, once that run is done)")
+    g.add_argument("--shared-context", type=int, default=800, metavar="TOKENS",
+                   help="also measure the teacher's rows: 16 questions after one session of "
+                   "this many tokens, its context encoded once vs every row whole (0: skip)")
+    g.add_argument("--only-shared", action="store_true",
+                   help="measure only the --shared-context figure (no batch table)")
     g.add_argument("--out", default="docs/results/generate", help="output path prefix (.md, .json)")
     g.set_defaults(func=_generate)
 
@@ -215,7 +220,10 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"error: cannot read --render {args.render}: {exc}", file=sys.stderr)
             return 2
     else:
-        result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model)
+        if args.only_shared:
+            precisions = []
+        result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model,
+                     shared_context=args.shared_context)
         result["command"] = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     before = None
     if args.before:

@@ -186,19 +186,18 @@ class Opsd:
         with trainer.teacher():
             runs = [(0.0, None)] + [(cfg.teacher_temperature, trainer.cfg.seed * 7919 + k + 1)
                                     for k in range(cfg.teacher_samples)]
-            done, total = 0, len(lesson_probes) * len(runs)
+            done, batches, total = 0, 0, len(lesson_probes) * len(runs)
             for temperature, seed in runs:
                 params = SamplingParams(max_tokens=cfg.teacher_tokens, temperature=temperature,
                                         seed=seed)
-                for start in range(0, len(lesson_probes), cfg.batch):
-                    chunk = lesson_probes[start:start + cfg.batch]
+                for chunk in self._by_lesson(lesson_probes):
                     prompts = [self.prefixes[self.probes[i].lesson].ids + self.probes[i].teacher_suffix
                                for i in chunk]
                     for i, out in zip(chunk, generate(lm, prompts, params), strict=True):
                         self.tokens_teacher += len(out.prompt_ids) + len(out.token_ids)
                         answers[i].append(self._with_eot(out))
-                    done += len(chunk)
-                    if (done // cfg.batch) % 4 == 0 or done == total:
+                    done, batches = done + len(chunk), batches + 1
+                    if batches % 4 == 0 or done == total:
                         trainer.report("teacher answers", "answers", done, total, started)
             for i in lesson_probes:
                 prompt = self.probes[i].prompt
@@ -219,6 +218,15 @@ class Opsd:
                 self.counts["kept"] += len(unique)
                 answers[i] = unique
             self._score(trainer, answers, with_session=True)
+
+    def _by_lesson(self, probes: Sequence[int]) -> list[list[int]]:
+        """Batches of at most `batch` probes, each of one lesson: a batch then shares its
+        session's context, which the decoder encodes once (model/generate.py)."""
+        out: list[list[int]] = []
+        for lesson in dict.fromkeys(self.probes[i].lesson for i in probes):
+            mine = [i for i in probes if self.probes[i].lesson == lesson]
+            out += [mine[k:k + self.cfg.batch] for k in range(0, len(mine), self.cfg.batch)]
+        return out
 
     def _anchor_targets(self, trainer: Trainer) -> None:
         cfg, lm = self.cfg, trainer.lm

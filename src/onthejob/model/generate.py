@@ -13,6 +13,9 @@ from onthejob.model.chat import end_of_turn_ids
 from onthejob.model.decoder import FastDecoder, decoder_for, unsupported
 from onthejob.model.load import LoadedModel
 
+# Prompts of one batch sharing at least this many leading tokens have them encoded once.
+SHARED_MIN = 32
+
 
 class ContextLengthError(ValueError):
     """The prompt plus the tokens asked for do not fit the model's context."""
@@ -71,21 +74,38 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | N
 
 
 class _FastSteps:
-    """Steps on the fast decoder (model/decoder.py): merged weights, a KV cache allocated once."""
+    """Steps on the fast decoder (model/decoder.py): merged weights, a KV cache allocated once.
 
-    def __init__(self, decoder: FastDecoder, valid: torch.Tensor) -> None:
+    With `shared` > 0 the first `shared` columns hold a prefix every row has (a session's
+    context before each of its probes): it is encoded once, at batch 1, and its keys and
+    values copied to every row; the rows' own suffixes follow, left-padded within their part.
+    """
+
+    def __init__(self, decoder: FastDecoder, valid: torch.Tensor, shared: int = 0) -> None:
         self.decoder, self.valid = decoder, valid  # valid: (batch, width + max_tokens) columns
         self.cache = decoder.new_cache(valid.shape[0], valid.shape[1])
+        self.shared = shared
         self.column = 0
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        t = ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        p = self.shared
+        if p:
+            one = self.decoder.new_cache(1, p)
+            causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()[None, None]
+            self.decoder.forward(ids[:1, :p], positions[:1, :p], one, 0, causal)
+            for (k, v), (k1, v1) in zip(self.cache, one, strict=True):
+                k[:, :, :p] = k1
+                v[:, :, :p] = v1
+        t = ids.shape[1] - p
+        b = ids.shape[0]
+        own = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
         # A padding query sees only itself, so no row of the mask is empty (that would be NaN).
-        mask = (causal & self.valid[:, None, None, :t]) | torch.eye(t, dtype=torch.bool,
+        own = (own & self.valid[:, None, None, p:p + t]) | torch.eye(t, dtype=torch.bool,
                                                                      device=ids.device)
-        self.column = t
-        return self.decoder.forward(ids, positions, self.cache, 0, mask)
+        seen = torch.ones(b, 1, t, p, dtype=torch.bool, device=ids.device)
+        self.column = p + t
+        return self.decoder.forward(ids[:, p:], positions[:, p:], self.cache, p,
+                                    torch.cat([seen, own], dim=-1))
 
     def select(self, rows: torch.Tensor) -> None:
         self.valid = self.valid[rows]
@@ -96,6 +116,23 @@ class _FastSteps:
         self.column += 1
         return self.decoder.forward(token[:, None], positions, self.cache, c,
                                     self.valid[:, None, None, : c + 1])
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]], minimum: int | None = None) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own; 0 below
+    `minimum` (default SHARED_MIN) or for a single prompt, where encoding it apart would not pay."""
+    minimum = SHARED_MIN if minimum is None else minimum
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+        if n < minimum:
+            return 0
+    return n
 
 
 class _TransformersSteps:
@@ -120,14 +157,15 @@ class _TransformersSteps:
         return out.logits[:, -1, :].float()
 
 
-def _steps(lm: LoadedModel, mask: torch.Tensor, max_tokens: int, fast: bool | None):
+def _steps(lm: LoadedModel, mask: torch.Tensor, max_tokens: int, fast: bool | None,
+           shared: int = 0):
     decoder = decoder_for(lm, lm.decode_dtype) if fast is not False else None
     if decoder is None:
         if fast:
             raise ValueError(f"the fast decoder cannot run this model: {unsupported(lm)}")
         return _TransformersSteps(lm, mask)
     generated = torch.ones(mask.shape[0], max_tokens, dtype=torch.bool, device=mask.device)
-    return _FastSteps(decoder, torch.cat([mask.bool(), generated], dim=1))
+    return _FastSteps(decoder, torch.cat([mask.bool(), generated], dim=1), shared)
 
 
 @torch.no_grad()
@@ -152,13 +190,18 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
     tok = lm.tokenizer
     device = lm.device
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
-    width = max(len(p) for p in unique)
+    # A prefix every prompt shares (a session before each of its probes) is encoded once on
+    # the fast decoder: columns [0, shared) hold it, each row's own part is left-padded after.
+    shared = shared_prefix(unique) if fast is not False and unsupported(lm) is None else 0
+    width = shared + max(len(p) - shared for p in unique)
     pad = tok.pad_token_id
     ids = torch.full((len(unique), width), pad, dtype=torch.long)
     mask = torch.zeros((len(unique), width), dtype=torch.long)
     for row, p in enumerate(unique):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+        ids[row, :shared] = torch.tensor(p[:shared], dtype=torch.long)
+        mask[row, :shared] = 1
+        ids[row, width - (len(p) - shared):] = torch.tensor(p[shared:])
+        mask[row, width - (len(p) - shared):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     gen = None
@@ -166,7 +209,7 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
         gen = torch.Generator(device=device).manual_seed(params.seed)
     no_autocast = torch.autocast(device.type, enabled=False)
     with no_autocast:
-        steps = _steps(lm, mask, params.max_tokens, fast)
+        steps = _steps(lm, mask, params.max_tokens, fast, shared)
         logits = steps.prefill(ids, positions)
     if len(unique) < len(prompts):
         where = {p: i for i, p in enumerate(unique)}
