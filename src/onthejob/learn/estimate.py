@@ -6,7 +6,8 @@ would write a question for (learn/practice.py), hence the training probes, the s
 visits budget gives, the teacher's answers and the gate's items. The time per unit of work
 comes from the last finished consolidation of the same method in this store (its phases'
 measured seconds, `rates` in its run row) or, on a store that never ran one, from a
-calibration on this machine just now (a batch of 16 decoding and one forward pass). It is an
+calibration on this machine just now (a batch of 16 decoding after a short prompt and after a
+session of the sessions' mean length, and one forward pass). It is an
 estimate and says which rates it used; `onthejob runs show RUN` shows the real figures after.
 """
 
@@ -71,21 +72,43 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
             "gate_items": held + len(retention_set()) + len(general_set())}
 
 
-def calibrate(lm: LoadedModel, rows: int = 16, tokens: int = 16, length: int = 72) -> dict:
-    """Seconds per decoding step at batch `rows`, and per forward pass over `rows` x `length`
-    tokens, measured now on this machine."""
+def calibrate(lm: LoadedModel, rows: int = 16, context_tokens: int = 0, length: int = 72,
+              bf16: bool = False) -> dict:
+    """Measured now on this machine: seconds per decoding step at batch `rows` after a short
+    prompt; a teacher batch (`rows` questions after one session of `context_tokens` tokens,
+    shared): its fixed cost (the prefill) and its cost per decoded token, from two lengths;
+    and one forward pass over `rows` x `length` tokens (in bf16 autocast where training uses it)."""
     tok = lm.tokenizer
     prompt = render_ids(tok, [{"role": "user", "content": "Name a city in Norway."}])
+    generate(lm, [prompt], SamplingParams(max_tokens=2))  # one-time costs: not timed
     t0 = time.time()
-    generate(lm, [prompt] * rows, SamplingParams(max_tokens=tokens, ignore_eos=True))
-    decode = (time.time() - t0) / tokens
+    generate(lm, [prompt] * rows, SamplingParams(max_tokens=16, ignore_eos=True))
+    decode = (time.time() - t0) / 16
+    out = {"decode_s_per_step": decode, "rows": rows, "teacher_fixed_s": 0.0,
+           "teacher_s_per_token": decode}
+    if context_tokens > 0:
+        words = "The harbour authority signed a contract for forty terminals in Bergen.".split()
+        text = []
+        while len(tok.encode(" ".join(text))) < context_tokens:
+            text += words
+        session = [{"role": "user", "content": " ".join(text)}, {"role": "assistant", "content": "Noted."}]
+        prompts = [render_ids(tok, [*session, {"role": "user", "content": f"Question {i}?"}])
+                   for i in range(rows)]
+        times = []
+        for n in (2, 10):
+            t0 = time.time()
+            generate(lm, prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+            times.append(time.time() - t0)
+        per_token = max((times[1] - times[0]) / 8, 0.0)
+        out["teacher_s_per_token"] = per_token
+        out["teacher_fixed_s"] = max(times[0] - 2 * per_token, 0.0)
     ids = torch.full((rows, length), tok.eos_token_id or 0, dtype=torch.long, device=lm.device)
-    with torch.no_grad():
-        lm.model(input_ids=ids[:1, :8])  # the first pass pays one-time costs: not timed
+    with torch.no_grad(), torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+        lm.model(input_ids=ids[:1, :8])
         t0 = time.time()
         lm.model(input_ids=ids)
-        forward = time.time() - t0
-    return {"decode_s_per_step": decode, "forward_s": forward, "rows": rows}
+        out["forward_s"] = time.time() - t0
+    return out
 
 
 def _latest_rates(store: Store, method: str) -> tuple[dict, int | None]:
@@ -107,15 +130,23 @@ def estimate(store: Store, lm: LoadedModel, sessions: Sequence[Session], opts) -
         training = work["steps"] * rates["s_per_step"]
         gate = 2 * rates.get("gate_after_s", 0.0)
     else:
-        cal = calibrate(lm, rows=batch)
+        from onthejob.learn.loop import fast_bf16
+
+        bf16 = fast_bf16(lm.device) if opts.train.bf16 is None else opts.train.bf16
+        context = work["context_tokens"] // max(work["sessions"], 1)
+        cal = calibrate(lm, rows=batch, context_tokens=context, bf16=bf16)
         step_s, fwd = cal["decode_s_per_step"], cal["forward_s"]
         source = (f"calibrated just now on this machine: a decoding step of {batch} rows "
-                  f"{step_s * 1000:.0f} ms, a forward pass of {batch} x 72 tokens {fwd:.2f} s")
+                  f"{step_s * 1000:.0f} ms; {batch} teacher rows after a {context}-token "
+                  f"session {cal['teacher_fixed_s']:.2f} s + {cal['teacher_s_per_token'] * 1000:.0f}"
+                  f" ms a token; a forward pass of {batch} x 72 tokens {fwd:.2f} s")
         # The writers decode in batches of 8 after a few-shot prompt of ~300 tokens.
         practice = math.ceil(work["written_prompts"] / 8) * (WRITE_TOKENS * step_s + 2 * fwd)
+        # Teacher rows are batched per session (the shared context encoded once a batch).
         gen = work["teacher_answers"] + work["anchor_answers"]
-        teacher = math.ceil(gen / batch) * opts.opsd.teacher_tokens * step_s + gen / batch * fwd
-        per_step = 3 * fwd * max(opts.opsd.prompts_per_step / batch, 1)  # forward + backward
+        teacher = (math.ceil(gen / batch) + work["sessions"]) * (
+            cal["teacher_fixed_s"] + opts.opsd.teacher_tokens * cal["teacher_s_per_token"])
+        per_step = 2 * fwd * max(opts.opsd.prompts_per_step / batch, 1)  # forward + backward
         if opts.method == "opsd" and (opts.opsd.teacher_mix < 1 or opts.opsd.on_policy_from < 1):
             per_step += opts.opsd.max_new_tokens * step_s + fwd  # the student samples, the teacher scores
         training = work["steps"] * per_step
