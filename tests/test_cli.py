@@ -92,7 +92,7 @@ def test_gate_options_reach_the_gate():
 
 
 def test_the_demo_keeps_its_store_under_onthejob_home_and_says_where(monkeypatch, tmp_path):
-    from onthejob.learn.cli import use_demo_home
+    from onthejob.recipes.demo import use_demo_home
 
     monkeypatch.setenv("ONTHEJOB_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ONTHEJOB_DB", "sqlite:///elsewhere.db")

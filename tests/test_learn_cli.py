@@ -58,8 +58,8 @@ def test_bench_knowledge_smoke(tmp_path, tiny_dir):
 
 def test_demo_runs_the_whole_loop_and_never_asks_what_it_trained_on(tiny_dir, capsys,
                                                                       monkeypatch, tmp_path):
-    from onthejob.learn import cli as learn_cli
     from onthejob.learn.practice import LeakError
+    from onthejob.recipes import demo as demo_recipe
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
@@ -73,7 +73,8 @@ def test_demo_runs_the_whole_loop_and_never_asks_what_it_trained_on(tiny_dir, ca
     assert "rejected: " in out and "the rejected candidate v1" in out
     assert "learned 0 of 2 facts" in out
     # A demo question that is also a turn of the session is refused, not reported as learned.
-    monkeypatch.setattr(learn_cli, "DEMO_TURNS", (*learn_cli.DEMO_TURNS, learn_cli.DEMO_CHECKS[0][0]))
+    monkeypatch.setattr(demo_recipe, "DEMO_TURNS", (*demo_recipe.DEMO_TURNS,
+                                                    demo_recipe.DEMO_CHECKS[0][0]))
     with pytest.raises(LeakError):
         main(["demo", "--model", tiny_dir, "--steps", "1", "--prompts-per-step", "2",
               "--sample-tokens", "4"])
