@@ -115,6 +115,18 @@ def test_a_candidate_that_forgets_general_questions_is_rejected_though_its_kl_is
     assert verdict.metrics["general_drop"] == 0.8
 
 
+def test_a_drop_equal_to_its_bound_passes_despite_float_rounding():
+    """The nightly run's candidate: 40/40 general questions before, 38/40 after; 1.0 - 0.95 is
+    0.05000000000000004 in floating point, and the bound 0.05 is inclusive."""
+    drop = 1.0 - 38 / 40
+    assert drop > 0.05
+    verdict = decide(CFG, gain=0.1, kl=0.1, retention_drop=0.3 - 0.15, earlier_drop=0.0,
+                     general_drop=drop)
+    assert verdict.promote, verdict.reason
+    assert not decide(CFG, gain=0.1, kl=0.1, retention_drop=0.0, earlier_drop=0.0,
+                      general_drop=drop + 1e-6).promote
+
+
 def test_a_missing_kl_is_an_error_not_zero():
     with pytest.raises(ValueError, match="did not measure it"):
         decide(CFG, gain=0.5, kl=None, retention_drop=0.0, earlier_drop=0.0)

@@ -31,6 +31,7 @@ from onthejob.store.types import Session
 
 GATE_TOKENS = 24  # the gate's answers (learn/evaluate.py)
 WRITE_TOKENS = 32  # a model-written practice question
+TRAIN_STEP_FORWARDS = 5  # a training step's time in forward passes of the same rows (measured)
 
 
 @dataclass
@@ -146,7 +147,10 @@ def estimate(store: Store, lm: LoadedModel, sessions: Sequence[Session], opts) -
         gen = work["teacher_answers"] + work["anchor_answers"]
         teacher = (math.ceil(gen / batch) + work["sessions"]) * (
             cal["teacher_fixed_s"] + opts.opsd.teacher_tokens * cal["teacher_s_per_token"])
-        per_step = 2 * fwd * max(opts.opsd.prompts_per_step / batch, 1)  # forward + backward
+        # A training step (forward and backward of 16 rows, the optimizer, the LoRA and the
+        # teacher's top-k) measured 5.2-5.8 forward passes of 16 x 72 tokens on this 2-core
+        # CPU (the nightly runs of 2026-12-02, docs/RESULTS.md): 5 is the rule of thumb.
+        per_step = TRAIN_STEP_FORWARDS * fwd * max(opts.opsd.prompts_per_step / batch, 1)
         if opts.method == "opsd" and (opts.opsd.teacher_mix < 1 or opts.opsd.on_policy_from < 1):
             per_step += opts.opsd.max_new_tokens * step_s + fwd  # the student samples, the teacher scores
         training = work["steps"] * per_step

@@ -25,6 +25,10 @@ from onthejob.learn.evaluate import ANSWER_HINT, answer, contains, f1
 from onthejob.model import LoadedModel, SamplingParams, generate, render_ids
 from onthejob.model.chat import Message
 
+# Bounds are inclusive, and a measure that is a difference of shares (1.0 - 0.95) lands a float
+# rounding above or below the bound it equals: within SLACK of a bound counts as on it.
+SLACK = 1e-9
+
 
 @dataclass
 class GateConfig:
@@ -109,17 +113,17 @@ def decide(cfg: GateConfig, *, gain: float, kl: float | None, retention_drop: fl
                  ("retention drop", retention_drop), ("earlier-probe drop", earlier_drop),
                  ("general-question drop", general_drop))
                 if not math.isfinite(value)]
-    if gain < cfg.min_gain:
+    if gain < cfg.min_gain - SLACK:
         problems.append(f"did not learn: held-back probe F1 gain {gain:+.3f} < {cfg.min_gain}")
-    if kl > cfg.max_kl:
+    if kl > cfg.max_kl + SLACK:
         problems.append(f"moved too far: KL to base {kl:.3f} > {cfg.max_kl}")
-    if retention_drop > cfg.max_retention_drop:
+    if retention_drop > cfg.max_retention_drop + SLACK:
         problems.append(f"forgot reading: retention dropped {retention_drop:.3f} > "
                         f"{cfg.max_retention_drop}")
-    if earlier_drop > cfg.max_earlier_drop:
+    if earlier_drop > cfg.max_earlier_drop + SLACK:
         problems.append(f"forgot earlier sessions: probe F1 dropped {earlier_drop:.3f} > "
                         f"{cfg.max_earlier_drop}")
-    if general_drop > cfg.max_general_drop:
+    if general_drop > cfg.max_general_drop + SLACK:
         problems.append(f"forgot general knowledge: general-question accuracy dropped "
                         f"{general_drop:.3f} > {cfg.max_general_drop}")
     if problems:
