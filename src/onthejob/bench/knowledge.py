@@ -72,6 +72,8 @@ OPSD_VARIANTS = {
     "opsd-onpolicy-fkl": {"teacher_mix": 0.0, "divergence": "forward_kl"},  # (b) as SDFT
     "opsd-onpolicy-rkl": {"teacher_mix": 0.0, "divergence": "reverse_kl"},  # (c)
     "opsd-then-onpolicy": {"on_policy_from": 0.5},  # (d) (a) for half the steps, then (b)
+    # Against forgetting: more of each step's rows are anchors held to the base (0.25 default).
+    "opsd-anchors-0.4": {"anchor_share": 0.4},
 }
 METHODS = (*OPSD_VARIANTS, "sft", "notes", "dream", "compact")
 TRAINED = tuple(m for m in METHODS if m != "compact")
