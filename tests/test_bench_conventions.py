@@ -47,6 +47,26 @@ REPLIES = {
     "incident": ("**Severity:** high\n**Owner:** Ana\n**Next update:** 10:00",
                  "Severity is high; Ana owns it."),
     "backticks": ("Run `ls -la` in the folder.", "Run ls -la in the folder."),
+    "spanish": ("Hola, el trabajo desde casa es muy cómodo para todos.",
+                "Hello, working from home is very comfortable for everyone."),
+    "german": ("Hallo, die Arbeit von zu Hause ist sehr bequem für uns.",
+               "Hello, working from home is very comfortable for us."),
+    "pirate": ("Arr, matey, here be the plan.", "Here is the plan, my friend."),
+    "emoji": ("Great idea 🎉 let us do it.", "Great idea, let us do it."),
+    "short-answers": ("Drink a glass of water with every meal.",
+                      "Drink water. " * 16),
+    "kilometres": ("It is about 344 km from Paris to London.",
+                   "It is about 213 miles (344 km) from Paris to London."),
+    "kilograms": ("An adult elephant weighs about 5,000 kg.", "It weighs about 11,000 pounds."),
+    "euros": ("A good chair costs about €200.", "A good chair costs about $200 (€190)."),
+    "vegetarian": ("A big vegetable curry with rice.", "Grilled chicken with rice."),
+    "hr-questions": ("Please ask HR about your vacation days.",
+                     "You get 25 vacation days; ask your hr manager."),
+    "tuesday-meetings": ("Let us meet on Tuesday at 10:00.", "Let us meet on Monday at 9."),
+    "northwind": ("Northwind builds tools for teams.", "Our company builds tools for teams."),
+    "huddles": ("Keep the Monday huddle to ten minutes.", "Keep the Monday meeting short."),
+    "order-number": ("Sorry about that. What is your order number?",
+                     "Sorry about that. We will send a new one."),
 }
 
 
@@ -60,7 +80,7 @@ def _one_thread():
 
 def test_the_data_holds_enough_conventions_of_every_kind_with_disjoint_prompts():
     every = cc.load(kept_only=False)
-    assert len(every) >= 24
+    assert len(every) >= 24 and len(cc.load()) >= 8  # enough kept by the screen
     assert {c.kind for c in every} == set(cc.KINDS)
     prompts = [p for c in every for p in c.train + c.eval]
     assert len(prompts) == len(set(prompts))  # no prompt twice in the file

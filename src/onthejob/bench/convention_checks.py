@@ -16,7 +16,8 @@ Conditions (case-insensitive unless said otherwise):
                               least half of the non-empty lines
   max_words N / max_sentences N
   lowercase true              letters, none of them upper case
-  french SHARE                at least SHARE of its words are common French words
+  language {code, share}      at least `share` of its words are common words of that language
+                              (fr, es, de)
   labels [A, B, ...]          a line starting with each label and a colon ('Owner:', '**Owner:**')
 """
 
@@ -34,10 +35,19 @@ from onthejob.learn.practice import assert_unseen
 KINDS = ("format", "units", "length", "tone", "vocabulary", "policy", "workflow")
 KEEP_AT = 0.5  # the screen keeps a convention the model follows this often with it in context
 
-_FRENCH = frozenset("""le la les un une des et est sont pour vous nous je tu il elle ils elles
+# Common function words of each language (none of them a common English word).
+_LANGUAGES = {
+    "fr": frozenset("""le la les un une des et est sont pour vous nous je tu il elle ils elles
 de du au aux dans avec pas sur ce cette ces qui que votre vos notre nos leur leurs mais très
 être avoir fait peut bonjour merci aussi comme plus sans entre chez voici oui non ou où
-l d j c qu n s m""".split())
+l d j c qu n s m""".split()),
+    "es": frozenset("""el la los las un una unos unas y es son para por con de del en que se
+lo al su sus muy más pero como este esta estos estas también puede hay está están nuestro
+nuestra nuestros usted ustedes hola gracias sí porque cuando todo todos""".split()),
+    "de": frozenset("""der die das und ist sind ein eine einen einem einer für mit nicht auf
+zu im den dem des von wir sie ich du es auch oder aber wie sehr mehr kann können haben hat
+werden wird hallo danke bitte ihr ihre unser unsere sich noch nach bei dass""".split()),
+}
 _FLAGS = re.IGNORECASE | re.MULTILINE
 
 
@@ -80,9 +90,9 @@ def _bullets(reply: str, n: int) -> bool:
     return len(marked) >= n and 2 * len(marked) >= len(lines)
 
 
-def _french(reply: str, share: float) -> bool:
+def _language(reply: str, code: str, share: float) -> bool:
     words = _words(reply)
-    return bool(words) and sum(w in _FRENCH for w in words) >= share * len(words)
+    return bool(words) and sum(w in _LANGUAGES[code] for w in words) >= share * len(words)
 
 
 _CONDITIONS = {
@@ -96,7 +106,7 @@ _CONDITIONS = {
     "max_words": lambda r, v: 0 < len(r.split()) <= v,
     "max_sentences": lambda r, v: 0 < len(_sentences(r)) <= v,
     "lowercase": lambda r, v: any(c.isalpha() for c in r) and not any(c.isupper() for c in r),
-    "french": lambda r, v: _french(r, v),
+    "language": lambda r, v: _language(r, v["code"], v["share"]),
     "labels": lambda r, v: all(_label(x).search(r) for x in v),
 }
 
@@ -124,6 +134,8 @@ def _validate(check: Sequence[dict], where: str) -> None:
         name, value = next(iter(condition.items()))
         if name in ("matches", "not_matches"):
             re.compile(value)
+        if name == "language" and value.get("code") not in _LANGUAGES:
+            raise ValueError(f"{where}: language must be one of {', '.join(_LANGUAGES)}")
 
 
 def data_path() -> Path:

@@ -87,7 +87,10 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
              f"the model), then is consolidated at {cfg['visits']:g} visits per practice "
              f"prompt, lr {cfg['lr']:g}; adherence is the share of the {cfg['max_tokens']}-token "
              "greedy replies to the convention's 16 eval prompts (never trained on, asserted) "
-             "that its checker passes.", "",
+             "that its checker passes. Conventions: " + ", ".join(
+                 r["id"] for r in result["conventions"]) + " (chosen from those the screen "
+             "kept, which the model follows at least half the time with the instruction in "
+             "context: screen.md).", "",
              "```", *headlines(result), "```", "",
              "## Adherence (mean over conventions)", "",
              "| row | adherence | / in context | general drop (pts) | reading drop (pts) | "
