@@ -218,7 +218,7 @@ def record_screen(result: dict, data_file: str | Path) -> None:
     path = Path(data_file)
     doc = json.loads(path.read_text())
     doc["screen"] = {
-        "note": (f"Screened on {result['model']} ({result['date']}): greedy, {result['max_tokens']} "
+        "note": (f"Screened on {Path(result['model']).name} ({result['date']}): greedy, {result['max_tokens']} "
                  f"new tokens (more where a convention says so), adherence over the 16 eval "
                  f"prompts with the first statement and a scripted acknowledgement in context; "
                  f"kept where that is >= {result['keep_at']:.0%}. Rates: base (no context), "

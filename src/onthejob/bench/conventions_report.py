@@ -26,7 +26,7 @@ def screen_markdown(result: dict, command: str) -> str:
     dropped = [cid for cid, r in rows.items() if not r["kept"]]
     lines = [f"# Conventions screen ({result['date']})", "",
              f"Command: `{command}`  ",
-             f"Model {result['model']}, greedy, {result['max_tokens']} new tokens (more where a "
+             f"Model {Path(result['model']).name}, greedy, {result['max_tokens']} new tokens (more where a "
              f"convention says so); {result['seconds'] / 60:.1f} min. Adherence over each "
              "convention's 16 eval prompts, checked by program: base (no context), in context "
              "(the first up-front statement and a scripted acknowledgement before the prompt), "
