@@ -13,7 +13,18 @@ from pathlib import Path
 from onthejob.envs.cli import _bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
-DEFAULT_SQUAD = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "squad_seal_val.json"
+
+def _default_squad() -> Path:
+    """../shared/data/squad_seal_val.json beside the checkout (a worktree's is one level up)."""
+    here = Path(__file__).resolve()
+    for root in here.parents[3:6]:
+        path = root / "shared" / "data" / "squad_seal_val.json"
+        if path.exists():
+            return path
+    return here.parents[3].parent / "shared" / "data" / "squad_seal_val.json"
+
+
+DEFAULT_SQUAD = _default_squad()
 SMOKE = {"n": 2, "examples": 1, "visits": 0.5, "max_tokens": 8, "general_items": 3,
          "reading_items": 0, "retention": 2}
 
