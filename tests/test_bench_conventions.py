@@ -169,7 +169,8 @@ def test_memory_counts_its_tokens(tiny_lm):
 def test_bench_conventions_smoke_writes_its_report(tmp_path, tiny_dir):
     out = tmp_path / "conv"
     assert main(["bench", "conventions", "--smoke", "--model", tiny_dir, "--threads", "1",
-                 "--conventions", "greeting-hi-team,members", "--out", str(out) + "/"]) == 0
+                 "--conventions", "greeting-hi-team,members", "--shared", "tldr",
+                 "--out", str(out) + "/"]) == 0
     result = json.loads((out / "report.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert [c["id"] for c in result["conventions"]] == ["greeting-hi-team", "members"]
@@ -182,8 +183,13 @@ def test_bench_conventions_smoke_writes_its_report(tmp_path, tiny_dir):
     chain = result["retention"]
     assert [len(r) for r in chain["adherence"]] == [1, 2] and len(chain["verdicts"]) == 2
     assert result["sizes"] == {"general_items": 3, "reading_items": 0}
+    shared = result["shared"]
+    assert shared["convention"] == "tldr" and shared["practice_prompts"] > 16
+    assert shared["allows"]["adapters"] == 1 and shared["declines"]["adapters"] == 0
+    assert shared["declines"]["adherence"] == shared["base"]  # served the base model
     md = (out / "report.md").read_text()
     assert "conventions adherence opsd" in md and "Isolation" in md and "Retention" in md
+    assert "Shared adapter" in md
     assert (out / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](retention.png)" in md
 

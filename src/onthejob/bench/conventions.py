@@ -26,10 +26,14 @@ Parts, sized by options:
   retention   one tenant learns N conventions over N consolidations, each version the child
               of the last, with the promotion gate (learn/gate.decide) on; adherence to every
               convention so far after each round;
+  shared      three tenants that allow shared learning each teach one convention in their
+              own session (its statements in turn, each with its own third of the train
+              prompts as traffic); the sessions are consolidated together into the shared
+              adapter (opsd), registered and activated in a store; a fourth tenant that
+              allows shared learning and a fifth that does not are served as the server
+              serves them (serve/turns.AdapterResolver) and answer its eval prompts;
   forgetting  after each consolidation: general questions and in-context reading
               (bench/measures.py, as the knowledge bench measures them), and KL to the base.
-Not built yet: the shared adapter (a convention taught by three tenants that allow shared
-learning reaching a fourth that allows it, and not one that does not).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class ConventionsConfig:
     isolation: bool = True
     retention: int = 0  # conventions one tenant learns in sequence (0: no retention part)
     gate: bool = True  # the retention chain promotes only what passes the gate
+    shared: str | None = None  # the convention the shared-adapter part teaches (None: no part)
     general_items: int | None = 24
     reading_items: int = 6  # in-context reading items from articles 1000+ of `squad`
     squad: str | None = None  # squad_seal_val.json (none: no reading items)
@@ -410,7 +415,9 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
         raise ValueError("no conventions to run")
     n_ret = min(cfg.retention, len(conventions))
     iso = cfg.isolation and "opsd" in cfg.methods and len(conventions) > 1
-    total = len(conventions) * len(cfg.methods) + n_ret
+    total = len(conventions) * len(cfg.methods) + n_ret + bool(cfg.shared)
+    shared_convention = by_ids(load(cfg.data, kept_only=False), [cfg.shared])[0] \
+        if cfg.shared else None
     general_items = general_set()[: cfg.general_items]
     assert_unseen([it["question"] for it in general_items], TRAINING_ANCHORS)
     reading_items = []
@@ -419,7 +426,8 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
     log(f"{len(conventions)} conventions ({', '.join(c.id for c in conventions)}); "
         f"{total} consolidations at {cfg.visits:g} visits per practice prompt, lr {cfg.lr:g}: "
         f"{list(cfg.methods)} per convention, isolation {'on' if iso else 'off'}, retention chain "
-        f"{n_ret} (gate {'on' if cfg.gate else 'off'}); session form {cfg.form}, "
+        f"{n_ret} (gate {'on' if cfg.gate else 'off'}), shared adapter "
+        f"{cfg.shared or 'off'}; session form {cfg.form}, "
         f"{cfg.examples} examples; forgetting: {len(general_items)} general questions, "
         f"{len(reading_items)} reading items")
 
@@ -459,7 +467,7 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
         for t in taught:
             for method in cfg.methods:
                 runs.append(_consolidate_one(cfg, t, method, reading_items, general_items,
-                                             keep if method == "opsd" else None))
+                                             keep if method == "opsd" else None, log))
                 r = runs[-1]
                 clock.tick(f"{t.convention.id} {method}: adherence {r['adherence']:.0%} (base "
                            f"{_rate(t.base):.0%}, in context {_rate(t.in_context):.0%}, memory "
@@ -468,18 +476,22 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
         isolation = _isolation(cfg, taught, keep, log) if iso else {}
         chain = _retention(cfg, taught[:n_ret], reading_items, general_items, clock, log) \
             if n_ret else {}
+        shared = _shared(cfg, shared_convention, keep, clock) if shared_convention else {}
     finally:
         shutil.rmtree(keep, ignore_errors=True)
-    return summarize(cfg, taught, runs, isolation, chain, forgetting_base,
-                     {"general_items": len(general_items), "reading_items": len(reading_items)},
-                     time.time() - started)
+    result = summarize(cfg, taught, runs, isolation, chain, forgetting_base,
+                       {"general_items": len(general_items), "reading_items": len(reading_items)},
+                       time.time() - started)
+    result["shared"] = shared
+    return result
 
 
 def _consolidate_one(cfg: ConventionsConfig, t: Taught, method: str, reading_items,
-                     general_items, keep: Path | None) -> dict:
+                     general_items, keep: Path | None,
+                     log: Callable[[str], None] | None = None) -> dict:
     lm = load_model(cfg.model, device=cfg.device)
     lesson = t.lesson()
-    trainer, cost = train(cfg, lm, lesson, method)
+    trainer, cost = train(cfg, lm, lesson, method, log=log)
     with trainer.frozen_student():
         got = adherence(lm, [t.convention], cfg.max_tokens)[t.convention.id]
         lost = forgetting(lm, reading_items, general_items)
@@ -599,6 +611,62 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
     return trainer, cost
 
 
+def _shared(cfg: ConventionsConfig, c: Convention, keep: Path, clock: _Clock) -> dict:
+    """The shared-adapter part (module docstring)."""
+    from dataclasses import replace
+
+    from onthejob.serve.turns import AdapterResolver
+    from onthejob.store import Store
+
+    thirds = [c.train[i::3] for i in range(3)]
+    teachers = [replace(c, train=third) for third in thirds]
+    lm = load_model(cfg.model, device=cfg.device)
+    taught = teach(lm, teachers, "statement", cfg.examples, cfg.max_tokens)
+    for t in taught:
+        check_unseen(t)
+    base = adherence(lm, [c], cfg.max_tokens)[c.id][0]
+    in_context = adherence(lm, [c], cfg.max_tokens, lambda _c: taught[0].context)[c.id][0]
+    lessons = [replace(t.lesson(), session_id=f"shared-{k}") for k, t in enumerate(taught)]
+    t0 = time.time()
+    with PeakMemory(lm.device):
+        steps = steps_for_visits(sum(len(x.probes) for x in lessons), cfg.visits, cfg.opsd)
+        bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16))
+        trainer.run(Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd))
+        kl = AnchorDrift()(trainer)
+    where = keep / "shared" / "v1"
+    digest = save(lm.model, STUDENT, where, meta={"bench": "conventions", "scope": "shared"})
+    store = Store(f"sqlite:///{keep / 'shared.db'}")
+    try:
+        for name, allow in (("teacher-a", True), ("teacher-b", True), ("teacher-c", True),
+                            ("allows", True), ("declines", False)):
+            store.create_tenant(name, allow_shared=allow)
+        adapter = store.add_adapter("shared", None, method="opsd", path=str(where),
+                                    checksum=digest)
+        store.activate_adapter(adapter.id, reason="conventions bench: shared part")
+        resolver = AdapterResolver(store)
+        served = {}
+        lm = load_model(cfg.model, device=cfg.device)
+        lm.model.eval()
+        for name in ("allows", "declines"):
+            paths = resolver.paths(store.get_tenant(name))
+            with torch.no_grad():
+                use_adapter(lm, paths or None)
+                got = adherence(lm, [c], cfg.max_tokens)[c.id][0]
+                use_adapter(lm, None)
+            served[name] = {"adapters": len(paths), "adherence": _rate(got)}
+    finally:
+        store.close()
+    out = {"convention": c.id, "base": _rate(base), "in_context": _rate(in_context),
+           "allows": served["allows"], "declines": served["declines"],
+           "practice_prompts": sum(len(x.probes) for x in lessons), "steps": steps,
+           "kl_to_base": kl, "seconds": time.time() - t0}
+    clock.tick(f"shared adapter ({c.id}, 3 teaching tenants): a tenant that allows shared "
+               f"learning {out['allows']['adherence']:.0%}, one that declines "
+               f"{out['declines']['adherence']:.0%} (base {out['base']:.0%})")
+    return out
+
+
 def _chain_adherence(cfg: ConventionsConfig, conventions: Sequence[Convention],
                      active: str | None) -> list[float]:
     lm = load_model(cfg.model, device=cfg.device)
@@ -681,4 +749,9 @@ def headlines(result: dict) -> list[str]:
     if result["retention"]:
         n = len(result["retention"]["conventions"]) - 1
         lines.append(f"conventions retention after {n}: {pct(result['retention_first'])}")
+    if result.get("shared"):
+        sh = result["shared"]
+        lines.append(f"conventions shared adherence: {pct(sh['allows']['adherence'])} "
+                     f"(declining tenant {pct(sh['declines']['adherence'])}, base "
+                     f"{pct(sh['base'])})")
     return lines

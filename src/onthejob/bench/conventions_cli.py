@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="conventions one tenant learns in sequence, gate on (default 0: none)")
     p.add_argument("--no-gate", action="store_true",
                    help="retention chain: promote every candidate")
+    p.add_argument("--shared", metavar="ID", default=None,
+                   help="the shared-adapter part: three tenants that allow shared learning "
+                   "teach convention ID, their sessions become the shared adapter, and a tenant "
+                   "that allows it and one that does not answer ID's eval prompts (default: off)")
     p.add_argument("--general-items", type=int, default=None,
                    help="general questions for forgetting (default 24)")
     p.add_argument("--reading-items", type=int, default=None,
@@ -149,7 +153,7 @@ def _conventions(args: argparse.Namespace) -> int:
         conventions=_names(args.conventions), n=sizes["n"], methods=_names(args.methods),
         form=args.form, examples=sizes["examples"], visits=sizes["visits"], lr=args.lr,
         seed=args.seed, max_tokens=sizes["max_tokens"], isolation=not args.no_isolation,
-        retention=sizes["retention"], gate=not args.no_gate,
+        retention=sizes["retention"], gate=not args.no_gate, shared=args.shared,
         general_items=sizes["general_items"], reading_items=sizes["reading_items"] if squad else 0,
         squad=squad, opsd=opsd, notes_tokens=16 if args.smoke else 160, data=args.data,
         model=args.model, device=args.device)

@@ -164,6 +164,22 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
                       f"{_pct(fb['reading'])})."]
         if "retention" in plots:
             lines += ["", f"![retention]({_relative(plots['retention'], md_dir)})"]
+    sh = result.get("shared")
+    if sh:
+        lines += ["", f"## Shared adapter: {sh['convention']} taught by three tenants", "",
+                  "Three tenants that allow shared learning each teach it in their own session "
+                  f"(a different statement each, a third of the train prompts each); the three "
+                  f"sessions are consolidated together with opsd ({sh['steps']} steps, "
+                  f"{sh['practice_prompts']} practice prompts, KL to base "
+                  f"{sh['kl_to_base']:.3f}) into the shared adapter, activated in a store; two "
+                  "more tenants are served as the server resolves their adapters.", "",
+                  "| tenant | adapters served | adherence |", "|---|---|---|",
+                  f"| base (no adapter) | 0 | {_pct(sh['base'])} |",
+                  f"| in context (one teaching session) | 0 | {_pct(sh['in_context'])} |",
+                  f"| allows shared learning | {sh['allows']['adapters']} | "
+                  f"{_pct(sh['allows']['adherence'])} |",
+                  f"| declines shared learning | {sh['declines']['adapters']} | "
+                  f"{_pct(sh['declines']['adherence'])} |"]
     lines += ["", "## Sessions (first convention of each form)", ""]
     shown = set()
     for r in result["conventions"]:
