@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "dream": (("onthejob.dream.cli",), "write practice tasks from a session and train on them"),
     "grind": (("onthejob.learn.grind_cli",), "train an adapter with GRPO in an environment"),
     "bench": (("onthejob.envs.cli", "onthejob.dream.cli", "onthejob.bench.model_cli",
-               "onthejob.bench.load_cli"), "run a benchmark"),
+               "onthejob.bench.load_cli", "onthejob.bench.conventions_cli"), "run a benchmark"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(m for modules, _ in COMMANDS.values() for m in modules))
 
