@@ -8,9 +8,9 @@ import torch
 
 from onthejob.bench import convention_checks as cc
 from onthejob.bench import conventions as bench
-from onthejob.bench.measures import general_set
 from onthejob.cli import main
 from onthejob.learn.drift import DEFAULT_ANCHORS, TRAINING_ANCHORS
+from onthejob.learn.gate import general_set
 from onthejob.learn.practice import LeakError, PracticePrompt
 
 # For every convention: a reply that follows it and one that does not.

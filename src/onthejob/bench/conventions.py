@@ -57,13 +57,12 @@ from onthejob.bench.measures import (
     adapter_bytes,
     bf16_is_fast,
     general_right,
-    general_set,
     reading_prompt,
     reading_set,
 )
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer, f1
-from onthejob.learn.gate import GateConfig, decide, reading_accuracy
+from onthejob.learn.gate import GateConfig, decide, general_set, reading_accuracy
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
