@@ -125,3 +125,22 @@ def test_a_new_onthejob_home_reuses_the_converted_model(monkeypatch, tmp_path):
     assert default_model_dir(convert=False) == cache  # found, not converted again
     monkeypatch.setenv("ONTHEJOB_MODELS", str(tmp_path / "mine"))
     assert config.models_dir() == tmp_path / "mine"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("onthejob",)):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_every_command_help_formats():
+    """A stray % in a help string crashes `--help` only when that help is printed."""
+    broken = []
+    for path, parser in _parsers(build_parser()):
+        try:
+            parser.format_help()
+        except (TypeError, ValueError, KeyError) as e:
+            broken.append(f"{' '.join(path)}: {e}")
+    assert not broken, broken
