@@ -53,6 +53,28 @@ def test_logprobs_are_the_models(tiny_lm):
     assert out.logprobs == pytest.approx(want, abs=1e-4)
 
 
+def test_top_logprobs_are_the_models_most_likely_tokens(tiny_lm):
+    tok = tiny_lm.tokenizer
+    prompt = render_ids(tok, [{"role": "user", "content": "hello"}])
+    params = SamplingParams(max_tokens=5, top_logprobs=4)
+    out = generate(tiny_lm, [prompt, prompt[1:]], params)[0]
+    assert len(out.top_logprobs) == len(out.token_ids) == 5
+    full = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_lm.model(full).logits[0].float(), -1)
+    for i, (token, top) in enumerate(zip(out.token_ids, out.top_logprobs, strict=True)):
+        want = lp[len(prompt) - 1 + i].topk(4)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+        assert top[0] == (token, pytest.approx(out.logprobs[i]))  # greedy: the most likely
+    streamed = list(stream(tiny_lm, prompt, params))[-1]
+    assert [[t for t, _ in top] for top in streamed.top_logprobs] == \
+        [[t for t, _ in top] for top in out.top_logprobs]
+    assert generate(tiny_lm, [prompt], SamplingParams(max_tokens=2))[0].top_logprobs is None
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(top_logprobs=65).validate()
+
+
 def test_sampling_is_seeded(tiny_lm):
     prompt = render_ids(tiny_lm.tokenizer, [{"role": "user", "content": "x"}])
     p = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)

@@ -15,6 +15,16 @@ from onthejob.model.load import LoadedModel
 
 # Prompts of one batch sharing at least this many leading tokens have them encoded once.
 SHARED_MIN = 32
+# The most alternatives a completion keeps per token (OPSD's teacher keeps 32).
+MAX_TOP_LOGPROBS = 64
+
+
+Top = tuple[torch.Tensor, torch.Tensor]  # (log-probs, token ids), each (batch, k)
+
+
+def _top_row(top: Top, row: int) -> list[tuple[int, float]]:
+    values, ids = top
+    return [(int(i), float(v)) for i, v in zip(ids[row].tolist(), values[row].tolist(), strict=True)]
 
 
 class ContextLengthError(ValueError):
@@ -29,6 +39,7 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False  # decode exactly max_tokens (benchmarks)
+    top_logprobs: int = 0  # also keep this many most likely tokens per step (OpenAI's top_logprobs)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -39,6 +50,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be at most 4 non-empty strings")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
 
 
 @dataclass
@@ -48,6 +61,9 @@ class Completion:
     logprobs: list[float]  # log p(token) under the model's untempered distribution
     text: str
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    # With SamplingParams.top_logprobs = k: per token, the k most likely (token id, log p)
+    # under the untempered distribution, most likely first.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def check_fits(lm: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
@@ -171,8 +187,9 @@ def _steps(lm: LoadedModel, mask: torch.Tensor, max_tokens: int, fast: bool | No
 @torch.no_grad()
 def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  fast: bool | None = None
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (tokens, logprobs, alive) for each step of batched decoding.
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Top | None]]:
+    """Yield (tokens, logprobs, alive, top) for each step of batched decoding; top is None,
+    or with params.top_logprobs = k the (log-probs, token ids) of the k most likely tokens.
 
     Prompts are left-padded; finished rows keep decoding padding until all are done
     (the caller decides when a row is done by setting `alive` entries to False). Identical
@@ -220,9 +237,11 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     for _ in range(params.max_tokens):
         token = _pick(logits, params, gen)
-        logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        all_logprobs = torch.log_softmax(logits, dim=-1)
+        logprob = all_logprobs.gather(-1, token[:, None]).squeeze(-1)
+        top = all_logprobs.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
         token = torch.where(alive, token, torch.full_like(token, pad))
-        yield token, logprob, alive
+        yield token, logprob, alive, top
         if not bool(alive.any()):
             return
         with no_autocast:
@@ -241,7 +260,8 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     texts: list[str | None] = [None] * n
-    for step_tokens, step_logprobs, alive in decode_steps(lm, prompts, params, fast):
+    tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+    for step_tokens, step_logprobs, alive, top in decode_steps(lm, prompts, params, fast):
         for row in range(n):
             if not alive[row]:
                 continue
@@ -252,6 +272,8 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
                 continue
             tokens[row].append(t)
             logprobs[row].append(float(step_logprobs[row]))
+            if top is not None:
+                tops[row].append(_top_row(top, row))
             if params.stop:
                 text = tok.decode(tokens[row], skip_special_tokens=True)
                 cut = _first_stop(text, params.stop)
@@ -266,6 +288,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
             text=texts[row] if texts[row] is not None
             else tok.decode(tokens[row], skip_special_tokens=True),
             finish_reason=reasons[row],
+            top_logprobs=tops[row] if params.top_logprobs else None,
         )
         for row in range(n)
     ]
@@ -279,9 +302,10 @@ def stream(lm: LoadedModel, prompt: Sequence[int],
     stops = end_of_turn_ids(tok)
     tokens: list[int] = []
     logprobs: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
     sent = ""
     reason = "length"
-    for step_tokens, step_logprobs, alive in decode_steps(lm, [prompt], params):
+    for step_tokens, step_logprobs, alive, top in decode_steps(lm, [prompt], params):
         t = int(step_tokens[0])
         if t in stops:
             reason = "stop"
@@ -289,6 +313,8 @@ def stream(lm: LoadedModel, prompt: Sequence[int],
             break
         tokens.append(t)
         logprobs.append(float(step_logprobs[0]))
+        if top is not None:
+            tops.append(_top_row(top, 0))
         text = tok.decode(tokens, skip_special_tokens=True)
         cut = _first_stop(text, params.stop) if params.stop else None
         if cut is not None:
@@ -306,7 +332,8 @@ def stream(lm: LoadedModel, prompt: Sequence[int],
         final = final[:cut]
     if final.startswith(sent) and len(final) > len(sent):
         yield final[len(sent):]
-    yield Completion(list(prompt), tokens, logprobs, final, reason)
+    yield Completion(list(prompt), tokens, logprobs, final, reason,
+                     tops if params.top_logprobs else None)
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
