@@ -104,6 +104,8 @@ class ConventionsConfig:
     bf16: bool | None = None
     model: str | None = None
     device: str = "cpu"
+    work: str | None = None  # keep finished consolidations (and opsd adapters) here; a rerun
+    #                          with the same settings resumes from them (None: a temporary dir)
 
 
 # -- prompts and replies ------------------------------------------------------------------------
@@ -461,13 +463,24 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
 
     clock = _Clock(total, log)
     runs: list[dict] = []
-    keep = Path(tempfile.mkdtemp(prefix="conventions-"))
+    keep = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="conventions-"))
+    keep.mkdir(parents=True, exist_ok=True)
+    done = _finished(keep, cfg)
+    if done:
+        log(f"resuming: {len(done)} consolidations already done in {keep}")
     try:
         for t in taught:
             for method in cfg.methods:
-                runs.append(_consolidate_one(cfg, t, method, reading_items, general_items,
-                                             keep if method == "opsd" else None, log))
-                r = runs[-1]
+                r = done.get((t.convention.id, method))
+                runs.append(r)
+                if r is not None:
+                    clock.total -= 1  # the rate and ETA count what this run trains
+                    log(f"  {t.convention.id} {method}: resumed (adherence {r['adherence']:.0%})")
+                    continue
+                r = _consolidate_one(cfg, t, method, reading_items, general_items,
+                                     keep if method == "opsd" else None, log)
+                _remember(keep, cfg, r)
+                runs[-1] = r
                 clock.tick(f"{t.convention.id} {method}: adherence {r['adherence']:.0%} (base "
                            f"{_rate(t.base):.0%}, in context {_rate(t.in_context):.0%}, memory "
                            f"{_rate(t.memory):.0%}), KL {r['cost']['kl_to_base']:.3f}, general "
@@ -477,12 +490,39 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
             if n_ret else {}
         shared = _shared(cfg, shared_convention, keep, clock) if shared_convention else {}
     finally:
-        shutil.rmtree(keep, ignore_errors=True)
+        if not cfg.work:
+            shutil.rmtree(keep, ignore_errors=True)
     result = summarize(cfg, taught, runs, isolation, chain, forgetting_base,
                        {"general_items": len(general_items), "reading_items": len(reading_items)},
                        time.time() - started)
     result["shared"] = shared
     return result
+
+
+def _settings_key(cfg: ConventionsConfig) -> str:
+    """What a finished consolidation depends on (not the parts sized after it)."""
+    keep = {k: v for k, v in asdict(cfg).items()
+            if k not in ("conventions", "n", "methods", "isolation", "retention", "gate",
+                         "shared", "work")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _finished(work: Path, cfg: ConventionsConfig) -> dict[tuple[str, str], dict]:
+    """Consolidations a run with the same settings finished in `work` (opsd: adapter kept)."""
+    path, key, out = work / "runs.jsonl", _settings_key(cfg), {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        r = row["run"]
+        if row["key"] == key and (r["method"] != "opsd" or Path(r["adapter"]).exists()):
+            out[(r["convention"], r["method"])] = r
+    return out
+
+
+def _remember(work: Path, cfg: ConventionsConfig, run: dict) -> None:
+    with (work / "runs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"key": _settings_key(cfg), "run": run}) + "\n")
 
 
 def _consolidate_one(cfg: ConventionsConfig, t: Taught, method: str, reading_items,
