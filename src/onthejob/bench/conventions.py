@@ -62,7 +62,13 @@ from onthejob.bench.measures import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer, f1
-from onthejob.learn.gate import GateConfig, decide, general_set, reading_accuracy
+from onthejob.learn.gate import (
+    GateConfig,
+    decide,
+    general_accuracy,
+    general_set,
+    reading_accuracy,
+)
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
@@ -570,8 +576,9 @@ def _retention(cfg: ConventionsConfig, taught: Sequence[Taught], reading_items, 
     """One tenant learns the conventions in order, each candidate the child of the active
     adapter; with the gate on, a candidate becomes active only if `decide` passes it: learned
     (held-back train prompts answered without context closer, in token F1, to the teacher's
-    answers with the session), KL to base, in-context reading (the gate's retention set) and
-    the earlier conventions' held-back prompts. After each round, adherence on every
+    answers with the session), KL to base, in-context reading (the gate's retention set), the
+    earlier conventions' held-back prompts, and the general questions the forgetting measure
+    does not ask. After each round, adherence on every
     convention so far with the active adapter."""
     root = Path(tempfile.mkdtemp(prefix="conventions-chain-"))
     active: str | None = None
@@ -623,6 +630,10 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
     earlier_refs = [r for _, _, refs in earlier for r in refs]
     earlier_budgets = [_budget(x.convention, cfg.max_tokens) for x, qs, _ in earlier for _ in qs]
 
+    # The gate's general questions: those the bench's forgetting measure does not ask (the
+    # gate must not select on the figures reported), all of them where it asks every one.
+    gate_general = general_set()[cfg.general_items or 0:] or general_set()
+
     def score(answers, refs):
         return _mean(f1(a, r) for a, r in zip(answers, refs, strict=True)) if refs else 0.0
 
@@ -634,18 +645,22 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
         before = score(replies(lm, chats_held, budget), refs)
         before_earlier = score(replies(lm, before_earlier_chats, earlier_budgets), earlier_refs)
         before_reading = reading_accuracy(lm)
+        before_general = general_accuracy(lm, gate_general)
         use_adapter(lm, None)
     trainer, cost = train(cfg, lm, lesson, "opsd", parent=active)
     with trainer.frozen_student():
         after = score(replies(lm, chats_held, budget), refs)
         after_earlier = score(replies(lm, before_earlier_chats, earlier_budgets), earlier_refs)
         after_reading = reading_accuracy(lm)
+        after_general = general_accuracy(lm, gate_general)
     verdict = decide(GateConfig(), gain=after - before, kl=cost["kl_to_base"],
                      retention_drop=before_reading - after_reading,
-                     earlier_drop=(before_earlier - after_earlier) if earlier else 0.0)
+                     earlier_drop=(before_earlier - after_earlier) if earlier else 0.0,
+                     general_drop=before_general - after_general)
     cost["verdict"] = {"promote": verdict.promote, "reason": verdict.reason,
                        "gain": after - before, "earlier_drop": verdict.metrics["earlier_drop"],
-                       "retention_drop": verdict.metrics["retention_drop"]}
+                       "retention_drop": verdict.metrics["retention_drop"],
+                       "general_drop": verdict.metrics["general_drop"]}
     cost["refs"] = refs
     return trainer, cost
 
