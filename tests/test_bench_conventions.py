@@ -207,3 +207,18 @@ def test_screen_records_kept_and_dropped(tmp_path, tiny_dir):
     assert "dropped" in (out / "screen.md").read_text()
     assert {c.id for c in cc.load(data)} == {c.id for c in cc.load(data, kept_only=False)} - {
         "tldr", "legal"}
+
+
+def test_bench_conventions_resumes_from_its_work_folder(tmp_path, tiny_dir):
+    args = ["bench", "conventions", "--smoke", "--model", tiny_dir, "--threads", "1",
+            "--conventions", "greeting-hi-team,members", "--methods", "opsd,sft",
+            "--retention", "0", "--no-isolation", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out") + "/"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "out" / "report.json").read_text())
+    lines = (tmp_path / "work" / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and (tmp_path / "work" / "members" / "opsd").is_dir()
+    assert main(args) == 0  # nothing left to train: every consolidation is read back
+    assert len((tmp_path / "work" / "runs.jsonl").read_text().splitlines()) == 4
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert again["methods"] == first["methods"]

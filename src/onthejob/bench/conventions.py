@@ -62,7 +62,13 @@ from onthejob.bench.measures import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
 from onthejob.learn.evaluate import answer, f1
-from onthejob.learn.gate import GateConfig, decide, general_set, reading_accuracy
+from onthejob.learn.gate import (
+    GateConfig,
+    decide,
+    general_accuracy,
+    general_set,
+    reading_accuracy,
+)
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
@@ -104,6 +110,8 @@ class ConventionsConfig:
     bf16: bool | None = None
     model: str | None = None
     device: str = "cpu"
+    work: str | None = None  # keep finished consolidations (and opsd adapters) here; a rerun
+    #                          with the same settings resumes from them (None: a temporary dir)
 
 
 # -- prompts and replies ------------------------------------------------------------------------
@@ -461,13 +469,24 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
 
     clock = _Clock(total, log)
     runs: list[dict] = []
-    keep = Path(tempfile.mkdtemp(prefix="conventions-"))
+    keep = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="conventions-"))
+    keep.mkdir(parents=True, exist_ok=True)
+    done = _finished(keep, cfg)
+    if done:
+        log(f"resuming: {len(done)} consolidations already done in {keep}")
     try:
         for t in taught:
             for method in cfg.methods:
-                runs.append(_consolidate_one(cfg, t, method, reading_items, general_items,
-                                             keep if method == "opsd" else None, log))
-                r = runs[-1]
+                r = done.get((t.convention.id, method))
+                runs.append(r)
+                if r is not None:
+                    clock.total -= 1  # the rate and ETA count what this run trains
+                    log(f"  {t.convention.id} {method}: resumed (adherence {r['adherence']:.0%})")
+                    continue
+                r = _consolidate_one(cfg, t, method, reading_items, general_items,
+                                     keep if method == "opsd" else None, log)
+                _remember(keep, cfg, r)
+                runs[-1] = r
                 clock.tick(f"{t.convention.id} {method}: adherence {r['adherence']:.0%} (base "
                            f"{_rate(t.base):.0%}, in context {_rate(t.in_context):.0%}, memory "
                            f"{_rate(t.memory):.0%}), KL {r['cost']['kl_to_base']:.3f}, general "
@@ -477,12 +496,39 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
             if n_ret else {}
         shared = _shared(cfg, shared_convention, keep, clock) if shared_convention else {}
     finally:
-        shutil.rmtree(keep, ignore_errors=True)
+        if not cfg.work:
+            shutil.rmtree(keep, ignore_errors=True)
     result = summarize(cfg, taught, runs, isolation, chain, forgetting_base,
                        {"general_items": len(general_items), "reading_items": len(reading_items)},
                        time.time() - started)
     result["shared"] = shared
     return result
+
+
+def _settings_key(cfg: ConventionsConfig) -> str:
+    """What a finished consolidation depends on (not the parts sized after it)."""
+    keep = {k: v for k, v in asdict(cfg).items()
+            if k not in ("conventions", "n", "methods", "isolation", "retention", "gate",
+                         "shared", "work")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _finished(work: Path, cfg: ConventionsConfig) -> dict[tuple[str, str], dict]:
+    """Consolidations a run with the same settings finished in `work` (opsd: adapter kept)."""
+    path, key, out = work / "runs.jsonl", _settings_key(cfg), {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        r = row["run"]
+        if row["key"] == key and (r["method"] != "opsd" or Path(r["adapter"]).exists()):
+            out[(r["convention"], r["method"])] = r
+    return out
+
+
+def _remember(work: Path, cfg: ConventionsConfig, run: dict) -> None:
+    with (work / "runs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"key": _settings_key(cfg), "run": run}) + "\n")
 
 
 def _consolidate_one(cfg: ConventionsConfig, t: Taught, method: str, reading_items,
@@ -530,8 +576,9 @@ def _retention(cfg: ConventionsConfig, taught: Sequence[Taught], reading_items, 
     """One tenant learns the conventions in order, each candidate the child of the active
     adapter; with the gate on, a candidate becomes active only if `decide` passes it: learned
     (held-back train prompts answered without context closer, in token F1, to the teacher's
-    answers with the session), KL to base, in-context reading (the gate's retention set) and
-    the earlier conventions' held-back prompts. After each round, adherence on every
+    answers with the session), KL to base, in-context reading (the gate's retention set), the
+    earlier conventions' held-back prompts, and the general questions the forgetting measure
+    does not ask. After each round, adherence on every
     convention so far with the active adapter."""
     root = Path(tempfile.mkdtemp(prefix="conventions-chain-"))
     active: str | None = None
@@ -583,6 +630,10 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
     earlier_refs = [r for _, _, refs in earlier for r in refs]
     earlier_budgets = [_budget(x.convention, cfg.max_tokens) for x, qs, _ in earlier for _ in qs]
 
+    # The gate's general questions: those the bench's forgetting measure does not ask (the
+    # gate must not select on the figures reported), all of them where it asks every one.
+    gate_general = general_set()[cfg.general_items or 0:] or general_set()
+
     def score(answers, refs):
         return _mean(f1(a, r) for a, r in zip(answers, refs, strict=True)) if refs else 0.0
 
@@ -594,18 +645,22 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
         before = score(replies(lm, chats_held, budget), refs)
         before_earlier = score(replies(lm, before_earlier_chats, earlier_budgets), earlier_refs)
         before_reading = reading_accuracy(lm)
+        before_general = general_accuracy(lm, gate_general)
         use_adapter(lm, None)
     trainer, cost = train(cfg, lm, lesson, "opsd", parent=active)
     with trainer.frozen_student():
         after = score(replies(lm, chats_held, budget), refs)
         after_earlier = score(replies(lm, before_earlier_chats, earlier_budgets), earlier_refs)
         after_reading = reading_accuracy(lm)
+        after_general = general_accuracy(lm, gate_general)
     verdict = decide(GateConfig(), gain=after - before, kl=cost["kl_to_base"],
                      retention_drop=before_reading - after_reading,
-                     earlier_drop=(before_earlier - after_earlier) if earlier else 0.0)
+                     earlier_drop=(before_earlier - after_earlier) if earlier else 0.0,
+                     general_drop=before_general - after_general)
     cost["verdict"] = {"promote": verdict.promote, "reason": verdict.reason,
                        "gain": after - before, "earlier_drop": verdict.metrics["earlier_drop"],
-                       "retention_drop": verdict.metrics["retention_drop"]}
+                       "retention_drop": verdict.metrics["retention_drop"],
+                       "general_drop": verdict.metrics["general_drop"]}
     cost["refs"] = refs
     return trainer, cost
 

@@ -86,6 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="local HF model directory (default: embedded)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--work", metavar="DIR", default=None,
+                   help="keep each finished consolidation (and the opsd adapters) in DIR; a "
+                   "rerun with the same settings and DIR resumes after the last one "
+                   "(default: a temporary folder, removed at the end)")
     p.add_argument("--out", default="docs/results/conventions/",
                    help="output folder (report.md, report.json, retention.png; screen.md, "
                    "screen.json with --screen); default %(default)s")
@@ -156,7 +160,7 @@ def _conventions(args: argparse.Namespace) -> int:
         retention=sizes["retention"], gate=not args.no_gate, shared=args.shared,
         general_items=sizes["general_items"], reading_items=sizes["reading_items"] if squad else 0,
         squad=squad, opsd=opsd, notes_tokens=16 if args.smoke else 160, data=args.data,
-        model=args.model, device=args.device)
+        model=args.model, device=args.device, work=args.work)
     try:
         result = bench.run(cfg, log=say)
     except ValueError as exc:
