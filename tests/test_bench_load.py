@@ -37,3 +37,17 @@ def test_load_bench_loses_nothing_on_sqlite(tmp_path, capsys):
 @pytest.mark.skipif(not PG_URL, reason="ONTHEJOB_TEST_PG_URL is unset (.ci/run starts a PostgreSQL)")
 def test_load_bench_loses_nothing_on_postgresql():
     _check(run(LoadConfig(clients=3, requests=3, max_tokens=3, db=PG_URL), say=lambda s: None))
+
+
+def test_streams_bench_measures_one_and_many_streams(tmp_path):
+    out = tmp_path / "streams.md"
+    assert main(["bench", "streams", "--model", "tiny", "--streams", "3", "--max-tokens", "5",
+                 "--batching", "continuous", "--out", str(out)]) == 0
+    [result] = json.loads(out.with_suffix(".json").read_text())
+    assert result["one"]["streams"] == 1 and result["many"]["streams"] == 3
+    assert 0 < result["many"]["tokens"] <= 15 and 0 < result["one"]["tokens"] <= 5
+    many = result["many"]
+    assert 0 < many["ttft_p50_s"] <= many["ttft_p99_s"] <= many["latency_p99_s"]
+    assert many["tokens_per_s_all"] > 0 and result["scaling"] > 0
+    assert "| torch | continuous | 3 |" in out.read_text()
+    assert main(["bench", "streams", "--batching", "eager", "--out", str(out)]) == 2

@@ -91,3 +91,30 @@ def test_unknown_engine_or_precision_is_refused(tiny_lm):
         make_engine("vllm", tiny_lm)
     with pytest.raises(ValueError, match="precision"):
         make_engine("torch", tiny_lm, precision="int4")
+
+
+def test_two_tenants_streaming_at_once_each_get_their_own_adapter(lm_and_adapters):
+    """Continuous batching keeps one batch per adapter set: the server's worker steps them in
+    turn, and neither tenant's stream ever sees the other's adapter."""
+    lm, (a, b) = lm_and_adapters
+    prompt = render_ids(lm.tokenizer, [{"role": "user", "content": "hi"}])
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = {}
+    for key, paths in (("a", [a]), ("b", [b]), ("base", [])):
+        use_adapter(lm, paths or None)
+        alone[key] = generate(lm, [prompt], params, fast=False)[0].token_ids
+    engine = Engine(lm)
+    assert engine.continuous
+    pieces: dict[str, list[str]] = {"a": [], "b": [], "base": []}
+    try:
+        with engine.lock:  # all three start together
+            futures = {key: engine.submit_stream(prompt, params, paths, pieces[key].append,
+                                                 threading.Event())
+                       for key, paths in (("a", [a]), ("b", [b]), ("base", []))}
+        done = {key: f.result(timeout=60) for key, f in futures.items()}
+    finally:
+        engine.close()
+    for key in done:
+        assert done[key].token_ids == alone[key], key
+        assert "".join(pieces[key]) == done[key].text
+    assert engine.batches_run == 3 * 12  # three batches stepped in turn

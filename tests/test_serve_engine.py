@@ -20,8 +20,8 @@ def _prompt(lm, text):
     return render_ids(lm.tokenizer, [{"role": "user", "content": text}])
 
 
-def test_concurrent_same_params_requests_share_one_batch(tiny_lm):
-    engine = Engine(tiny_lm, max_batch=8)
+def test_without_continuous_batching_same_params_requests_share_one_generate_call(tiny_lm):
+    engine = Engine(tiny_lm, max_batch=8, continuous=False)
     params = SamplingParams(max_tokens=5)
     prompts = [_prompt(tiny_lm, t) for t in ("a", "b c", "d e f", "g")]
     try:
@@ -40,6 +40,46 @@ def test_concurrent_same_params_requests_share_one_batch(tiny_lm):
         assert [r.token_ids for r in results] == [e.token_ids for e in expected]
     finally:
         engine.close()
+
+
+def test_continuous_batching_shares_steps_and_answers_as_alone(tiny_lm):
+    """Requests with different lengths, parameters and arrival times share decode steps, and
+    each gets what it would get alone."""
+    engine = Engine(tiny_lm, max_batch=8)
+    assert engine.continuous
+    prompts = [_prompt(tiny_lm, t) for t in ("a", "a much longer question than the others", "d e")]
+    plans = [SamplingParams(max_tokens=12, ignore_eos=True), SamplingParams(max_tokens=4),
+             SamplingParams(max_tokens=9, temperature=0.8, seed=5, top_logprobs=3)]
+    try:
+        with engine.lock:  # all three are seated before the first step
+            futures = [engine.submit(p, params) for p, params in zip(prompts, plans, strict=True)]
+            while engine.queued:
+                time.sleep(0.01)
+        results = [f.result(timeout=60) for f in futures]
+        assert engine.widest == 3  # the three shared steps
+        assert engine.batches_run == 12  # the longest answer's steps, not the sum of all three
+        # a stream that arrives while a long answer is decoding joins it and ends first
+        pieces: list[str] = []
+        long = engine.submit(prompts[0], SamplingParams(max_tokens=60, ignore_eos=True))
+        while engine.batches_run < 14:
+            time.sleep(0.005)
+        short = engine.submit_stream(prompts[2], SamplingParams(max_tokens=3, ignore_eos=True),
+                                     (), pieces.append, threading.Event())
+        done = short.result(timeout=60)
+        assert not long.done()  # it joined the running batch, it did not wait for it
+        final = long.result(timeout=60)
+    finally:
+        engine.close()
+    for prompt, params, got in zip(prompts, plans, results, strict=True):
+        alone = generate(tiny_lm, [prompt], params)[0]
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+        assert got.finish_reason == alone.finish_reason
+    assert results[2].top_logprobs is not None and len(results[2].top_logprobs[0]) == 3
+    assert "".join(pieces) == done.text
+    assert done.token_ids == generate(tiny_lm, [prompts[2]], SamplingParams(
+        max_tokens=3, ignore_eos=True))[0].token_ids
+    assert final.token_ids == generate(tiny_lm, [prompts[0]], SamplingParams(
+        max_tokens=60, ignore_eos=True))[0].token_ids
 
 
 def test_engine_runs_then_on_worker_and_refuses_when_full(tiny_lm):

@@ -76,13 +76,14 @@ class Result:
                 "tokens_per_s": self.completion_tokens / self.seconds if self.seconds else 0.0}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _model_dir(model: str, scratch: Path) -> str | None:
+def model_dir_for(model: str, scratch: Path) -> str | None:
+    """The --model a child server gets: None for the default, the tiny model saved to scratch."""
     if model == "default":
         return None
     if model != "tiny":
@@ -96,9 +97,11 @@ def _model_dir(model: str, scratch: Path) -> str | None:
     return str(path)
 
 
-def _start_server(db: str, model_dir: str | None, port: int, home: Path,
-                  timeout: float) -> subprocess.Popen:
-    args = [sys.executable, "-m", "onthejob.cli", "serve", "--db", db, "--port", str(port)]
+def start_server(db: str, model_dir: str | None, port: int, home: Path,
+                 timeout: float, extra: list[str] | None = None) -> subprocess.Popen:
+    """`onthejob serve` in a child process on loopback, once it answers /health."""
+    args = [sys.executable, "-m", "onthejob.cli", "serve", "--db", db, "--port", str(port),
+            *(extra or [])]
     if model_dir:
         args += ["--model", model_dir]
     env = {**os.environ, "ONTHEJOB_HOME": str(home)}
@@ -225,10 +228,10 @@ def run(cfg: LoadConfig, say=print) -> Result:
         tenant = f"load-{uuid.uuid4().hex[:8]}"
         store.create_tenant(tenant)
         key = store.create_key(tenant)
-        model_dir = _model_dir(cfg.model, scratch)
-        port = _free_port()
+        model_dir = model_dir_for(cfg.model, scratch)
+        port = free_port()
         say(f"starting the server ({cfg.model} model, {result.backend}) on port {port} ...")
-        server = _start_server(db, model_dir, port, scratch, cfg.start_timeout_s)
+        server = start_server(db, model_dir, port, scratch, cfg.start_timeout_s)
         acked: list = []
         try:
             base = f"http://127.0.0.1:{port}"

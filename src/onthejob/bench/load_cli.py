@@ -32,6 +32,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="docs/results/load.md", help="markdown file to write")
     p.set_defaults(func=_load)
 
+    st = bsub.add_parser(
+        "streams", help="one streaming client, then N at once, against a real server",
+        description="Start `onthejob serve` on a loopback port and stream greedy answers: one "
+        "client alone, then N at once on the same prompts; tokens/s per stream and in all, "
+        "time to first token, p50/p99 latency. Each --batching given is measured with its own "
+        "server, one after another.")
+    st.add_argument("--streams", type=int, default=8, help="concurrent streams (default: 8)")
+    st.add_argument("--max-tokens", type=int, default=64, help="tokens asked per stream "
+                    "(default: 64)")
+    st.add_argument("--model", default="default", help="'default' (the embedded model), 'tiny' "
+                    "or a local model directory (default: default)")
+    st.add_argument("--engine", default="torch", help="the server's --engine (default: torch)")
+    st.add_argument("--batching", default="continuous,per-call",
+                    help="comma-separated server --batching modes (default: continuous,per-call)")
+    st.add_argument("--out", default="docs/results/streams.md", help="markdown file to write "
+                    "(JSON beside it)")
+    st.set_defaults(func=_streams)
+
+
+def _streams(args: argparse.Namespace) -> int:
+    from onthejob.bench.streams import StreamsConfig, markdown, run
+
+    modes = [m for m in args.batching.split(",") if m]
+    if args.streams < 1 or args.max_tokens < 1 or not modes \
+            or any(m not in ("continuous", "per-call") for m in modes):
+        print("error: --streams and --max-tokens must be at least 1 and --batching a list of "
+              "continuous, per-call", file=sys.stderr)
+        return 2
+    results = []
+    for mode in modes:
+        cfg = StreamsConfig(streams=args.streams, max_tokens=args.max_tokens, model=args.model,
+                            batching=mode, engine=args.engine)
+        try:
+            results.append(run(cfg, say=lambda s: print(s, flush=True)))
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = markdown(results, command)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(text)
+    print(f"wrote {out}")
+    return 0
+
 
 def _load(args: argparse.Namespace) -> int:
     from onthejob.bench.load import LoadConfig, markdown, run

@@ -9,6 +9,7 @@ server's worker (serve/engine.py) owns one and calls it from one thread.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,8 @@ from typing import Protocol
 import torch
 
 from onthejob.model.adapters import use_adapter
+from onthejob.model.batching import DecodeBatch
+from onthejob.model.decoder import FastDecoder, decoder_for, unsupported
 from onthejob.model.generate import Completion, SamplingParams, generate, stream
 from onthejob.model.load import LoadedModel
 
@@ -38,15 +41,42 @@ class GenerationEngine(Protocol):
 
 
 class TorchEngine:
-    """The in-process engine: onthejob's own generation path on the loaded torch model."""
+    """The in-process engine: onthejob's own generation path on the loaded torch model.
+
+    It also offers continuous batching (`open_batch`, model/batching.py) where the fast decoder
+    runs the model: the server's worker then lets requests join and leave between decode steps.
+    The decoders (merged weights) of the last few adapter sets are kept, so a server that
+    alternates between tenants does not merge their adapters again at every switch."""
 
     name = "torch"
+    keep_decoders = 3  # each one holding a merged adapter is a copy of the weights
 
     def __init__(self, lm: LoadedModel, precision: str = "float32") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         self.lm = lm
         lm.decode_dtype = PRECISIONS[precision]
+        self._decoders: OrderedDict[tuple, FastDecoder] = OrderedDict()
+
+    def can_batch(self) -> bool:
+        """Whether continuous batching is available (the fast decoder runs this model)."""
+        return unsupported(self.lm) is None
+
+    def open_batch(self, adapters: AdapterPaths = ()) -> DecodeBatch:
+        """An empty continuous batch whose rows are decoded with `adapters` applied."""
+        key = tuple(_identity(p) for p in adapters)
+        decoder = self._decoders.get(key)
+        if decoder is None or decoder.dtype != self.lm.decode_dtype:
+            use_adapter(self.lm, list(adapters) or None)
+            decoder = decoder_for(self.lm, self.lm.decode_dtype)
+            if decoder is None:
+                raise ValueError(f"continuous batching needs the fast decoder: "
+                                 f"{unsupported(self.lm)}")
+            self._decoders[key] = decoder
+            while len(self._decoders) > self.keep_decoders:
+                self._decoders.popitem(last=False)
+        self._decoders.move_to_end(key)
+        return DecodeBatch(self.lm, decoder)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  adapters: AdapterPaths = ()) -> list[Completion]:
@@ -57,6 +87,16 @@ class TorchEngine:
                adapters: AdapterPaths = ()) -> Iterator[str | Completion]:
         use_adapter(self.lm, list(adapters) or None)
         return stream(self.lm, prompt, params)
+
+
+def _identity(path: str | os.PathLike) -> tuple[str, int]:
+    """An adapter directory by path and modification time (a rewritten adapter is new)."""
+    folder = Path(path)
+    try:
+        stamp = max((f.stat().st_mtime_ns for f in folder.iterdir()), default=0)
+    except OSError:
+        stamp = -1
+    return str(folder.resolve()), stamp
 
 
 ENGINES = {"torch": TorchEngine}

@@ -22,7 +22,7 @@ MAX_TOP_LOGPROBS = 64
 Top = tuple[torch.Tensor, torch.Tensor]  # (log-probs, token ids), each (batch, k)
 
 
-def _top_row(top: Top, row: int) -> list[tuple[int, float]]:
+def top_row(top: Top, row: int) -> list[tuple[int, float]]:
     values, ids = top
     return [(int(i), float(v)) for i, v in zip(ids[row].tolist(), values[row].tolist(), strict=True)]
 
@@ -76,7 +76,7 @@ def check_fits(lm: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
         )
 
 
-def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -236,7 +236,7 @@ def decode_steps(lm: LoadedModel, prompts: Sequence[Sequence[int]], params: Samp
     next_pos = positions[:, -1:] + 1
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     for _ in range(params.max_tokens):
-        token = _pick(logits, params, gen)
+        token = pick_tokens(logits, params, gen)
         all_logprobs = torch.log_softmax(logits, dim=-1)
         logprob = all_logprobs.gather(-1, token[:, None]).squeeze(-1)
         top = all_logprobs.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
@@ -273,7 +273,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
             tokens[row].append(t)
             logprobs[row].append(float(step_logprobs[row]))
             if top is not None:
-                tops[row].append(_top_row(top, row))
+                tops[row].append(top_row(top, row))
             if params.stop:
                 text = tok.decode(tokens[row], skip_special_tokens=True)
                 cut = _first_stop(text, params.stop)
@@ -294,46 +294,76 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     ]
 
 
+class RowText:
+    """One sequence's text as its tokens arrive: end of turn, stop strings, max_tokens, and the
+    pieces a stream sends (never one that ends inside a multi-byte character). Shared by
+    `stream` and the server's continuous batch (model/batching.py)."""
+
+    def __init__(self, tokenizer, prompt: Sequence[int], params: SamplingParams) -> None:
+        self.tok, self.prompt, self.params = tokenizer, list(prompt), params
+        self.stops = end_of_turn_ids(tokenizer)
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []
+        self.sent = ""
+        self.reason = "length"
+        self.done = False
+
+    def push(self, token: int, logprob: float, top: list[tuple[int, float]] | None = None
+             ) -> str | None:
+        """Take one decoded token; the new text piece to send, if any. Sets `done` when the
+        sequence has ended (end of turn, a stop string, or max_tokens)."""
+        if token in self.stops and not self.params.ignore_eos:
+            self.reason, self.done = "stop", True
+            return None
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if top is not None:
+            self.tops.append(top)
+        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, self.params.stop) if self.params.stop else None
+        if cut is not None:
+            text, self.reason, self.done = text[:cut], "stop", True
+        piece = None
+        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+        if len(self.tokens) >= self.params.max_tokens:
+            self.done = True
+        return piece
+
+    def finish(self, reason: str | None = None) -> tuple[str | None, Completion]:
+        """The last piece not yet sent (if any) and the Completion; `reason` overrides the
+        finish reason (e.g. "cancelled", when the text is what was sent)."""
+        if reason is not None:
+            return None, Completion(self.prompt, self.tokens, self.logprobs, self.sent, reason,
+                                    self.tops if self.params.top_logprobs else None)
+        final = self.tok.decode(self.tokens, skip_special_tokens=True)
+        cut = _first_stop(final, self.params.stop) if self.params.stop else None
+        if cut is not None:
+            final = final[:cut]
+        tail = final[len(self.sent):] if final.startswith(self.sent) and len(final) > len(self.sent) \
+            else None
+        return tail, Completion(self.prompt, self.tokens, self.logprobs, final, self.reason,
+                                self.tops if self.params.top_logprobs else None)
+
+
 def stream(lm: LoadedModel, prompt: Sequence[int],
            params: SamplingParams | None = None) -> Iterator[str | Completion]:
     """Yield text pieces as they are decoded, then the final Completion."""
     params = params or SamplingParams()
-    tok = lm.tokenizer
-    stops = end_of_turn_ids(tok)
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    tops: list[list[tuple[int, float]]] = []
-    sent = ""
-    reason = "length"
+    row = RowText(lm.tokenizer, prompt, params)
     for step_tokens, step_logprobs, alive, top in decode_steps(lm, [prompt], params):
-        t = int(step_tokens[0])
-        if t in stops:
-            reason = "stop"
+        piece = row.push(int(step_tokens[0]), float(step_logprobs[0]),
+                         top_row(top, 0) if top is not None else None)
+        if piece:
+            yield piece
+        if row.done:
             alive[0] = False
             break
-        tokens.append(t)
-        logprobs.append(float(step_logprobs[0]))
-        if top is not None:
-            tops.append(_top_row(top, 0))
-        text = tok.decode(tokens, skip_special_tokens=True)
-        cut = _first_stop(text, params.stop) if params.stop else None
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        # Hold back a piece that ends inside a multi-byte character.
-        if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-        if cut is not None:
-            alive[0] = False
-            break
-    final = tok.decode(tokens, skip_special_tokens=True)
-    cut = _first_stop(final, params.stop) if params.stop else None
-    if cut is not None:
-        final = final[:cut]
-    if final.startswith(sent) and len(final) > len(sent):
-        yield final[len(sent):]
-    yield Completion(list(prompt), tokens, logprobs, final, reason,
-                     tops if params.top_logprobs else None)
+    tail, completion = row.finish()
+    if tail:
+        yield tail
+    yield completion
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

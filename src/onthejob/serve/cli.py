@@ -31,6 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="answer length when a request gives no max_tokens")
     _engine_options(serve)
+    serve.add_argument("--batching", default="continuous", choices=("continuous", "per-call"),
+                       help="continuous: requests join and leave a running decode batch between "
+                       "steps (where the engine can; else per-call); per-call: one generate call "
+                       "per group of same-parameter requests, streams one at a time; "
+                       "default %(default)s")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="rows decoded together at most (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting beyond that get 503 (default %(default)s)")
     serve.add_argument("--figures", metavar="DIR", help="the benchmark plots the review page "
                        "shows (default: ONTHEJOB_FIGURES, else docs/results of a source checkout)")
     serve.set_defaults(func=_serve)
@@ -117,13 +126,18 @@ def _serve(args: argparse.Namespace) -> int:
     backend = _backend(args, lm)
     if backend is None:
         return 2
-    engine = Engine(lm, backend=backend)
+    if args.max_batch < 1 or args.max_queue < 1:
+        print("--max-batch and --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    engine = Engine(lm, backend=backend, max_batch=args.max_batch, max_queue=args.max_queue,
+                    continuous=None if args.batching == "continuous" else False)
     app = create_app(lm, store, engine=engine,
                      limits=Limits(max_body_bytes=args.max_body_bytes,
                                    default_max_tokens=args.default_max_tokens),
                      figures=Path(args.figures) if args.figures else None)
+    batching = "continuous batching" if engine.continuous else "batching per call"
     print(f"serving {lm.name} on http://{args.host}:{args.port}/v1 with the {backend.name} engine, "
-          f"{args.precision} (database: {store.url}); the review page: "
+          f"{args.precision}, {batching} of up to {args.max_batch} (database: {store.url}); the review page: "
           f"http://{args.host}:{args.port}/review")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
