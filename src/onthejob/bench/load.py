@@ -121,6 +121,15 @@ def start_server(db: str, model_dir: str | None, port: int, home: Path,
     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (the server closes its engine and store), then kill after a minute."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 async def _client(http: httpx.AsyncClient, cfg: LoadConfig, client: int, model: str,
                   result: Result, acked: list, tick) -> None:
     sid = None
@@ -242,11 +251,7 @@ def run(cfg: LoadConfig, say=print) -> Result:
             asyncio.run(_drive(base, key, result.model, cfg, result, acked, say))
             result.seconds = time.perf_counter() - started
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
         _count(store, tenant, acked, result)
         store.close()
     return result

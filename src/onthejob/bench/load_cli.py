@@ -69,15 +69,22 @@ def _streams(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = markdown(results, command)
-    out = Path(args.out)
+    _write(args.out, markdown(results, _command()), results)
+    return 0
+
+
+def _command() -> str:
+    return "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _write(path: str, text: str, data: object) -> None:
+    """The markdown report at `path`, its data as JSON beside it; the report printed."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     print(text)
     print(f"wrote {out}")
-    return 0
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -94,12 +101,5 @@ def _load(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    command = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = markdown(result, command)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result.summary(), indent=1, default=str))
-    print(text)
-    print(f"wrote {out}")
+    _write(args.out, markdown(result, _command()), result.summary())
     return 0 if result.lost == 0 and result.server_errors == 0 else 3

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from onthejob.bench.load import free_port, model_dir_for, start_server
+from onthejob.bench.load import free_port, model_dir_for, start_server, stop_server
 from onthejob.store import Store
 
 PROMPTS = [
@@ -139,11 +137,7 @@ def run(cfg: StreamsConfig, say=print) -> dict:
                 f"{many['tokens_per_s_per_stream']} per stream, latency p50 "
                 f"{many['latency_p50_s']} s, p99 {many['latency_p99_s']} s")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
     return {"config": asdict(cfg), "one": one, "many": many,
             "scaling": round(many["tokens_per_s_all"] / one["tokens_per_s_all"], 2)
             if one["tokens_per_s_all"] else None}
