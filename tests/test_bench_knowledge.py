@@ -115,6 +115,9 @@ def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_pat
     assert "Joint consolidation: 3 sessions" in md and "](joint.png)" in md
     assert "## Transfer ratio" not in md  # no independent part was run
     assert (out / "joint.png").read_bytes()[:4] == b"\x89PNG"
+    # what a run stopped before its report would have left: the joint methods done so far
+    partial = json.loads((out / "report-partial.json").read_text())
+    assert partial["joint"]["methods"]["sft"]["after"] == joint["methods"]["sft"]["after"]
 
 
 def test_retention_pools_gain_by_lag():

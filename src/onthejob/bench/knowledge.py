@@ -220,7 +220,10 @@ class _Clock:
 
 
 def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
-        adapters_dir: str | None = None) -> dict:
+        adapters_dir: str | None = None,
+        partial: Callable[[dict], None] | None = None) -> dict:
+    """The whole benchmark. `partial`, if given, gets the joint results so far after each
+    joint method (a run stopped before its report then still leaves them)."""
     for m in [*cfg.methods, *cfg.sequential_methods]:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -288,9 +291,15 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
         joint[method] = _joint(cfg, sessions[:n_joint], method, probes_ctx, kv, log,
                                forgetting_base)
         j = joint[method]
+        f = j["forgetting"]
         clock.tick(f"joint {method} ({n_joint} sessions): after {sum(j['after'])}/"
-                   f"{sum(len(s.questions) for s in sessions[:n_joint])}, KL "
-                   f"{j['forgetting']['kl_to_base']:.3f}, {j['cost']['seconds']:.0f} s")
+                   f"{sum(len(s.questions) for s in sessions[:n_joint])}, reading "
+                   f"{f['reading']:.3f} (base {forgetting_base['reading']:.3f}), general "
+                   f"{f['general']:.3f} (base {forgetting_base['general']:.3f}), KL "
+                   f"{f['kl_to_base']:.3f}, {j['cost']['seconds']:.0f} s")
+        if partial is not None:
+            partial({"joint": summarize_joint(sessions[:n_joint], joint, forgetting_base),
+                     "forgetting_base": forgetting_base})
     result = summarize(cfg, sessions, runs, sequential, forgetting_base, seeds,
                        time.time() - started, n_indep,
                        {"reading_items": len(reading_items), "general_items": len(general_items)})

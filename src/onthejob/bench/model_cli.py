@@ -162,7 +162,9 @@ def _knowledge(args: argparse.Namespace) -> int:
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     adapters = str(Path(prefix).parent / "adapters") if args.keep_adapters else None
     try:
-        result = run(cfg, log=lambda s: print(s, flush=True), adapters_dir=adapters)
+        result = run(cfg, log=lambda s: print(s, flush=True), adapters_dir=adapters,
+                     partial=lambda part: Path(prefix + "-partial.json").write_text(
+                         json.dumps(_finite(part), indent=1, default=str)))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
