@@ -4,9 +4,10 @@ request's adapters applied as GGUF LoRA files.
 
 Adapters and concurrency. llama.cpp keeps the LoRA set on the *context* (`llama_set_adapters_
 lora(ctx, adapters, n, scales)`), not per sequence: every sequence decoded in one
-`llama_decode` call uses the same adapters, so two tenants cannot share a decode step. This
-engine therefore (1) gives every request its own sequences (seq ids from a pool, KV cells
-removed when it ends), (2) sets the request's own adapter list before *every* llama_decode
+`llama_decode` call uses the same adapters, so two tenants cannot share a decode step
+(llama-server, likewise, batches only requests whose LoRA lists are equal). This engine
+therefore (1) gives every request its own sequences (seq ids from a pool, each with its own
+KV stream, emptied when the request ends), (2) sets the request's own adapter list before *every* llama_decode
 call it makes (a no-op inside llama.cpp when unchanged), and (3) decodes together only the
 prompts of one `generate` call, which share their adapters. A suspended stream resumed after
 another request ran therefore decodes with its own adapters again, and the KV cells it reads
@@ -98,8 +99,8 @@ class LlamaCppEngine:
 
     def __init__(self, lm=None, precision: str = "float32", *,
                  model_path: str | os.PathLike | None = None, tokenizer=None,
-                 n_threads: int | None = None, n_ctx: int = 8192, max_batch: int = 32,
-                 n_batch: int = 2048, max_loaded: int = 8,
+                 n_threads: int | None = None, max_batch: int = 4,
+                 seq_context: int | None = None, n_batch: int = 2048, max_loaded: int = 8,
                  cache_dir: str | os.PathLike | None = None) -> None:
         if precision != "float32":
             raise ValueError("the llamacpp engine computes with the GGUF's own quantized weights; "
@@ -133,21 +134,24 @@ class LlamaCppEngine:
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {self.model_path}")
         self.context_length = int(lib.llama_model_n_ctx_train(self._model))
+        seq_context = min(seq_context or self.context_length, self.context_length)
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = min(n_ctx, self.context_length) if n_ctx else self.context_length
+        cparams.n_ctx = seq_context * max_batch
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(512, n_batch)
         cparams.n_seq_max = max_batch
         cparams.n_threads = cparams.n_threads_batch = n_threads
-        # One pool of KV cells for all sequences: a single request may use the whole context,
-        # and a batch of 32 short ones fits beside it.
-        cparams.kv_unified = True
+        # Every sequence its own KV stream (seq_context cells each): a sequence's logits then
+        # do not depend on what else shares its decode calls (measured: with one unified
+        # pool they moved by up to 1 logit when another sequence joined the batch), and no
+        # request's cells ever sit in another's attention.
+        cparams.kv_unified = False
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lib.llama_model_free(self._model)
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
-        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.seq_context = min(int(lib.llama_n_ctx_seq(self._ctx)), self.context_length)
         self._mem = lib.llama_get_memory(self._ctx)
         vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
@@ -156,7 +160,6 @@ class LlamaCppEngine:
                              f"{self.n_vocab}: they are not the same model")
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(max_batch))
-        self._held = 0  # KV cells reserved by requests not yet finished
         self._base = base_model(self.model_path)
         self._tmp = None
         if cache_dir is None:
@@ -279,41 +282,29 @@ class LlamaCppEngine:
     def _check(self, prompt: Sequence[int], params: SamplingParams) -> None:
         if not prompt:
             raise ValueError("a prompt has no tokens")
-        limit = min(self.context_length, self.n_ctx)
+        limit = self.seq_context
         if len(prompt) + params.max_tokens > limit:
+            whose = "the model's" if limit == self.context_length else "the llama.cpp engine's"
             raise ContextLengthError(
                 f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}, "
-                f"but the model's context is {limit} tokens: shorten the prompt or lower "
+                f"but {whose} context is {limit} tokens: shorten the prompt or lower "
                 f"max_tokens (at most {max(limit - len(prompt), 0)} tokens can be generated "
                 "after this prompt)")
         if any(not 0 <= t < self.n_vocab for t in prompt):
             raise ValueError(f"a prompt token is outside the vocabulary (0..{self.n_vocab - 1})")
 
-    def _groups(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        """Row indices decoded together: at most max_batch, and all fitting the KV cells."""
-        groups: list[list[int]] = []
-        used = 0
-        for i, p in enumerate(prompts):
-            need = len(p) + params.max_tokens
-            if groups and len(groups[-1]) < self.max_batch and used + need <= self.n_ctx:
-                groups[-1].append(i)
-                used += need
-            else:
-                groups.append([i])
-                used = need
-        return groups
+    def _groups(self, n: int) -> list[list[int]]:
+        """Row indices decoded together: as many as there are free sequences (max_batch)."""
+        size = max(1, min(self.max_batch, len(self._free_seqs)))
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
-    def _reserve(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
-        """Sequence ids for `prompts`, and their KV cells counted as held, or a RuntimeError
-        when requests still running (suspended streams) hold too much."""
-        need = sum(len(p) for p in prompts) + len(prompts) * params.max_tokens
-        if len(prompts) > len(self._free_seqs) or self._held + need > self.n_ctx:
+    def _reserve(self, n: int) -> list[int]:
+        if n > len(self._free_seqs):
             raise RuntimeError(
-                f"the llama.cpp context is busy: {self.max_batch - len(self._free_seqs)} "
-                f"sequences of unfinished requests hold {self._held} of {self.n_ctx} KV cells; "
-                f"this request needs {len(prompts)} sequences and {need} cells")
-        self._held += need
-        return [self._free_seqs.pop() for _ in prompts]
+                f"the llama.cpp engine is busy: {self.max_batch - len(self._free_seqs)} of its "
+                f"{self.max_batch} sequences belong to unfinished requests (streams not yet "
+                f"read to the end); this call needs {n}")
+        return [self._free_seqs.pop() for _ in range(n)]
 
     def _pick(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, float]]] | None]:
@@ -358,7 +349,7 @@ class LlamaCppEngine:
             self._check(p, params)
         keys = tuple(self._acquire(list(adapters)))
         try:
-            seqs = self._reserve(prompts, params)
+            seqs = self._reserve(len(prompts))
         except Exception:
             self._release(keys)
             raise
@@ -404,7 +395,6 @@ class LlamaCppEngine:
             for seq in seqs:
                 self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
             self._free_seqs.extend(seqs)
-            self._held -= sum(len(p) for p in prompts) + len(prompts) * params.max_tokens
             self._release(keys)
 
     def _completion(self, r: _Row, params: SamplingParams) -> Completion:
@@ -417,9 +407,9 @@ class LlamaCppEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  adapters: Sequence[str | os.PathLike] = ()) -> list[Completion]:
         """Complete every prompt with `adapters` applied: up to max_batch prompts share each
-        llama_decode call (more are decoded in turn)."""
+        llama_decode call (more are decoded in turn, max_batch at a time)."""
         out: list[Completion | None] = [None] * len(prompts)
-        for group in self._groups(prompts, params):
+        for group in self._groups(len(prompts)):
             rows: list[_Row] = []
             for step in self._steps([prompts[i] for i in group], params, adapters):
                 rows = step[0]
