@@ -291,3 +291,27 @@ def test_llamacpp_with_an_exported_adapter_computes_what_torch_does(tmp_path, mo
         assert max(abs(top(wrong).get(t, -99) - lp) for t, lp in top(right).items()) > 0.02
     finally:
         engine.close()
+
+
+@slow
+@needs_llama
+def test_bench_generate_measures_a_llamacpp_row(tokenizer, adapters, prompts):
+    """`onthejob bench generate --engine torch,llamacpp`'s llama.cpp row (without the torch
+    model: the default model's name and tokenizer are all the engine takes from it)."""
+    from types import SimpleNamespace
+
+    from onthejob.bench.generate import _runner, agreement, measure
+    from onthejob.model import DEFAULT_MODEL_NAME
+
+    lm = SimpleNamespace(name=DEFAULT_MODEL_NAME, tokenizer=tokenizer)
+    label, gen, close = _runner("llamacpp", "float32", lm, adapters["acme"], batch=2, context=200)
+    try:
+        r = measure(gen, prompts * 3, batches=[1, 2], tokens=4, repeats=1)
+    finally:
+        close()
+    assert label == "llamacpp Q4_1"
+    assert set(r["tok_s"]) == {"1", "2"} and all(v > 0 for v in r["tok_s"].values())
+    assert r["first_token_s"] > 0 and len(r["greedy_ids"]) == 8
+    torch_run = {"greedy_ids": [ids[:2] + [0, 0] for ids in r["greedy_ids"]]}
+    a = agreement({"torch float32": torch_run, label: r})[label]
+    assert a["identical"] == "0/8" and a["common_prefix_tokens"] == [2] * 8

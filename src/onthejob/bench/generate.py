@@ -149,7 +149,8 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
         for name in [None] if engine is None else _names(engine):
             # llama.cpp runs the GGUF's own quantized weights: one run, whatever --precisions.
             for precision in precisions if name != "llamacpp" else precisions[:1]:
-                label, gen, close = _runner(name, precision, lm, adapter)
+                label, gen, close = _runner(name, precision, lm, adapter, max(batches),
+                                            max(len(p) for p in prompts) + tokens)
                 try:
                     result["runs"][label] = measure(gen, prompts, batches, tokens, repeats)
                 finally:
@@ -164,9 +165,12 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _runner(engine: str | None, precision: str, lm, adapter: str):
+def _runner(engine: str | None, precision: str, lm, adapter: str, batch: int = 32,
+            context: int = 512):
     """(label, gen(rows, params), close()) for one run: the plain generate() of whatever
-    onthejob is imported (engine None: an older checkout has no engines), or an engine."""
+    onthejob is imported (engine None: an older checkout has no engines), or an engine
+    (llama.cpp with `batch` sequences of `context` tokens, so that a whole batch shares each
+    decode step)."""
     if engine is None:
         if precision != "float32":
             raise ValueError("without an engine only float32 can be measured")
@@ -179,7 +183,9 @@ def _runner(engine: str | None, precision: str, lm, adapter: str):
     from onthejob.model.engine import make_engine
 
     if engine == "llamacpp":
-        backend = make_engine(engine, lm)
+        from onthejob.model.llamacpp import LlamaCppEngine
+
+        backend = LlamaCppEngine(lm, max_batch=batch, seq_context=-(-context // 256) * 256)
         label = f"llamacpp {Path(backend.model_path).stem.rsplit('.', 1)[-1]}"
     else:
         backend = make_engine(engine, lm, precision=precision)
