@@ -126,8 +126,10 @@ def measure_shared(lm, adapter: str, context_tokens: int, rows: int = 16, tokens
 def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = BATCHES,
         tokens: int = 32, repeats: int = 3, model: str | None = None,
         shared_context: int = 0) -> dict:
-    """Measure `engine` (by name, from model/engine.py) at each precision; engine None measures
-    the plain generate() of whatever onthejob is imported (an older checkout has no engines)."""
+    """Measure `engine` (by name, from model/engine.py; several comma-separated, e.g.
+    "torch,llamacpp", are measured in turn on the same prompts and adapter) at each precision
+    (llama.cpp once, on the GGUF's own weights); engine None measures the plain generate() of
+    whatever onthejob is imported (an older checkout has no engines)."""
     started = time.perf_counter()
     lm = load_model(model)
     load_s = time.perf_counter() - started
@@ -144,26 +146,78 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
         adapter = bench_adapter(lm, folder)
         if shared_context:
             result["shared"] = measure_shared(lm, adapter, shared_context, tokens=tokens)
-        for precision in precisions:
-            if engine is None:
-                if precision != "float32":
-                    raise ValueError("without an engine only float32 can be measured")
-
-                def gen(rows, params, adapter=adapter):
-                    use_adapter(lm, [adapter])
-                    return generate(lm, rows, params)
-            else:
-                from onthejob.model.engine import make_engine
-
-                backend = make_engine(engine, lm, precision=precision)
-
-                def gen(rows, params, backend=backend, adapter=adapter):
-                    return backend.generate(rows, params, [adapter])
-            label = f"{engine or 'generate'} {precision}"
-            result["runs"][label] = measure(gen, prompts, batches, tokens, repeats)
-            use_adapter(lm, None)
-            lm.decoder_cache = None  # free this precision's weights before the next
+        for name in [None] if engine is None else _names(engine):
+            # llama.cpp runs the GGUF's own quantized weights: one run, whatever --precisions.
+            for precision in precisions if name != "llamacpp" else precisions[:1]:
+                label, gen, close = _runner(name, precision, lm, adapter, max(batches),
+                                            max(len(p) for p in prompts) + tokens)
+                try:
+                    result["runs"][label] = measure(gen, prompts, batches, tokens, repeats)
+                finally:
+                    close()
+                use_adapter(lm, None)
+                lm.decoder_cache = None  # free this precision's weights before the next
+        result["agreement"] = agreement(result["runs"])
     return result
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _runner(engine: str | None, precision: str, lm, adapter: str, batch: int = 32,
+            context: int = 512):
+    """(label, gen(rows, params), close()) for one run: the plain generate() of whatever
+    onthejob is imported (engine None: an older checkout has no engines), or an engine
+    (llama.cpp with `batch` sequences of `context` tokens, so that a whole batch shares each
+    decode step)."""
+    if engine is None:
+        if precision != "float32":
+            raise ValueError("without an engine only float32 can be measured")
+
+        def gen(rows, params):
+            use_adapter(lm, [adapter])
+            return generate(lm, rows, params)
+
+        return f"generate {precision}", gen, lambda: None
+    from onthejob.model.engine import make_engine
+
+    if engine == "llamacpp":
+        from onthejob.model.llamacpp import LlamaCppEngine
+
+        backend = LlamaCppEngine(lm, max_batch=batch, seq_context=-(-context // 256) * 256)
+        label = f"llamacpp {Path(backend.model_path).stem.rsplit('.', 1)[-1]}"
+    else:
+        backend = make_engine(engine, lm, precision=precision)
+        label = f"{engine} {precision}"
+
+    def gen(rows, params):
+        return backend.generate(rows, params, [adapter])
+
+    return label, gen, getattr(backend, "close", lambda: None)
+
+
+def agreement(runs: dict) -> dict:
+    """For each run that is not the torch float32 run: of the greedy answers (with the same
+    adapter), how many are token-identical to torch float32's, and how many of the first
+    tokens agree (where the engines part ways)."""
+    ref = runs.get("torch float32")
+    if ref is None:
+        return {}
+    out = {}
+    for label, r in runs.items():
+        if label == "torch float32" or "greedy_ids" not in r:
+            continue
+        pairs = list(zip(r["greedy_ids"], ref["greedy_ids"], strict=True))
+        prefix = []
+        for a, b in pairs:
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            prefix.append(n)
+        out[label] = {"identical": f"{sum(a == b for a, b in pairs)}/{len(pairs)}",
+                      "common_prefix_tokens": prefix}
+    return out
 
 
 def _code_version() -> str:
@@ -248,6 +302,10 @@ def markdown(after: dict, before: dict | None, command: str, before_command: str
     text += (f"\nModel load (cached safetensors): {after['load_cached_s']:.2f} s. "
              "'greedy = before': of 8 prompts, how many greedy answers are token-identical to "
              "the before run's.\n")
+    for label, a in (after.get("agreement") or {}).items():
+        text += (f"\nGreedy agreement, {label} vs torch float32 (same adapter, "
+                 f"{after['tokens_each']} tokens): {a['identical']} identical; tokens in common "
+                 f"before they part: {a['common_prefix_tokens']}.\n")
     if after.get("shared"):
         text += shared_markdown(after["shared"])
     return text

@@ -96,7 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--before, the speedup over figures the same measurement took on an "
                         "older checkout (see src/onthejob/bench/generate.py).")
     g.add_argument("--model", help="local HF model directory (default: embedded)")
-    g.add_argument("--engine", default="torch", help="engine to measure (default %(default)s)")
+    g.add_argument("--engine", default="torch",
+                   help="engines to measure, comma-separated, on the same prompts and adapter: "
+                   "torch (at each of --precisions), llamacpp (llama.cpp on the shipped GGUF, "
+                   "once; its greedy answers are compared with torch float32's) "
+                   "(default %(default)s)")
     g.add_argument("--precisions", default="float32,bfloat16",
                    help="comma-separated; bfloat16 is skipped where the CPU lacks native bf16")
     g.add_argument("--batches", default="1,8,32")
@@ -197,12 +201,17 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from onthejob.bench.generate import compare, markdown, run
-    from onthejob.model.engine import ENGINES, native_bf16
+    from onthejob.model.engine import ENGINES, OPTIONAL, native_bf16
 
-    if args.engine not in ENGINES:
-        print(f"error: unknown engine {args.engine!r}: choose one of {', '.join(sorted(ENGINES))}",
-              file=sys.stderr)
-        return 2
+    for name in _names(args.engine):
+        if name in OPTIONAL and name not in ENGINES:
+            print(f"error: the {name} engine is not installed here: {OPTIONAL[name]}",
+                  file=sys.stderr)
+            return 2
+        if name not in ENGINES:
+            print(f"error: unknown engine {name!r}: choose one of {', '.join(sorted(ENGINES))}",
+                  file=sys.stderr)
+            return 2
     precisions = _names(args.precisions)
     if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
         print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")

@@ -1,4 +1,5 @@
-"""`onthejob consolidate`, `onthejob adapters list|show|activate|rollback`, `onthejob demo`."""
+"""`onthejob consolidate`, `onthejob adapters list|show|activate|rollback|export`,
+`onthejob demo`."""
 
 from __future__ import annotations
 
@@ -60,6 +61,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name in ("show", "activate"):
             p.add_argument("version", type=int)
         p.set_defaults(func=command(globals()[f"_adapters_{name}"]))
+    e = asub.add_parser(
+        "export", parents=[db], help="write a version as a GGUF LoRA file for llama.cpp",
+        description="Write a tenant's active (or --version) adapter as a GGUF LoRA file that "
+        "llama.cpp loads (llama-cli / llama-server --lora FILE, llama-cpp-python, Ollama's "
+        "ADAPTER) on the default model's GGUF. Each adapter is exported alone; to serve a tenant "
+        "the way onthejob does, export the shared adapter too (--scope shared) and stack both: "
+        "--lora shared.gguf --lora tenant.gguf.")
+    e.add_argument("--tenant", help="the tenant (omit with --scope shared)")
+    e.add_argument("--scope", default="tenant", choices=("tenant", "shared"))
+    e.add_argument("--version", type=int, help="the version to export (default: the active one)")
+    e.add_argument("--format", default="gguf", choices=("gguf",),
+                   help="file format (default %(default)s)")
+    e.add_argument("--out", metavar="FILE",
+                   help="output file (default: TENANT-vVERSION.gguf in the current folder)")
+    e.add_argument("--base", metavar="GGUF",
+                   help="the GGUF model the adapter will run on, for its architecture, head "
+                   "counts and shapes (default: the embedded default model's)")
+    e.set_defaults(func=command(_adapters_export))
 
     d = sub.add_parser("demo", help="the whole loop on the default model, end to end",
                        description="A session teaches the model a fact it does not know; the "
@@ -221,6 +240,38 @@ def _adapters_activate(store: Store, args) -> int:
 def _adapters_rollback(store: Store, args) -> int:
     restored = store.rollback_adapter(_owner(args), args.scope)
     print(f"v{restored.version} is active" if restored else "no adapter is active: the base model serves")
+    return 0
+
+
+def _adapters_export(store: Store, args) -> int:
+    from onthejob.model.adapters import AdapterError
+    from onthejob.model.gguf_lora import base_model, export_gguf, shipped_gguf
+
+    owner = _owner(args)
+    if args.version is None:
+        adapter = store.active_adapter(owner, args.scope)
+        if adapter is None:
+            who = f"tenant {owner}" if owner else "the shared scope"
+            raise ValueError(f"{who} has no active adapter: pass --version N "
+                             "(see `onthejob adapters list`)")
+    else:
+        adapter = _find(store, args)
+    out = args.out or f"{owner or 'shared'}-v{adapter.version}.gguf"
+    try:
+        base_file = args.base or shipped_gguf()
+        info = export_gguf(adapter.path, out, base_model(base_file))
+    except AdapterError as exc:
+        print(f"error: cannot export v{adapter.version} ({adapter.path}): {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {info.path}: v{adapter.version}, LoRA rank {info.rank}, alpha {info.alpha:g}, "
+          f"{info.tensors // 2} matrices")
+    if info.folded:
+        print(f"  scale folded into B for {len(info.folded)} modules (rsLoRA or alpha_pattern)")
+    print(f"use: llama-cli -m {base_file} --lora {info.path}")
+    if (args.scope == "tenant" and store.get_tenant(owner).allow_shared
+            and store.active_adapter(None, "shared") is not None):
+        print("onthejob serves this tenant with the shared adapter too: export it with "
+              "`onthejob adapters export --scope shared` and add a second --lora")
     return 0
 
 

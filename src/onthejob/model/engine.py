@@ -8,6 +8,7 @@ server's worker (serve/engine.py) owns one and calls it from one thread.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -99,7 +100,19 @@ def _identity(path: str | os.PathLike) -> tuple[str, int]:
     return str(folder.resolve()), stamp
 
 
+def _llamacpp(lm: LoadedModel, precision: str = "float32") -> GenerationEngine:
+    from onthejob.model.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(lm, precision=precision)
+
+
 ENGINES = {"torch": TorchEngine}
+# llama.cpp (model/llamacpp.py) where llama-cpp-python is installed; found without importing it.
+if importlib.util.find_spec("llama_cpp") is not None:
+    ENGINES["llamacpp"] = _llamacpp
+# Engines that exist but need something installed: the error says what.
+OPTIONAL = {"llamacpp": "pip install llama-cpp-python==0.3.36 (built from source: needs cmake "
+                        "and a C++ compiler)"}
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -119,5 +132,7 @@ def native_bf16(device: torch.device) -> bool:
 def make_engine(name: str, lm: LoadedModel, precision: str = "float32") -> GenerationEngine:
     """The engine called `name` over `lm`; ValueError naming the choices otherwise."""
     if name not in ENGINES:
+        if name in OPTIONAL:
+            raise ValueError(f"the {name} engine is not installed here: {OPTIONAL[name]}")
         raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(sorted(ENGINES))}")
     return ENGINES[name](lm, precision=precision)

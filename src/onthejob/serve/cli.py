@@ -61,10 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
-    from onthejob.model.engine import ENGINES, PRECISIONS
+    from onthejob.model.engine import ENGINES, OPTIONAL, PRECISIONS
 
-    parser.add_argument("--engine", default="torch", choices=sorted(ENGINES),
-                        help="what runs the model (default: %(default)s)")
+    parser.add_argument("--engine", default="torch", choices=sorted({*ENGINES, *OPTIONAL}),
+                        help="what runs the model: torch, or llamacpp (llama.cpp on the shipped "
+                        "GGUF, each request's adapters exported to GGUF LoRA; needs "
+                        "llama-cpp-python) (default: %(default)s)")
     parser.add_argument("--precision", default="float32", choices=sorted(PRECISIONS),
                         help="the torch engine's matrix products: float32 reproduces the model "
                         "exactly; bfloat16 reads half the bytes a step, faster where the CPU has "
@@ -80,7 +82,11 @@ def _backend(args: argparse.Namespace, lm):
               "with avx512_bf16 or amx_bf16); without it bf16 is emulated and slower than "
               "float32: use --precision float32", file=sys.stderr)
         return None
-    return make_engine(args.engine, lm, precision=args.precision)
+    try:
+        return make_engine(args.engine, lm, precision=args.precision)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 
