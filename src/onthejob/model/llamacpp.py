@@ -39,7 +39,7 @@ import numpy as np
 
 from onthejob.model.adapters import AdapterError
 from onthejob.model.chat import end_of_turn_ids
-from onthejob.model.generate import Completion, ContextLengthError, SamplingParams, _first_stop
+from onthejob.model.generate import Completion, ContextLengthError, SamplingParams, first_stop
 from onthejob.model.gguf_lora import base_model, export_gguf, shipped_gguf
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ class LlamaCppEngine:
                     stepped.append(idx)
                     if params.stop:
                         text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-                        cut = _first_stop(text, params.stop)
+                        cut = first_stop(text, params.stop)
                         if cut is not None:
                             r.text, r.reason, r.alive = text[:cut], "stop", False
                 yield rows, stepped

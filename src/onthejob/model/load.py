@@ -52,7 +52,7 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def _gguf_location() -> tuple[Path, str]:
+def gguf_location() -> tuple[Path, str]:
     # find_spec without importing: the package's __init__ imports `llm`, which we do not want.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -80,7 +80,7 @@ def default_model_dir(convert: bool = True) -> Path:
 
 def convert_default_model(target: Path) -> None:
     """Dequantize the GGUF once and save it as an ordinary HF directory (atomically)."""
-    folder, gguf_file = _gguf_location()
+    folder, gguf_file = gguf_location()
     started = time.time()
     log.info("converting %s into %s (once; ~20-40 s)", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
