@@ -429,8 +429,8 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
             store.update_run(run_id, progress={"teacher_reuse": reuse})
             say(f"  teacher rows: {reuse['reused']} of {reuse['rows']} taken from the store "
                 f"({reuse['reused_share']:.1%}), the rest scored; {reuse['tokens_saved']} "
-                f"teacher tokens saved ({reuse['tokens_saved_share']:.1%} of the teacher's "
-                "preparation)")
+                f"teacher tokens saved ({reuse['scoring_saved_share']:.1%} of the scoring, "
+                f"{reuse['tokens_saved_share']:.1%} of all the teacher's preparation)")
         phases.start("training", f"{opts.train.steps} steps")
 
     try:
@@ -490,14 +490,16 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
 def teacher_reuse(counts: dict, tokens_teacher: int) -> dict:
     """How much of the teacher's preparation came from the store (kept log-probs of the
     session's own answers) instead of being computed: rows reused of all teacher rows, and
-    teacher tokens saved of what the preparation would have cost; {} for a rule without
-    teacher rows."""
+    teacher tokens saved, of what scoring the rows would have cost and of the whole
+    preparation's teacher tokens (answers written and scored; a session's context counted
+    for each answer written after it); {} for a rule without teacher rows."""
     reused, scored = counts.get("reused", 0), counts.get("scored", 0)
     if not reused + scored:
         return {}
-    saved = counts.get("teacher_tokens_saved", 0)
+    saved, scoring = counts.get("teacher_tokens_saved", 0), counts.get("teacher_tokens_scored", 0)
     return {"reused": reused, "rows": reused + scored, "reused_share": reused / (reused + scored),
-            "tokens_saved": saved, "tokens_teacher": tokens_teacher,
+            "tokens_saved": saved, "tokens_scored": scoring, "tokens_teacher": tokens_teacher,
+            "scoring_saved_share": saved / max(saved + scoring, 1),
             "tokens_saved_share": saved / max(saved + tokens_teacher, 1)}
 
 

@@ -67,6 +67,9 @@ class OpsdConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
     top_k: int | None = 32  # teacher log-probs kept per answer token (None: full vocabulary, live)
+    # Take the session's own answers' teacher rows from the log-probs the server kept with
+    # them, where usable, instead of scoring them again (False: score them, to measure).
+    reuse_kept: bool = True
     prompts_per_step: int = 16
     samples_per_prompt: int = 1  # student samples per on-policy prompt
     max_new_tokens: int = 32  # length of each student sample
@@ -138,10 +141,12 @@ class Opsd:
         self.targets: dict[int, list[_Target]] = {}
         self.queues: dict[bool, list[int]] = {False: [], True: []}
         # reused / scored: teacher rows taken from the store / teacher-forced here; given_scored:
-        # session answers scored because no usable kept log-probs came with them.
+        # session answers scored because no usable kept log-probs came with them; teacher
+        # tokens saved / scored: what the reused rows would have cost to score (the probe
+        # turn and the answer, after the cached session) / what scoring the others did cost.
         self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0,
                        "given": 0, "reused": 0, "scored": 0, "given_scored": 0,
-                       "teacher_tokens_saved": 0}
+                       "teacher_tokens_saved": 0, "teacher_tokens_scored": 0}
         self.tokens_student = 0
         self.tokens_teacher = 0
 
@@ -244,13 +249,15 @@ class Opsd:
                 self.counts["kept"] += len(unique) + (stored is not None)
                 self.counts["scored"] += len(unique)
                 answers[i] = unique
+            before = self.tokens_teacher
             self._score(trainer, answers, with_session=True)
+            self.counts["teacher_tokens_scored"] += self.tokens_teacher - before
 
     def _stored_target(self, lesson: Lesson, prompt: PracticePrompt) -> _Target | None:
         """The teacher's row for the session's own answer to `prompt`, from the log-probs the
         server kept when it answered (see the module docstring for how its context differs);
         None where they are missing or are not what scoring would give."""
-        data = lesson.kept.get(prompt.given_at)
+        data = lesson.kept.get(prompt.given_at) if self.cfg.reuse_kept else None
         if data is None:
             return None
         k = self.cfg.top_k or 32
