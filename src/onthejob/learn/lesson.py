@@ -59,13 +59,14 @@ def kept_answers(messages: Sequence[StoredMessage], logprobs: dict[int, bytes],
     """The kept log-probs (`Store.kept_logprobs`, by message id) of the answers in
     `teacher_context(messages)`, by their index there; and how many were left out because the
     answer was served with other adapters than `served_with` (the teacher's: the parent and
-    what is stacked below it; None: no check). An answer the model gave with other weights
-    is not the teacher's distribution."""
+    what is stacked below it; None: no check), or its meta does not say which. An answer the
+    model gave with other weights is not the teacher's distribution."""
     out, stale = {}, 0
     for index, (_, source) in enumerate(context_sources(messages)):
         if source is None or source.id not in logprobs:
             continue
-        if served_with is not None and list(source.meta.get("adapters") or []) != list(served_with):
+        served = source.meta.get("adapters")  # absent: unknown, so not the teacher's for sure
+        if served_with is not None and (served is None or list(served) != list(served_with)):
             stale += 1
             continue
         out[index] = logprobs[source.id]

@@ -60,6 +60,7 @@ class ChatSession:
         except NotFound as exc:
             raise ChatError(str(exc)) from None
         self.session_id = session_id
+        self._served_with: list[str] = []  # the adapters the answer being written is served with
         if session_id is not None:
             try:
                 session = store.get_session(self.tenant, session_id)
@@ -92,8 +93,9 @@ class ChatSession:
                      "Type /compact to summarize it, then go on.]")
             return
         cancel = threading.Event()
+        self._served_with = self.adapters.paths(self.tenant)
         future = self.engine.submit_stream(
-            ids, params, self.adapters.paths(self.tenant), lambda piece: self.say(piece, end=""),
+            ids, params, self._served_with, lambda piece: self.say(piece, end=""),
             cancel, then=self._store_answer)
         try:
             future.result()
@@ -106,7 +108,8 @@ class ChatSession:
     def _store_answer(self, completion: Completion) -> Completion:
         logprobs, kept_meta = kept_answer(completion, self.settings.keep_top_k)
         meta = {"finish_reason": completion.finish_reason, "model": self.engine.lm.name,
-                "client": "chat", "prompt_tokens": len(completion.prompt_ids), **kept_meta}
+                "client": "chat", "prompt_tokens": len(completion.prompt_ids),
+                "adapters": list(self._served_with), **kept_meta}
         self.store.add_messages(self.tenant, self.session_id, [NewMessage(
             "assistant", completion.text, meta=meta, logprobs=logprobs)])
         return completion
