@@ -166,3 +166,27 @@ def test_consolidation_reports_the_teacher_rows_it_reused(served, taught):
     line = next(s for s in said if s.strip().startswith("teacher rows:"))
     assert f"{reuse['reused']} of {reuse['rows']} taken from the store" in line
     assert any("answers with kept log-probs" in s for s in said)
+
+
+def test_every_generation_path_keeps_the_end_of_turn_row(taught):
+    """The batched call (per-call serving, OPSD), the stream and the continuous batch (the
+    server's default) give the same answer, top lists and end-of-turn row."""
+    from onthejob.model import SamplingParams, generate, stream
+    from onthejob.model.engine import TorchEngine
+
+    ids = render_ids(taught.tokenizer, [{"role": "user", "content": QUESTION}])
+    params = SamplingParams(max_tokens=12, top_logprobs=4)
+    whole = generate(taught, [ids], params)[0]
+    streamed = list(stream(taught, ids, params))[-1]
+    batch = TorchEngine(taught).open_batch()
+    batch.add(ids, params, "row")
+    continuous = None
+    while continuous is None:
+        continuous = next((e.completion for e in batch.step() if e.completion), None)
+    assert whole.finish_reason == "stop" and whole.stop_top is not None
+    assert whole.stop_top[0][0] in end_of_turn_ids(taught.tokenizer)
+    for other in (streamed, continuous):
+        assert other.token_ids == whole.token_ids
+        assert [i for i, _ in other.stop_top] == [i for i, _ in whole.stop_top]
+        assert [v for _, v in other.stop_top] == pytest.approx([v for _, v in whole.stop_top],
+                                                               abs=1e-4)
