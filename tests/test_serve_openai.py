@@ -395,7 +395,7 @@ def test_logprobs_are_the_models_own_with_its_most_likely_tokens(live, tiny_lm):
     values = decode(kept[answer.id])
     assert values.token_ids == same.token_ids and values.k == 32 and not values.ended
     assert answer.meta["logprobs_kept"] == {"k": 32, "tokens": 8, "ended": False,
-                                            "bytes": 12 + 8 * (4 + 6 * 32)}
+                                            "bytes": 13 + 8 * (2 + 4 * 32)}
     assert [row[0] for row in values.top_ids] == same.token_ids
     for row_ids, row_values, entry in zip(values.top_ids, values.top_logprobs, content, strict=True):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row_values[:5], rel=1e-3,

@@ -314,7 +314,11 @@ def test_answers_keep_their_log_probs_beside_them(two):
 
     tops = [[(7, -0.25), (3, -1.5), (9, -3.0)], [(8, -0.125), (2, -2.0), (1, -7.5)]]
     data = logprobs.encode([7, 8], tops, stop_top=[(0, -0.01), (4, -5.0), (5, -6.0)], k=2)
-    assert len(data) == 12 + 2 * logprobs.bytes_per_token(2) + 6 * 2  # the end-of-turn row
+    # 13 bytes of header, 2-byte ids (all below 65536), and the end-of-turn row.
+    assert len(data) == 13 + 2 * logprobs.bytes_per_token(2) + 4 * 2
+    wide = logprobs.encode([70_000], [[(70_000, -0.5), (1, -2.0)]], k=2)
+    assert len(wide) == 13 + logprobs.bytes_per_token(2, vocab=151_936)
+    assert logprobs.decode(wide).token_ids == [70_000] and not logprobs.decode(wide).ended
     s = two.create_session("acme", messages=[NewMessage("user", "hi")])
     answer = two.add_messages("acme", s.id, [NewMessage("assistant", "yo", logprobs=data)])[0]
     plain = two.add_message("acme", s.id, "assistant", "again")

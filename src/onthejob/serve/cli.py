@@ -84,7 +84,8 @@ def _keep_option(parser: argparse.ArgumentParser) -> None:
         help="keep each stored answer's token ids and top-K log-probs per token, which "
         "consolidation reuses as teacher rows instead of scoring the answer again (default: "
         f"%(default)s, OPSD's top_k; {bytes_per_token(DEFAULT_KEEP_TOP_K)} bytes a token in "
-        "the database; 0 keeps none)")
+        f"the database for a vocabulary under 65,536, "
+        f"{bytes_per_token(DEFAULT_KEEP_TOP_K, 1 << 17)} above; 0 keeps none)")
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
