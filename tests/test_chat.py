@@ -79,3 +79,19 @@ def test_overlong_session_keeps_the_message_and_suggests_compact(setup):
     sid, out = chat(engine, store, "word " * 1100 + "\n")
     assert "/compact" in out and "context" in out
     assert [m.role for m in store.messages("acme", sid)] == ["user"]
+
+
+def test_answers_keep_their_top_log_probs_for_learning(setup):
+    from onthejob.store.logprobs import decode
+
+    engine, store = setup
+    sid, _ = chat(engine, store, "hello\n")
+    answer = store.messages("acme", sid)[-1]
+    kept = decode(store.kept_logprobs("acme", sid)[answer.id])
+    assert answer.meta["logprobs_kept"]["k"] == kept.k == 32  # the default, as the server's
+    assert len(kept.token_ids) == answer.meta["logprobs_kept"]["tokens"] == 6
+    assert answer.meta["adapters"] == []  # what served it: no adapter yet
+    none = ChatSettings(max_tokens=3, temperature=0, keep_top_k=0)
+    sid = run_chat(engine, store, "acme", None, stdin=io.StringIO("hi\n"),
+                   stdout=io.StringIO(), settings=none)
+    assert store.kept_logprobs("acme", sid) == {}

@@ -111,3 +111,15 @@ def test_default_model_answers(real_lm):
     prompt = render_ids(real_lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     out = generate(real_lm, [prompt], SamplingParams(max_tokens=20))[0]
     assert "Paris" in out.text
+
+
+def test_pieces_carry_their_tokens_through_concatenation():
+    from onthejob.model.generate import Piece
+
+    a = Piece("Hel", [1, 2], [-0.5, -0.25], [[(1, -0.5)], [(2, -0.25)]])
+    b = Piece("lo", [3], [-1.0], [[(3, -1.0)]])
+    for joined in (a + b, ("" + a) + b, (a + "") + b):
+        assert joined == "Hello" and isinstance(joined, Piece)
+        assert joined.token_ids == [1, 2, 3] and joined.logprobs == [-0.5, -0.25, -1.0]
+        assert joined.top_logprobs == [[(1, -0.5)], [(2, -0.25)], [(3, -1.0)]]
+    assert (Piece("x") + "y").top_logprobs is None and str(a) == "Hel"

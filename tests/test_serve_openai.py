@@ -342,3 +342,156 @@ def test_keys_look_as_the_readme_shows(tmp_path):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     shown = re.findall(r'api_key="([^"]+)"', readme)
     assert shown and all(s.startswith(KEY_PREFIX) for s in shown) and key.startswith(KEY_PREFIX)
+
+
+# --- log-probs: OpenAI's logprobs / top_logprobs, and what the server keeps for learning -------
+
+def _greedy(lm, text: str, max_tokens: int, k: int):
+    from onthejob.model import SamplingParams, generate, render_ids
+
+    ids = render_ids(lm.tokenizer, [{"role": "user", "content": text}])
+    return generate(lm, [ids], SamplingParams(max_tokens=max_tokens, top_logprobs=k))[0]
+
+
+def test_logprobs_are_the_models_own_with_its_most_likely_tokens(live, tiny_lm):
+    from onthejob.store.logprobs import decode
+
+    base, key, store, model = live
+    client = _client(base, key)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=5)
+    reply = raw.parse()
+    content = reply.choices[0].logprobs.content
+    assert reply.choices[0].logprobs.refusal is None
+    assert len(content) == reply.usage.completion_tokens == 8
+    same = _greedy(tiny_lm, "hello", 8, 5)  # what generate() says for the same prompt
+    for entry, token, logprob, top in zip(content, same.token_ids, same.logprobs,
+                                          same.top_logprobs, strict=True):
+        assert len(entry.top_logprobs) == 5
+        # Greedy: the token is the first of its top list, with the same log-prob.
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.logprob == pytest.approx(logprob, abs=1e-5)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in top],
+                                                                         abs=1e-5)
+        assert bytes(entry.bytes) == tiny_lm.tokenizer.decode([token]).encode() or \
+            entry.token.startswith("bytes:")
+    assert b"".join(bytes(e.bytes) for e in content).decode() == reply.choices[0].message.content
+    # Without logprobs the body says null; top_logprobs 0 gives the tokens alone.
+    plain = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert plain.choices[0].logprobs is None
+    bare = client.chat.completions.create(model=model, max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=0,
+                                          messages=[{"role": "user", "content": "hello"}])
+    assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[], [], []]
+    # The stored answer keeps its token ids and the top 32 (the server's default), whatever
+    # the client asked for.
+    sid = raw.headers["x-session-id"]
+    answer = store.messages("acme", sid)[-1]
+    kept = store.kept_logprobs("acme", sid)
+    assert list(kept) == [answer.id]
+    values = decode(kept[answer.id])
+    assert values.token_ids == same.token_ids and values.k == 32 and not values.ended
+    assert answer.meta["logprobs_kept"] == {"k": 32, "tokens": 8, "ended": False,
+                                            "bytes": 13 + 8 * (2 + 4 * 32)}
+    assert [row[0] for row in values.top_ids] == same.token_ids
+    for row_ids, row_values, entry in zip(values.top_ids, values.top_logprobs, content, strict=True):
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row_values[:5], rel=1e-3,
+                                                                        abs=1e-3)
+        assert len(row_ids) == 32
+
+
+def test_streamed_logprobs_come_with_their_text_and_none_is_lost(live):
+    base, key, _, model = live
+    client = _client(base, key)
+    asked = dict(model=model, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+                 messages=[{"role": "user", "content": "tell me a story"}])
+    whole = client.chat.completions.create(**asked).choices[0]
+    entries, chunks = [], client.chat.completions.create(
+        **asked, stream=True, stream_options={"include_usage": True})
+    usage, last = None, None
+    for chunk in chunks:
+        if chunk.usage:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            # A chunk of text carries the tokens that made it (at least the one that ended it).
+            assert choice.logprobs is not None and choice.logprobs.content
+        if choice.logprobs is not None:
+            entries += choice.logprobs.content
+        last = choice
+    assert last.finish_reason == whole.finish_reason
+    assert usage.completion_tokens == len(entries) == len(whole.logprobs.content)
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in entries] == \
+        [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in whole.logprobs.content]
+
+
+def test_bad_top_logprobs_are_400s(live):
+    base, key, store, model = live
+    client = _client(base, key)
+    before = _rows(store)
+    for extra, says in (({"top_logprobs": 3}, "needs logprobs"),
+                        ({"logprobs": True, "top_logprobs": 21}, "from 0 to 20"),
+                        ({"logprobs": True, "top_logprobs": -1}, "from 0 to 20"),
+                        ({"logprobs": False, "top_logprobs": 2}, "needs logprobs")):
+        with pytest.raises(openai.BadRequestError, match=says) as err:
+            client.chat.completions.create(model=model, max_tokens=2,
+                                           messages=[{"role": "user", "content": "x"}], **extra)
+        assert err.value.body["param"] == "top_logprobs"
+    assert _rows(store) == before  # refused before anything was stored
+
+
+class _PlainText:
+    """An engine that streams plain text pieces (no token information with them)."""
+
+    name = "plain"
+
+    def __init__(self, lm):
+        from onthejob.model.engine import TorchEngine
+
+        self.inner = TorchEngine(lm)
+
+    def generate(self, prompts, params, adapters=()):
+        return self.inner.generate(prompts, params, adapters)
+
+    def stream(self, prompt, params, adapters=()):
+        for item in self.inner.stream(prompt, params, adapters):
+            yield str(item) if isinstance(item, str) else item
+
+
+def test_keep_top_k_zero_keeps_nothing_and_plain_text_engines_lose_no_logprobs(tiny_lm, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from onthejob.serve.engine import Engine
+
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.create_tenant("acme")
+    key = store.create_key("acme")
+    engine = Engine(tiny_lm, backend=_PlainText(tiny_lm))
+    body = {"model": tiny_lm.name, "max_tokens": 6, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with TestClient(create_app(tiny_lm, store, engine=engine, keep_top_k=0)) as http:
+            r = http.post("/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {key}"})
+            sid = r.headers["x-session-id"]
+    finally:
+        engine.close()
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    texts = [c for c in choices if c["delta"].get("content")]
+    assert texts and all(c["logprobs"] == {"content": [], "refusal": None} for c in texts)
+    # The last chunk carries every token's log-prob, with its two alternatives.
+    assert choices[-1]["finish_reason"] == "length"
+    assert len(choices[-1]["logprobs"]["content"]) == 6
+    assert all(len(e["top_logprobs"]) == 2 for e in choices[-1]["logprobs"]["content"])
+    answer = store.messages("acme", sid)[-1]
+    assert "logprobs_kept" not in answer.meta and store.kept_logprobs("acme", sid) == {}
+    store.close()

@@ -20,6 +20,12 @@ BACKENDS = [
 ]
 
 
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(store_db.alembic_config()).get_current_head()
+
+
 def _reset_pg(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -294,10 +300,41 @@ def test_operator_keys_migration_keeps_existing_keys(backend, tmp_path):
     key = old.create_key("acme", admin=True)
     old.close()
     store = Store(url)  # opening upgrades to the head
-    assert store_db.current_revision(store.engine) == "0002"
+    assert store_db.current_revision(store.engine) == _head()
     assert store.authenticate(key) == (store.get_tenant("acme"), True)
     operator = store.create_operator_key()
     assert store.authenticate(operator) == (None, True)
     assert [k.tenant for k in store.list_operator_keys()] == [None]
     assert [k.tenant for k in store.list_keys("acme")] == ["acme"]
     store.close()
+
+
+def test_answers_keep_their_log_probs_beside_them(two):
+    from onthejob.store import logprobs
+
+    tops = [[(7, -0.25), (3, -1.5), (9, -3.0)], [(8, -0.125), (2, -2.0), (1, -7.5)]]
+    data = logprobs.encode([7, 8], tops, stop_top=[(0, -0.01), (4, -5.0), (5, -6.0)], k=2)
+    # 13 bytes of header, 2-byte ids (all below 65536), and the end-of-turn row.
+    assert len(data) == 13 + 2 * logprobs.bytes_per_token(2) + 4 * 2
+    wide = logprobs.encode([70_000], [[(70_000, -0.5), (1, -2.0)]], k=2)
+    assert len(wide) == 13 + logprobs.bytes_per_token(2, vocab=151_936)
+    assert logprobs.decode(wide).token_ids == [70_000] and not logprobs.decode(wide).ended
+    s = two.create_session("acme", messages=[NewMessage("user", "hi")])
+    answer = two.add_messages("acme", s.id, [NewMessage("assistant", "yo", logprobs=data)])[0]
+    plain = two.add_message("acme", s.id, "assistant", "again")
+    assert two.kept_logprobs("acme", s.id) == {answer.id: data}
+    kept = logprobs.decode(two.kept_logprobs("acme", s.id)[answer.id])
+    assert kept.token_ids == [7, 8] and kept.ended and kept.k == 2 and kept.rows == 3
+    assert kept.top_ids == [[7, 3], [8, 2], [0, 4]]
+    assert kept.top_logprobs == [[-0.25, -1.5], [-0.125, -2.0], [pytest.approx(-0.01, rel=1e-3), -5.0]]
+    # Reading the session does not carry them; another tenant cannot see them.
+    assert [m.id for m in two.messages("acme", s.id)] == [answer.id - 1, answer.id, plain.id]
+    with pytest.raises(NotFound):
+        two.kept_logprobs("globex", s.id)
+    with pytest.raises(ValueError, match="only an assistant"):
+        two.add_messages("acme", s.id, [NewMessage("user", "x", logprobs=data)])
+    with pytest.raises(ValueError, match="not kept log-probs"):
+        two.add_messages("acme", s.id, [NewMessage("assistant", "x", logprobs=b"junk")])
+    with pytest.raises(ValueError, match="take"):
+        two.add_messages("acme", s.id, [NewMessage("assistant", "x", logprobs=data[:-2])])
+    assert len(two.messages("acme", s.id)) == 3  # refused whole

@@ -43,7 +43,7 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.drift import TRAINING_ANCHORS
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.lesson import Lesson, check_fits, teacher_context
+from onthejob.learn.lesson import Lesson, check_fits, kept_answers, teacher_context
 from onthejob.learn.loop import TrainConfig, config_dict
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.practice import PracticePrompt, practice_prompts
@@ -294,7 +294,12 @@ def dream(store: Store, lm: LoadedModel, tenant: str, session_id: str, opts: Dre
     context = teacher_context(messages, review.text if review else "")
     if not context:
         raise ValueError(f"session {session_id} is empty: there is nothing to dream about")
-    lesson = Lesson(session.id, context, title=session.title or "")
+    # The session's answers' kept log-probs, where the adapters that served them are those the
+    # teacher runs with (the tenant's active adapter over the shared one): OPSD reuses them.
+    parent = store.active_adapter(tenant)
+    teacher = [*shared_below(store, tenant), *([parent.path] if parent else [])]
+    kept, _ = kept_answers(messages, store.kept_logprobs(tenant, session_id), teacher)
+    lesson = Lesson(session.id, context, title=session.title or "", kept=kept)
     check_fits(lm, lesson)
     opts.train.steps = opts.max_steps()
     params = {"session": session_id, "mode": opts.mode, "budget": str(opts.budget),

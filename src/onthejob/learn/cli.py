@@ -125,6 +125,9 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="length of each on-policy sample (default %(default)s)")
     p.add_argument("--top-k", type=int, default=rec.top_k,
                    help="teacher log-probs kept per token (default %(default)s)")
+    p.add_argument("--rescore-kept", action="store_true",
+                   help="score the session's own answers again instead of taking their rows "
+                   "from the log-probs the server kept (to measure what the reuse saves)")
 
 
 def add_gate_options(p: argparse.ArgumentParser) -> None:
@@ -156,7 +159,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
-                      top_k=args.top_k)
+                      top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False))
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:

@@ -10,6 +10,7 @@ checkpoint when it is asked for the same work. tests/test_faults.py kills it at 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from onthejob.learn.gate import (
     references,
     retention_set,
 )
-from onthejob.learn.lesson import Lesson, check_fits, teacher_context
+from onthejob.learn.lesson import Lesson, check_fits, kept_answers, teacher_context
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
@@ -93,12 +94,14 @@ class Outcome:
 
 
 def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence[str] = KINDS,
-                held_out_share: float = 0.25, seed: int = 0) -> Lesson:
+                held_out_share: float = 0.25, seed: int = 0,
+                kept: dict[int, bytes] | None = None) -> Lesson:
     """A lesson with its practice material (learn/practice.py). Held back for the gate: for
     `held_out_share` of the answer spans, the model's own question ("span"), while their
     rule-made questions train, so the gate asks a known fact in a phrasing training never saw
-    and scores the answer against the span."""
-    lesson = Lesson(session_id, context)
+    and scores the answer against the span. `kept`: the context's answers' kept log-probs
+    (learn/lesson.py `kept_answers`)."""
+    lesson = Lesson(session_id, context, kept=dict(kept or {}))
     check_fits(lm, lesson)
     practice = practice_prompts(lm, context, kinds)
     rng = random.Random(seed)
@@ -119,20 +122,26 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
 
 def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
                   opts: ConsolidateOptions, say: Callable[[str], None] | None = None,
-                  observe: Callable[[dict], None] | None = None) -> list[Lesson]:
-    """Each session's lesson with its practice material; a line (and `observe`) per session."""
+                  observe: Callable[[dict], None] | None = None,
+                  served_with: Sequence[str] | None = None) -> list[Lesson]:
+    """Each session's lesson with its practice material and its answers' kept log-probs
+    (those served with the adapters `served_with`, the teacher's; None: any); a line (and
+    `observe`) per session."""
     lessons, started = [], time.time()
     for n, s in enumerate(sessions, 1):
         messages = store.messages(s.tenant, s.id)
         review = store.get_review(s.tenant, s.id)
+        kept, stale = kept_answers(messages, store.kept_logprobs(s.tenant, s.id), served_with)
         lessons.append(lesson_from(lm, s.id, teacher_context(messages, review.text if review else ""),
-                                   opts.probe_kinds, opts.held_out_share, opts.train.seed))
+                                   opts.probe_kinds, opts.held_out_share, opts.train.seed, kept))
         elapsed = time.time() - started
         eta = elapsed / n * (len(sessions) - n)
         if say is not None:
             say(f"  practice material: session {n}/{len(sessions)} ({s.id}): "
-                f"{len(lessons[-1].probes)} prompts, {len(lessons[-1].held_out)} held back | "
-                f"{elapsed / n:.0f} s/session, ETA {eta:.0f} s")
+                f"{len(lessons[-1].probes)} prompts, {len(lessons[-1].held_out)} held back, "
+                f"{len(kept)} answers with kept log-probs"
+                + (f" ({stale} more served with other adapters, not reused)" if stale else "")
+                + f" | {elapsed / n:.0f} s/session, ETA {eta:.0f} s")
         if observe is not None:
             observe({"what": "practice material", "unit": "sessions", "done": n,
                      "total": len(sessions), "eta_s": round(eta, 1)})
@@ -140,11 +149,20 @@ def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
 
 
 def lessons_to_json(lessons: Sequence[Lesson]) -> list[dict]:
-    return [asdict(lesson) for lesson in lessons]
+    """Lessons as JSON data (kept log-probs in base64), for a resumed run."""
+    out = []
+    for lesson in lessons:
+        row = asdict(lesson)
+        row["kept"] = {str(i): base64.b64encode(data).decode("ascii")
+                       for i, data in lesson.kept.items()}
+        out.append(row)
+    return out
 
 
 def lessons_from_json(rows: Sequence[dict]) -> list[Lesson]:
-    return [Lesson(**{**row, "practice": [PracticePrompt(**p) for p in row.get("practice", [])]})
+    return [Lesson(**{**row, "practice": [PracticePrompt(**p) for p in row.get("practice", [])],
+                      "kept": {int(i): base64.b64decode(data)
+                               for i, data in (row.get("kept") or {}).items()}})
             for row in rows]
 
 
@@ -255,7 +273,9 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
                 lessons = lessons_from_json(json.loads(saved.read_text()))
                 say("  reused the interrupted run's practice material")
             else:
-                lessons = build_lessons(lm, store, sessions, opts, say, phases.observe)
+                teacher = [*below, parent.path] if parent else list(below)
+                lessons = build_lessons(lm, store, sessions, opts, say, phases.observe,
+                                        served_with=teacher)
                 write_json(saved, lessons_to_json(lessons))
         n_probes = sum(len(x.probes) for x in lessons)
         if opts.visits:
@@ -404,6 +424,13 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
 
     def prepared() -> None:
         phases.end("teacher answers and anchors")
+        reuse = teacher_reuse(getattr(rule, "counts", {}), getattr(rule, "tokens_teacher", 0))
+        if reuse:
+            store.update_run(run_id, progress={"teacher_reuse": reuse})
+            say(f"  teacher rows: {reuse['reused']} of {reuse['rows']} taken from the store "
+                f"({reuse['reused_share']:.1%}), the rest scored; {reuse['tokens_saved']} "
+                f"teacher tokens saved ({reuse['scoring_saved_share']:.1%} of the scoring, "
+                f"{reuse['tokens_saved_share']:.1%} of all the teacher's preparation)")
         phases.start("training", f"{opts.train.steps} steps")
 
     try:
@@ -442,6 +469,8 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
                "held_out": [{"q": q, "ref": r} for (_, q), r in zip(held, refs, strict=True)],
                "steps": steps, "lr": opts.train.lr,
                "teacher_rows": dict(getattr(rule, "counts", {})),
+               "teacher_reuse": teacher_reuse(getattr(rule, "counts", {}),
+                                              getattr(rule, "tokens_teacher", 0)),
                "training_probes": [q for lesson in lessons for q in lesson.probes],
                "sessions_by_tenant": by_tenant})
     status, reason, adapter = register_candidate(store, lm, opts.scope, owner, opts.method, run_id,
@@ -456,6 +485,22 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
     torch.set_grad_enabled(True)
     say(f"{status}: adapter v{adapter.version} ({reason})")
     return Outcome(status, reason, adapter, run_id, [s.id for s in sessions], verdict.metrics)
+
+
+def teacher_reuse(counts: dict, tokens_teacher: int) -> dict:
+    """How much of the teacher's preparation came from the store (kept log-probs of the
+    session's own answers) instead of being computed: rows reused of all teacher rows, and
+    teacher tokens saved, of what scoring the rows would have cost and of the whole
+    preparation's teacher tokens (answers written and scored; a session's context counted
+    for each answer written after it); {} for a rule without teacher rows."""
+    reused, scored = counts.get("reused", 0), counts.get("scored", 0)
+    if not reused + scored:
+        return {}
+    saved, scoring = counts.get("teacher_tokens_saved", 0), counts.get("teacher_tokens_scored", 0)
+    return {"reused": reused, "rows": reused + scored, "reused_share": reused / (reused + scored),
+            "tokens_saved": saved, "tokens_scored": scoring, "tokens_teacher": tokens_teacher,
+            "scoring_saved_share": saved / max(saved + scoring, 1),
+            "tokens_saved_share": saved / max(saved + tokens_teacher, 1)}
 
 
 def register_candidate(store: Store, lm: LoadedModel, scope: str, owner: str | None, method: str,

@@ -2,6 +2,9 @@
 
 The teacher's context is the session (its compaction, when it has one, replaces the turns
 it summarized) followed by the reviewer's words. Student prompts never see that context.
+Where the server kept an answer's token ids and top-k log-probs (store/logprobs.py), the
+lesson carries them by the answer's place in the context (`Lesson.kept`), for OPSD to reuse
+as the teacher's row for the replayed turn (learn/opsd.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from onthejob.learn.practice import PracticePrompt
 from onthejob.model import LoadedModel, render_ids
 from onthejob.model.chat import Message
 from onthejob.store.context import context_messages as store_context
+from onthejob.store.context import context_sources
 from onthejob.store.types import Message as StoredMessage
 
 
@@ -30,6 +34,9 @@ class Lesson:
     # The probes with what is known about each (the span asked for, the session's own
     # answer); learn/practice.py. Where a probe has no entry it is a plain question.
     practice: list[PracticePrompt] = field(default_factory=list)
+    # Kept log-probs (store/logprobs.py's encoding) of the context's answers, by their index
+    # in `context`: the inference compute that produced them, for the teacher to reuse.
+    kept: dict[int, bytes] = field(default_factory=dict)
 
     def prompts(self) -> list[PracticePrompt]:
         """Every training probe, as a PracticePrompt (known answers attached where known)."""
@@ -45,6 +52,25 @@ def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") ->
         out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
         out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
     return out
+
+
+def kept_answers(messages: Sequence[StoredMessage], logprobs: dict[int, bytes],
+                 served_with: Sequence[str] | None = None) -> tuple[dict[int, bytes], int]:
+    """The kept log-probs (`Store.kept_logprobs`, by message id) of the answers in
+    `teacher_context(messages)`, by their index there; and how many were left out because the
+    answer was served with other adapters than `served_with` (the teacher's: the parent and
+    what is stacked below it; None: no check), or its meta does not say which. An answer the
+    model gave with other weights is not the teacher's distribution."""
+    out, stale = {}, 0
+    for index, (_, source) in enumerate(context_sources(messages)):
+        if source is None or source.id not in logprobs:
+            continue
+        served = source.meta.get("adapters")  # absent: unknown, so not the teacher's for sure
+        if served_with is not None and (served is None or list(served) != list(served_with)):
+            stale += 1
+            continue
+        out[index] = logprobs[source.id]
+    return out, stale
 
 
 def check_fits(lm: LoadedModel, lesson: Lesson, room: int = 256) -> int:

@@ -11,7 +11,18 @@ Preparation (once per run):
      the probe asks for a known span (learn/practice.py), answers that miss it are dropped,
      and when none is left the span itself is the answer (`span_fallback`); the session's
      own answer to a replayed turn is one more teacher sample. The teacher then scores each
-     answer once, with the session cached in front, and keeps its top-k log-probs per token;
+     answer once, with the session cached in front, and keeps its top-k log-probs per token.
+     Where the server kept the session's own answer (its token ids and top-k at each token,
+     store/logprobs.py), that row is taken from the store instead of being scored again
+     (`counts`: "reused" against "scored", and "teacher_tokens_saved"). Those values were
+     computed with the session *up to that turn* in context (what the model saw when it
+     answered), not with the whole session and the replayed turn after it, which is what
+     the teacher sees when it scores: for the turn's own answer the two differ only by what
+     came later in the session, and the issue asks for exactly this reuse (inference compute
+     feeding learning). They are reused only when they are what scoring would be given that
+     context: the same adapters served them as the teacher runs with (learn/lesson.py
+     `kept_answers`), the tokens decode to the stored answer, the answer ended on an
+     end-of-turn token (whose step's row is kept) and at least top_k alternatives were kept;
   3. anchor targets, also once: ordinary prompts (and in-context reading of the session's
      own sentences) answered greedily by the model the anchors hold to (`anchor_target`:
      the base, by default, so that drift cannot compound over versions) and scored by it.
@@ -46,6 +57,7 @@ from onthejob.learn.practice import PracticePrompt
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
+from onthejob.store.logprobs import decode as decode_kept
 
 ANCHOR_TARGETS = ("base", "prior", "teacher")
 
@@ -55,6 +67,9 @@ class OpsdConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
     top_k: int | None = 32  # teacher log-probs kept per answer token (None: full vocabulary, live)
+    # Take the session's own answers' teacher rows from the log-probs the server kept with
+    # them, where usable, instead of scoring them again (False: score them, to measure).
+    reuse_kept: bool = True
     prompts_per_step: int = 16
     samples_per_prompt: int = 1  # student samples per on-policy prompt
     max_new_tokens: int = 32  # length of each student sample
@@ -125,14 +140,20 @@ class Opsd:
         self.probes: list[_Probe] = []
         self.targets: dict[int, list[_Target]] = {}
         self.queues: dict[bool, list[int]] = {False: [], True: []}
+        # reused / scored: teacher rows taken from the store / teacher-forced here; given_scored:
+        # session answers scored because no usable kept log-probs came with them; teacher
+        # tokens saved / scored: what the reused rows would have cost to score (the probe
+        # turn and the answer, after the cached session) / what scoring the others did cost.
         self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0,
-                       "given": 0}
+                       "given": 0, "reused": 0, "scored": 0, "given_scored": 0,
+                       "teacher_tokens_saved": 0, "teacher_tokens_scored": 0}
         self.tokens_student = 0
         self.tokens_teacher = 0
 
     # -- preparation -------------------------------------------------------------------------
     def prepare(self, trainer: Trainer) -> None:
         lm, tok = trainer.lm, trainer.lm.tokenizer
+        self._tok, self._device = tok, lm.device
         self._eot = min(end_of_turn_ids(tok) - {None})
         system_len = _system_prefix_len(tok)
         with trainer.teacher():
@@ -211,13 +232,48 @@ class Opsd:
                     if not kept and cfg.span_fallback:
                         kept = [tok.encode(prompt.answer, add_special_tokens=False) + [self._eot]]
                         self.counts["span_fallback"] += 1
+                stored = None
                 if prompt.given:
-                    kept.append(tok.encode(prompt.given, add_special_tokens=False) + [self._eot])
                     self.counts["given"] += 1
+                    stored = self._stored_target(self.lessons[self.probes[i].lesson], prompt)
+                    if stored is None:
+                        self.counts["given_scored"] += 1
+                        kept.append(tok.encode(prompt.given, add_special_tokens=False) + [self._eot])
                 unique = list({tuple(a): a for a in kept}.values())
-                self.counts["kept"] += len(unique)
+                if stored is not None:  # its row comes from the store; none is scored twice
+                    unique = [a for a in unique if a != stored.response]
+                    self.targets.setdefault(i, []).append(stored)
+                    self.counts["reused"] += 1
+                    self.counts["teacher_tokens_saved"] += (len(self.probes[i].teacher_suffix)
+                                                            + len(stored.response))
+                self.counts["kept"] += len(unique) + (stored is not None)
+                self.counts["scored"] += len(unique)
                 answers[i] = unique
+            before = self.tokens_teacher
             self._score(trainer, answers, with_session=True)
+            self.counts["teacher_tokens_scored"] += self.tokens_teacher - before
+
+    def _stored_target(self, lesson: Lesson, prompt: PracticePrompt) -> _Target | None:
+        """The teacher's row for the session's own answer to `prompt`, from the log-probs the
+        server kept when it answered (see the module docstring for how its context differs);
+        None where they are missing or are not what scoring would give."""
+        data = lesson.kept.get(prompt.given_at) if self.cfg.reuse_kept else None
+        if data is None:
+            return None
+        k = self.cfg.top_k or 32
+        try:
+            kept = decode_kept(data)
+        except ValueError:
+            return None
+        if not kept.ended or kept.k < k or not kept.token_ids:
+            return None
+        if self._tok.decode(kept.token_ids, skip_special_tokens=True) != prompt.given:
+            return None  # e.g. text cut by a stop string: the tokens say more than the answer
+        return _Target(list(kept.token_ids) + [self._eot],
+                       torch.tensor([row[:k] for row in kept.top_ids], dtype=torch.long,
+                                    device=self._device),
+                       torch.tensor([row[:k] for row in kept.top_logprobs], dtype=torch.float32,
+                                    device=self._device))
 
     def _by_lesson(self, probes: Sequence[int]) -> list[list[int]]:
         """Batches of at most `batch` probes, each of one lesson: a batch then shares its

@@ -55,6 +55,7 @@ class PracticePrompt:
     answer: str = ""  # the span it asks for, when known ("rule", "span")
     given: str = ""  # the session's own answer to it ("replay")
     sentence: str = ""  # the sentence of the material it was made from
+    given_at: int = -1  # the index of `given` in the session's context (Lesson.kept's key)
 
 
 def material(context: Sequence[dict]) -> str:
@@ -77,7 +78,8 @@ def replayed(context: Sequence[dict], max_chars: int = REPLAY_MAX_CHARS) -> list
             continue
         nxt = context[i + 1] if i + 1 < len(context) else None
         given = nxt["content"] if nxt and nxt["role"] == "assistant" else ""
-        out.append(PracticePrompt(m["content"], "replay", given=given))
+        out.append(PracticePrompt(m["content"], "replay", given=given,
+                                  given_at=i + 1 if given else -1))
     return out
 
 

@@ -64,6 +64,38 @@ class Completion:
     # With SamplingParams.top_logprobs = k: per token, the k most likely (token id, log p)
     # under the untempered distribution, most likely first.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # With top_logprobs, when the turn ended on an end-of-turn token: the k most likely tokens
+    # at that last step (the token itself is not in token_ids). Learning reuses it as the
+    # teacher's row for the end of the answer (learn/opsd.py).
+    stop_top: list[tuple[int, float]] | None = None
+
+
+class Piece(str):
+    """A streamed text piece, with the tokens whose text it completes (and, with
+    top_logprobs, their log-probs and top lists): the server's streamed logprobs. A token
+    whose text has not shown yet (half a character) comes with a later piece."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+    def __new__(cls, text: str, token_ids: Sequence[int] = (), logprobs: Sequence[float] = (),
+                top_logprobs: Sequence[list[tuple[int, float]]] | None = None) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.token_ids, piece.logprobs = list(token_ids), list(logprobs)
+        piece.top_logprobs = None if top_logprobs is None else list(top_logprobs)
+        return piece
+
+    def __add__(self, other: str) -> Piece:
+        """Two pieces as one (a row's last piece and its tail), tokens and all."""
+        more = other if isinstance(other, Piece) else Piece(other)
+        tops = None if self.top_logprobs is None and more.top_logprobs is None else \
+            (self.top_logprobs or []) + (more.top_logprobs or [])
+        return Piece(str.__add__(self, other), self.token_ids + more.token_ids,
+                     self.logprobs + more.logprobs, tops)
+
+    def __radd__(self, other: str) -> Piece:
+        return Piece(other) + self
 
 
 def check_fits(lm: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
@@ -261,6 +293,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     reasons = ["length"] * n
     texts: list[str | None] = [None] * n
     tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+    stop_tops: list[list[tuple[int, float]] | None] = [None] * n
     for step_tokens, step_logprobs, alive, top in decode_steps(lm, prompts, params, fast):
         for row in range(n):
             if not alive[row]:
@@ -268,6 +301,8 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
             t = int(step_tokens[row])
             if t in stops and not params.ignore_eos:
                 reasons[row] = "stop"
+                if top is not None:
+                    stop_tops[row] = top_row(top, row)
                 alive[row] = False
                 continue
             tokens[row].append(t)
@@ -289,6 +324,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[int]],
             else tok.decode(tokens[row], skip_special_tokens=True),
             finish_reason=reasons[row],
             top_logprobs=tops[row] if params.top_logprobs else None,
+            stop_top=stop_tops[row],
         )
         for row in range(n)
     ]
@@ -305,6 +341,8 @@ class RowText:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.tops: list[list[tuple[int, float]]] = []
+        self.stop_top: list[tuple[int, float]] | None = None  # the end-of-turn step's top
+        self.given = 0  # tokens handed out with a piece so far
         self.sent = ""
         self.reason = "length"
         self.done = False
@@ -314,7 +352,7 @@ class RowText:
         """Take one decoded token; the new text piece to send, if any. Sets `done` when the
         sequence has ended (end of turn, a stop string, or max_tokens)."""
         if token in self.stops and not self.params.ignore_eos:
-            self.reason, self.done = "stop", True
+            self.reason, self.done, self.stop_top = "stop", True, top
             return None
         self.tokens.append(token)
         self.logprobs.append(logprob)
@@ -326,10 +364,16 @@ class RowText:
             text, self.reason, self.done = text[:cut], "stop", True
         piece = None
         if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
-            piece, self.sent = text[len(self.sent):], text
+            piece, self.sent = self._piece(text[len(self.sent):]), text
         if len(self.tokens) >= self.params.max_tokens:
             self.done = True
         return piece
+
+    def _piece(self, text: str) -> Piece:
+        """`text` with the tokens no piece has carried yet."""
+        given, self.given = self.given, len(self.tokens)
+        return Piece(text, self.tokens[given:], self.logprobs[given:],
+                     self.tops[given:] if self.params.top_logprobs else None)
 
     def finish(self, reason: str | None = None) -> tuple[str | None, Completion]:
         """The last piece not yet sent (if any) and the Completion; `reason` overrides the
@@ -341,10 +385,10 @@ class RowText:
         cut = first_stop(final, self.params.stop) if self.params.stop else None
         if cut is not None:
             final = final[:cut]
-        tail = final[len(self.sent):] if final.startswith(self.sent) and len(final) > len(self.sent) \
-            else None
+        tail = self._piece(final[len(self.sent):]) \
+            if final.startswith(self.sent) and len(final) > len(self.sent) else None
         return tail, Completion(self.prompt, self.tokens, self.logprobs, final, self.reason,
-                                self.tops if self.params.top_logprobs else None)
+                                self.tops if self.params.top_logprobs else None, self.stop_top)
 
 
 def stream(lm: LoadedModel, prompt: Sequence[int],

@@ -37,7 +37,7 @@ from onthejob.serve.engine import Engine
 from onthejob.serve.errors import APIError
 from onthejob.serve.http import Limits, Principal, ServerContext, authenticate, read_json
 from onthejob.serve.schemas import ReviewRequest, SessionCreate
-from onthejob.serve.turns import AdapterResolver, compact
+from onthejob.serve.turns import DEFAULT_KEEP_TOP_K, AdapterResolver, compact
 from onthejob.serve.web import add_review_pages
 from onthejob.store import Conflict, NotFound, Session, Store
 
@@ -69,13 +69,16 @@ _STARTED = int(time.time())
 
 
 def create_app(lm: LoadedModel, store: Store, *, limits: Limits | None = None,
-               engine: Engine | None = None, figures: Path | None = None) -> FastAPI:
+               engine: Engine | None = None, figures: Path | None = None,
+               keep_top_k: int = DEFAULT_KEEP_TOP_K) -> FastAPI:
     """The server app. It owns (and closes on shutdown) an Engine unless one is given.
     `figures`: the folder of benchmark plots the review page shows (default:
-    config.figures_dir())."""
+    config.figures_dir()). `keep_top_k`: the top log-probs kept with every stored answer
+    for learning (0: none; serve/completions.py)."""
     own_engine = engine is None
     ctx = ServerContext(lm=lm, store=store, engine=engine or Engine(lm),
-                        adapters=AdapterResolver(store), limits=limits or Limits())
+                        adapters=AdapterResolver(store), limits=limits or Limits(),
+                        keep_top_k=keep_top_k)
     app = FastAPI(title="onthejob", version="0.1.0",
                   description="OpenAI-compatible chat over co-work sessions that the model "
                   f"learns from. Group requests into a session with the {SESSION_HEADER} "

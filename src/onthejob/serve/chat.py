@@ -10,7 +10,14 @@ from typing import TextIO
 
 from onthejob.model import Completion, ContextLengthError, SamplingParams
 from onthejob.serve.engine import Engine
-from onthejob.serve.turns import AdapterResolver, compact, prompt_ids, prompt_messages
+from onthejob.serve.turns import (
+    DEFAULT_KEEP_TOP_K,
+    AdapterResolver,
+    compact,
+    kept_answer,
+    prompt_ids,
+    prompt_messages,
+)
 from onthejob.store import Conflict, NewMessage, NotFound, Store
 
 HELP = """commands:
@@ -29,10 +36,11 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int | None = None
+    keep_top_k: int = DEFAULT_KEEP_TOP_K  # top log-probs kept with each answer, for learning
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed)
+                              top_p=self.top_p, seed=self.seed, top_logprobs=self.keep_top_k)
 
 
 class ChatError(RuntimeError):
@@ -52,6 +60,7 @@ class ChatSession:
         except NotFound as exc:
             raise ChatError(str(exc)) from None
         self.session_id = session_id
+        self._served_with: list[str] = []  # the adapters the answer being written is served with
         if session_id is not None:
             try:
                 session = store.get_session(self.tenant, session_id)
@@ -84,8 +93,9 @@ class ChatSession:
                      "Type /compact to summarize it, then go on.]")
             return
         cancel = threading.Event()
+        self._served_with = self.adapters.paths(self.tenant)
         future = self.engine.submit_stream(
-            ids, params, self.adapters.paths(self.tenant), lambda piece: self.say(piece, end=""),
+            ids, params, self._served_with, lambda piece: self.say(piece, end=""),
             cancel, then=self._store_answer)
         try:
             future.result()
@@ -96,9 +106,12 @@ class ChatSession:
         self.say()
 
     def _store_answer(self, completion: Completion) -> Completion:
-        self.store.add_message(self.tenant, self.session_id, "assistant", completion.text,
-                               meta={"finish_reason": completion.finish_reason,
-                                     "model": self.engine.lm.name, "client": "chat"})
+        logprobs, kept_meta = kept_answer(completion, self.settings.keep_top_k)
+        meta = {"finish_reason": completion.finish_reason, "model": self.engine.lm.name,
+                "client": "chat", "prompt_tokens": len(completion.prompt_ids),
+                "adapters": list(self._served_with), **kept_meta}
+        self.store.add_messages(self.tenant, self.session_id, [NewMessage(
+            "assistant", completion.text, meta=meta, logprobs=logprobs)])
         return completion
 
     def command(self, line: str) -> bool:

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="rows decoded together at most (default %(default)s)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting beyond that get 503 (default %(default)s)")
+    _keep_option(serve)
     serve.add_argument("--figures", metavar="DIR", help="the benchmark plots the review page "
                        "shows (default: ONTHEJOB_FIGURES, else docs/results of a source checkout)")
     serve.set_defaults(func=_serve)
@@ -57,7 +58,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--seed", type=int)
     _engine_options(chat)
+    _keep_option(chat)
     chat.set_defaults(func=_chat)
+
+
+def _keep_top_k(text: str) -> int:
+    from onthejob.model.generate import MAX_TOP_LOGPROBS
+
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}, "
+                                         f"not {text!r}")
+    return k
+
+
+def _keep_option(parser: argparse.ArgumentParser) -> None:
+    from onthejob.serve.turns import DEFAULT_KEEP_TOP_K
+    from onthejob.store.logprobs import bytes_per_token
+
+    parser.add_argument(
+        "--keep-top-k", type=_keep_top_k, default=DEFAULT_KEEP_TOP_K, metavar="K",
+        help="keep each stored answer's token ids and top-K log-probs per token, which "
+        "consolidation reuses as teacher rows instead of scoring the answer again (default: "
+        f"%(default)s, OPSD's top_k; {bytes_per_token(DEFAULT_KEEP_TOP_K)} bytes a token in "
+        f"the database for a vocabulary under 65,536, "
+        f"{bytes_per_token(DEFAULT_KEEP_TOP_K, 1 << 17)} above; 0 keeps none)")
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(lm, store, engine=engine,
                      limits=Limits(max_body_bytes=args.max_body_bytes,
                                    default_max_tokens=args.default_max_tokens),
-                     figures=Path(args.figures) if args.figures else None)
+                     figures=Path(args.figures) if args.figures else None,
+                     keep_top_k=args.keep_top_k)
     batching = "continuous batching" if engine.continuous else "batching per call"
     print(f"serving {lm.name} on http://{args.host}:{args.port}/v1 with the {backend.name} engine, "
           f"{args.precision}, {batching} of up to {args.max_batch} (database: {store.url}); the review page: "
@@ -173,7 +202,7 @@ def _chat(args: argparse.Namespace) -> int:
         return 2
     engine = Engine(lm, backend=backend)
     settings = ChatSettings(max_tokens=args.max_tokens, temperature=args.temperature,
-                            seed=args.seed)
+                            seed=args.seed, keep_top_k=args.keep_top_k)
     try:
         run_chat(engine, store, args.tenant, args.session, stdin=sys.stdin, stdout=sys.stdout,
                  settings=settings)

@@ -5,7 +5,16 @@ resolve the session, render the prompt and check it fits; only then store the re
 messages (one transaction), generate, and store the answer (on the engine's worker, before
 the response is sent). Streaming: the new messages are stored before the first byte; the
 answer when generation ends, and also if the client disconnects (then the partial answer is
-stored with meta.finish_reason = "cancelled")."""
+stored with meta.finish_reason = "cancelled").
+
+Log-probs: `logprobs: true` (and `top_logprobs` 0..20) returns OpenAI's choices[0].logprobs,
+per answer token its log-probability under the model's untempered distribution (what it
+scored, whatever temperature sampled) and the most likely alternatives. Streamed, each chunk
+carries the tokens whose text it delivers; a token whose text has not shown yet (half a
+character, or text cut by a stop string) comes with a later chunk, the last one (with
+finish_reason) carrying whatever is left, so no token is lost. Independently of what the
+client asked, the server keeps the top `keep_top_k` of every answer it stores
+(store/logprobs.py), for consolidation to reuse as teacher rows (learn/opsd.py)."""
 
 from __future__ import annotations
 
@@ -29,14 +38,16 @@ from onthejob.model import (
     render_ids,
 )
 from onthejob.model.chat import supports_tools
+from onthejob.model.generate import Piece
 from onthejob.serve.engine import Overloaded
 from onthejob.serve.errors import APIError, error_body
 from onthejob.serve.http import Principal, ServerContext, read_json
 from onthejob.serve.schemas import ChatMessage, ChatRequest, NamedToolChoice
-from onthejob.serve.turns import new_messages, prompt_ids, prompt_messages
+from onthejob.serve.turns import kept_answer, new_messages, prompt_ids, prompt_messages
 from onthejob.store import Conflict, NewMessage, NotFound
 
 SESSION_HEADER = "X-Session-Id"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 TOOLS_HEADER = "X-Onthejob-Tools"  # "rendered" or "not-rendered", when the request sent tools
 
 
@@ -77,10 +88,18 @@ def sampling(ctx: ServerContext, req: ChatRequest) -> tuple[SamplingParams, bool
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise APIError(400, f"top_p must be in (0, 1], not {req.top_p}", "invalid_value",
                        "top_p")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: send \"logprobs\": true with it (or "
+                       "leave top_logprobs out)", "invalid_value", "top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not "
+                       f"{req.top_logprobs}", "invalid_value", "top_logprobs")
+    shown = (req.top_logprobs or 0) if req.logprobs else 0
     params = SamplingParams(
         max_tokens=asked or ctx.limits.default_max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(req.stop or ()), seed=req.seed)
+        top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(req.stop or ()), seed=req.seed,
+        top_logprobs=max(shown, ctx.keep_top_k))
     try:
         params.validate()
     except ValueError as exc:
@@ -192,14 +211,16 @@ async def chat_completions(ctx: ServerContext, request: Request, principal: Prin
     session_id = await asyncio.to_thread(_store_request, ctx, principal, session_id, new)
 
     def store_answer(completion: Completion):
+        logprobs, kept_meta = kept_answer(completion, ctx.keep_top_k)
         meta = {"finish_reason": completion.finish_reason, "model": ctx.lm.name,
                 "prompt_tokens": len(ids), "completion_tokens": len(completion.token_ids),
-                "adapters": adapters, **(offered if not new else {})}
-        ctx.store.add_message(principal.tenant, session_id, "assistant", completion.text,
-                              meta=meta)
+                "adapters": adapters, **kept_meta, **(offered if not new else {})}
+        ctx.store.add_messages(principal.tenant, session_id, [NewMessage(
+            "assistant", completion.text, meta=meta, logprobs=logprobs)])
         return completion
 
-    reply = _Reply(ctx, session_id, len(ids), [tools_note] if tools_note else [])
+    shown = (req.top_logprobs or 0) if req.logprobs else None
+    reply = _Reply(ctx, session_id, len(ids), [tools_note] if tools_note else [], shown)
     headers = {SESSION_HEADER: session_id}
     if tools_note:
         headers[TOOLS_HEADER] = "rendered" if tools is not None else "not-rendered"
@@ -220,9 +241,10 @@ class _Reply:
     """Response bodies in OpenAI's shapes, with the session id added."""
 
     def __init__(self, ctx: ServerContext, session_id: str, prompt_tokens: int,
-                 warnings: list[str]) -> None:
+                 warnings: list[str], top_logprobs: int | None = None) -> None:
         self.ctx, self.session_id, self.prompt_tokens = ctx, session_id, prompt_tokens
         self.warnings = warnings  # statements about the request (e.g. tools not shown)
+        self.top_logprobs = top_logprobs  # None: the client did not ask for logprobs
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -232,21 +254,35 @@ class _Reply:
                 "total_tokens": self.prompt_tokens + n}
 
     def whole(self, completion: Completion) -> dict:
+        logprobs = self._logprobs(completion.token_ids, completion.logprobs,
+                                  completion.top_logprobs)
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.ctx.lm.name, "session_id": self.session_id,
                 "choices": [{"index": 0, "finish_reason": completion.finish_reason,
-                             "logprobs": None,
+                             "logprobs": logprobs,
                              "message": {"role": "assistant", "content": completion.text}}],
                 "usage": self._usage(completion), **self._warnings()}
+
+    def _logprobs(self, token_ids, logprobs, tops) -> dict | None:
+        """OpenAI's choice.logprobs for these tokens (None when the client did not ask)."""
+        if self.top_logprobs is None:
+            return None
+        text, n = self.ctx.token_text, self.top_logprobs
+        content = []
+        for j, (token, logprob) in enumerate(zip(token_ids, logprobs, strict=True)):
+            alternatives = tops[j][:n] if tops is not None and n else []
+            content.append({**text.entry(token, logprob), "top_logprobs": [
+                text.entry(i, v) for i, v in alternatives]})
+        return {"content": content, "refusal": None}
 
     def _warnings(self) -> dict:
         return {"warnings": self.warnings} if self.warnings else {}
 
     def _chunk(self, delta: dict | None, finish: str | None = None,
-               usage: dict | None = None) -> str:
+               usage: dict | None = None, logprobs: dict | None = None) -> str:
         """One SSE event; delta None gives the usage-only chunk (empty choices), as OpenAI."""
         choices = [] if delta is None else [{"index": 0, "delta": delta,
-                                             "finish_reason": finish, "logprobs": None}]
+                                             "finish_reason": finish, "logprobs": logprobs}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.ctx.lm.name, "session_id": self.session_id, "choices": choices}
         if delta is not None and delta.get("role"):  # the first chunk says what the body would
@@ -275,10 +311,17 @@ class _Reply:
             yield f"data: {json.dumps(error_body(503, str(exc), 'server_overloaded'))}\n\n"
             return
         future.add_done_callback(lambda _f: put(done))
+        sent = 0  # tokens whose logprobs a chunk has carried
         try:
             yield self._chunk({"role": "assistant", "content": ""})
             while (item := await queue.get()) is not done:
-                yield self._chunk({"content": item})
+                logprobs = None
+                if isinstance(item, Piece):
+                    logprobs = self._logprobs(item.token_ids, item.logprobs, item.top_logprobs)
+                    sent += len(item.token_ids)
+                elif self.top_logprobs is not None:  # an engine that streams plain text:
+                    logprobs = {"content": [], "refusal": None}  # the last chunk has them all
+                yield self._chunk({"content": str(item)}, logprobs=logprobs)
             try:
                 completion = future.result()
             except Exception:  # noqa: BLE001 - reported to the client in the stream
@@ -286,7 +329,9 @@ class _Reply:
                                   "generation_failed")
                 yield f"data: {json.dumps(body)}\n\n"
                 return
-            yield self._chunk({}, completion.finish_reason)
+            rest = completion.top_logprobs[sent:] if completion.top_logprobs is not None else None
+            yield self._chunk({}, completion.finish_reason, logprobs=self._logprobs(
+                completion.token_ids[sent:], completion.logprobs[sent:], rest))
             if include_usage:
                 yield self._chunk(None, usage=self._usage(completion))
             yield "data: [DONE]\n\n"

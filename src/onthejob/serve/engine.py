@@ -51,7 +51,8 @@ class _Job:
 
     def batch_key(self) -> tuple:
         p = self.params
-        return (self.adapters, p.max_tokens, p.temperature, p.top_p, tuple(p.stop), p.seed)
+        return (self.adapters, p.max_tokens, p.temperature, p.top_p, tuple(p.stop), p.seed,
+                p.top_logprobs)
 
 
 class Engine:

@@ -14,7 +14,7 @@ from onthejob.model import LoadedModel
 from onthejob.serve.engine import Engine
 from onthejob.serve.errors import APIError
 from onthejob.serve.schemas import validation_message
-from onthejob.serve.turns import AdapterResolver
+from onthejob.serve.turns import DEFAULT_KEEP_TOP_K, AdapterResolver, TokenText
 from onthejob.store import Store, Tenant
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -34,6 +34,13 @@ class ServerContext:
     engine: Engine
     adapters: AdapterResolver
     limits: Limits
+    # Top log-probs kept per token of every stored answer, for learning (0: none).
+    keep_top_k: int = DEFAULT_KEEP_TOP_K
+    token_text: TokenText | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_text is None:
+            self.token_text = TokenText(self.lm.tokenizer)
 
     @property
     def model_ids(self) -> tuple[str, ...]:

@@ -115,7 +115,8 @@ class ChatRequest(Strict):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: Literal[0, 0.0] | None = None
     frequency_penalty: Literal[0, 0.0] | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     response_format: dict[str, Literal["text"]] | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

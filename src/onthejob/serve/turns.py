@@ -7,13 +7,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
-from onthejob.model import LoadedModel, SamplingParams, check_fits, render_ids
+from onthejob.model import Completion, LoadedModel, SamplingParams, check_fits, render_ids
 from onthejob.model.adapters import AdapterError, verify
 from onthejob.serve.engine import Engine
 from onthejob.store import Message, NewMessage, Store, Tenant, context_messages
+from onthejob.store import logprobs as kept_logprobs
 
 log = logging.getLogger(__name__)
+
+# Top log-probs kept per token of every stored answer (= OPSD's top_k, learn/opsd.py).
+DEFAULT_KEEP_TOP_K = 32
 
 COMPACT_INSTRUCTION = (
     "Summarize the conversation so far for your own later use: the facts, decisions, "
@@ -63,6 +68,75 @@ def prompt_ids(lm: LoadedModel, chat: Sequence[dict[str, str]], max_tokens: int,
     ids = render_ids(lm.tokenizer, chat, tools=tools)
     check_fits(lm, len(ids), max_tokens)
     return ids
+
+
+def kept_answer(completion: Completion, k: int) -> tuple[bytes | None, dict[str, Any]]:
+    """What the store keeps of an answer for learning: its token ids and top-`k` log-probs
+    (store/logprobs.py), and the meta entry that says so; (None, {}) with k = 0, or when the
+    completion carries no top lists (a cancelled stream)."""
+    tops = completion.top_logprobs
+    if not k or tops is None or len(tops) != len(completion.token_ids) \
+            or not completion.token_ids or any(len(t) < k for t in tops):
+        return None, {}
+    stop = completion.stop_top if completion.stop_top and len(completion.stop_top) >= k else None
+    data = kept_logprobs.encode(completion.token_ids, tops, stop, k)
+    return data, {"logprobs_kept": {"k": k, "tokens": len(completion.token_ids),
+                                    "ended": stop is not None, "bytes": len(data)}}
+
+
+class TokenText:
+    """A token's text and UTF-8 bytes, as OpenAI's logprobs show them. A byte-level BPE token
+    holds raw bytes (half a character, at times): its bytes are exact, and its text is the
+    bytes decoded, or "bytes:\\xe2\\x80" where they are not whole UTF-8 (OpenAI's
+    convention). Other tokenizers: the token decoded on its own."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self._bytes_of = {c: b for b, c in _byte_alphabet().items()}
+        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        found = self._cache.get(token_id)
+        if found is None:
+            found = self._cache[token_id] = self._text(token_id)
+        return found
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = self(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    def _text(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.tok.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return "", []
+        if self.byte_level and token_id not in self._special \
+                and all(c in self._bytes_of for c in piece):
+            raw = bytes(self._bytes_of[c] for c in piece)
+        else:
+            raw = (piece if token_id in self._special
+                   else self.tok.decode([int(token_id)])).encode("utf-8")
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte: printable Latin-1 bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
 
 
 class AdapterResolver:

@@ -24,10 +24,17 @@ def _as_chat(message: Message) -> dict[str, str]:
 
 def context_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     """Chat messages ({role, content}) for the model, built from a session's stored messages."""
+    return [chat for chat, _ in context_sources(messages)]
+
+
+def context_sources(messages: Sequence[Message]) -> list[tuple[dict[str, str], Message | None]]:
+    """`context_messages`, each with the stored message it shows (None for the summary, which
+    stands for many): what learning needs to find what the store kept about a turn."""
     ordered = sorted(messages, key=lambda m: m.seq)
     last = max((i for i, m in enumerate(ordered) if m.kind == "compaction"), default=None)
     if last is None:
-        return [_as_chat(m) for m in ordered]
-    kept = [_as_chat(m) for m in ordered[:last] if m.kind == "message" and m.role == "system"]
+        return [(_as_chat(m), m) for m in ordered]
+    kept = [(_as_chat(m), m) for m in ordered[:last]
+            if m.kind == "message" and m.role == "system"]
     summary = {"role": "system", "content": SUMMARY_HEADER + ordered[last].content}
-    return kept + [summary] + [_as_chat(m) for m in ordered[last + 1:]]
+    return kept + [(summary, None)] + [(_as_chat(m), m) for m in ordered[last + 1:]]

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -74,6 +75,18 @@ class MessageRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (UniqueConstraint("session_id", "seq", name="uq_messages_session_seq"),)
+
+
+class MessageLogprobsRow(Base):
+    """An assistant answer's kept token ids and top-k log-probs (store/logprobs.py), apart
+    from the message so that reading a session does not read them."""
+
+    __tablename__ = "message_logprobs"
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ReviewRow(Base):

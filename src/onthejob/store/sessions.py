@@ -10,8 +10,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session as OrmSession
 
+from onthejob.store import logprobs as kept
 from onthejob.store.base import StoreBase, TenantRef, aware
-from onthejob.store.schema import AdapterRow, MessageRow, ReviewRow, SessionRow, utcnow
+from onthejob.store.schema import (
+    AdapterRow,
+    MessageLogprobsRow,
+    MessageRow,
+    ReviewRow,
+    SessionRow,
+    utcnow,
+)
 from onthejob.store.types import (
     KINDS,
     ROLES,
@@ -53,6 +61,10 @@ def _check(message: NewMessage) -> None:
         raise ValueError("content must be a string")
     if not isinstance(message.meta, dict):
         raise ValueError("meta must be a JSON object")
+    if message.logprobs is not None:
+        if message.role != "assistant":
+            raise ValueError("only an assistant message keeps log-probs")
+        kept.header(message.logprobs)  # a clear ValueError for bytes that are not kept log-probs
 
 
 def _valid_id(session_id: Any) -> bool:
@@ -82,15 +94,22 @@ class SessionStore(StoreBase):
             raise Conflict(f"session {row.id} has ended; start a new session to go on")
         last = orm.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == row.id))
         seq = -1 if last is None else last
-        rows = []
+        rows, with_logprobs = [], []
         for message in messages:
             _check(message)
             seq += 1
             rows.append(MessageRow(session_id=row.id, seq=seq, role=message.role,
                                    content=message.content, kind=message.kind,
                                    meta=dict(message.meta)))
+            if message.logprobs is not None:
+                with_logprobs.append((rows[-1], message.logprobs))
         orm.add_all(rows)
         row.updated_at = utcnow()
+        orm.flush()
+        for message_row, data in with_logprobs:
+            tokens, k, _ = kept.header(data)
+            orm.add(MessageLogprobsRow(message_id=message_row.id, tokens=tokens, k=k,
+                                       data=bytes(data)))
         orm.flush()
         return [_message_of(r) for r in rows]
 
@@ -156,6 +175,17 @@ class SessionStore(StoreBase):
             rows = orm.scalars(select(MessageRow).where(MessageRow.session_id == row.id)
                                .order_by(MessageRow.seq))
             return [_message_of(r) for r in rows]
+
+    def kept_logprobs(self, tenant: TenantRef, session_id: str) -> dict[int, bytes]:
+        """The kept log-probs of the session's answers that have them (store/logprobs.py's
+        encoding), by message id."""
+        with self.tx() as orm:
+            owner = self._tenant_row(orm, tenant)
+            row = self._session_row(orm, owner.id, session_id)
+            found = orm.execute(select(MessageLogprobsRow.message_id, MessageLogprobsRow.data)
+                                .join(MessageRow, MessageRow.id == MessageLogprobsRow.message_id)
+                                .where(MessageRow.session_id == row.id))
+            return {int(message_id): bytes(data) for message_id, data in found}
 
     def end_session(self, tenant: TenantRef, session_id: str) -> Session:
         """Mark the session ended (idempotent). Its review can still be given or changed."""

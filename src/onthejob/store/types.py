@@ -109,9 +109,12 @@ class Run:
 
 @dataclass(frozen=True)
 class NewMessage:
-    """A message to append: role, content, and optionally its kind and meta."""
+    """A message to append: role, content, and optionally its kind and meta; an assistant
+    answer may carry `logprobs`, its kept token ids and top-k log-probs (store/logprobs.py's
+    encoding), stored beside it and read back with `Store.kept_logprobs`."""
 
     role: str
     content: str
     kind: str = "message"
     meta: dict[str, Any] = field(default_factory=dict)
+    logprobs: bytes | None = None
