@@ -74,7 +74,7 @@ def run(tokens: int = 32, threads: int | None = None) -> dict:
     lm = load_model()
     prompts = [render_ids(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     out: dict = {"tokens": tokens, "prompts": PROMPTS,
-                 "adapter": "LoRA r=16 on all projections, random B (std 0.02)"}
+                 "adapter_used": "LoRA r=16 on all projections, random B (std 0.02)"}
     with tempfile.TemporaryDirectory() as folder:
         adapter = bench_adapter(lm, folder)
         torch_engine = TorchEngine(lm)
@@ -95,7 +95,7 @@ def run(tokens: int = 32, threads: int | None = None) -> dict:
 def markdown(r: dict, command: str) -> str:
     lines = [f"# Greedy agreement: torch engine vs llama.cpp\n\nCommand: `{command}`\n",
              f"{len(r['prompts'])} chat prompts, {r['tokens']} new tokens, greedy, stopping at "
-             f"the end of turn; adapter: {r['adapter']}.\n",
+             f"the end of turn; adapter: {r['adapter_used']}.\n",
              "| | identical | tokens in common (each prompt) | torch's margin where they part "
              "(median, nats) | mean abs log-prob diff on common tokens |", "|---|---|---|---|---|"]
     for label in ("base", "adapter"):
