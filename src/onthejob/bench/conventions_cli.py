@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from onthejob.bench import finite, names
 from onthejob.envs.cli import bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
@@ -96,18 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_conventions)
 
 
-def _names(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
-def _finite(value):
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _conventions(args: argparse.Namespace) -> int:
@@ -132,10 +121,10 @@ def _conventions(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.conventions:
-            conventions = [c for c in conventions if c.id in set(_names(args.conventions))]
+            conventions = [c for c in conventions if c.id in set(names(args.conventions))]
         lm = load_model(args.model, device=args.device)
         result = bench.screen(lm, conventions, args.max_tokens or 48, log=say)
-        (out / "screen.json").write_text(json.dumps(_finite(result), indent=1, ensure_ascii=False))
+        (out / "screen.json").write_text(json.dumps(finite(result), indent=1, ensure_ascii=False))
         (out / "screen.md").write_text(screen_markdown(result, command))
         print(f"wrote {out / 'screen.md'} and {out / 'screen.json'}")
         if args.record:
@@ -154,7 +143,7 @@ def _conventions(args: argparse.Namespace) -> int:
     if squad is None and sizes["reading_items"]:
         print(f"note: {args.squad} not found: no in-context reading items", file=sys.stderr)
     cfg = bench.ConventionsConfig(
-        conventions=_names(args.conventions), n=sizes["n"], methods=_names(args.methods),
+        conventions=names(args.conventions), n=sizes["n"], methods=names(args.methods),
         form=args.form, examples=sizes["examples"], visits=sizes["visits"], lr=args.lr,
         seed=args.seed, max_tokens=sizes["max_tokens"], isolation=not args.no_isolation,
         retention=sizes["retention"], gate=not args.no_gate, shared=args.shared,
@@ -170,7 +159,7 @@ def _conventions(args: argparse.Namespace) -> int:
     plots = {}
     if result["retention"]:
         plots["retention"] = plot_retention(result, str(out / "retention.png"))
-    (out / "report.json").write_text(json.dumps(_finite(result), indent=1, ensure_ascii=False,
+    (out / "report.json").write_text(json.dumps(finite(result), indent=1, ensure_ascii=False,
                                                 default=str))
     (out / "report.md").write_text(markdown(result, command, plots, str(out)))
     for line in bench.headlines(result):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from onthejob.bench import names
 from onthejob.model import SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
 
@@ -146,7 +147,7 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
         adapter = bench_adapter(lm, folder)
         if shared_context:
             result["shared"] = measure_shared(lm, adapter, shared_context, tokens=tokens)
-        for name in [None] if engine is None else _names(engine):
+        for name in [None] if engine is None else names(engine):
             # llama.cpp runs the GGUF's own quantized weights: one run, whatever --precisions.
             for precision in precisions if name != "llamacpp" else precisions[:1]:
                 label, gen, close = _runner(name, precision, lm, adapter, max(batches),
@@ -160,9 +161,6 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
         result["agreement"] = agreement(result["runs"])
     return result
 
-
-def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _runner(engine: str | None, precision: str, lm, adapter: str, batch: int = 32,

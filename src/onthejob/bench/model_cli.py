@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from onthejob.bench import finite, names
 from onthejob.envs.cli import bench_subparsers
 from onthejob.learn.cli import add_opsd_options, opsd_options
 
@@ -149,11 +150,11 @@ def _knowledge(args: argparse.Namespace) -> int:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
         opsd.teacher_tokens = 8
     cfg = KnowledgeConfig(data=args.data, split=args.split, sessions=sizes["sessions"],
-                          methods=_names(args.methods), steps=sizes["steps"],
+                          methods=names(args.methods), steps=sizes["steps"],
                           visits=sizes["visits"] or None, lr=args.lr,
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
                           sequential=sizes["sequential"],
-                          sequential_methods=_names(args.sequential_methods), lrs=lrs,
+                          sequential_methods=names(args.sequential_methods), lrs=lrs,
                           joint=args.joint, joint_steps=args.joint_steps,
                           notes_per_session=args.notes_per_session,
                           reading_items=sizes["reading_items"], general_items=sizes["general_items"],
@@ -168,7 +169,7 @@ def _knowledge(args: argparse.Namespace) -> int:
     try:
         result = run(cfg, log=lambda s: print(s, flush=True), adapters_dir=adapters,
                      partial=lambda part: Path(prefix + "-partial.json").write_text(
-                         json.dumps(_finite(part), indent=1, default=str)))
+                         json.dumps(finite(part), indent=1, default=str)))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -176,25 +177,12 @@ def _knowledge(args: argparse.Namespace) -> int:
     plots = plot_all(result, plot_prefix)
     result["plots"] = plots
     text = markdown(result, command, plots, str(Path(prefix).parent))
-    _write(prefix, _finite(result), text)
+    _write(prefix, finite(result), text)
     for path in plots.values():
         print(f"wrote {path}")
     return 0
 
 
-def _finite(value):
-    """NaN (an undefined ratio) as JSON null, so the file is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _names(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -203,7 +191,7 @@ def _generate(args: argparse.Namespace) -> int:
     from onthejob.bench.generate import compare, markdown, run
     from onthejob.model.engine import ENGINES, OPTIONAL, native_bf16
 
-    for name in _names(args.engine):
+    for name in names(args.engine):
         if name in OPTIONAL and name not in ENGINES:
             print(f"error: the {name} engine is not installed here: {OPTIONAL[name]}",
                   file=sys.stderr)
@@ -212,7 +200,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"error: unknown engine {name!r}: choose one of {', '.join(sorted(ENGINES))}",
                   file=sys.stderr)
             return 2
-    precisions = _names(args.precisions)
+    precisions = names(args.precisions)
     if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
         print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")
         precisions.remove("bfloat16")
@@ -220,7 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"--before {args.before} does not exist yet: it is read when this run is done "
               "(the before measurement may still be running)")
     try:
-        batches = [int(b) for b in _names(args.batches)]
+        batches = [int(b) for b in names(args.batches)]
     except ValueError:
         print(f"error: --batches {args.batches!r} is not a comma-separated list of integers",
               file=sys.stderr)
