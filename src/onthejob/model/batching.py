@@ -64,7 +64,6 @@ class DecodeBatch:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool)
         self.column = 0  # where every row's next token is written
-        self.steps = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -147,7 +146,6 @@ class DecodeBatch:
             self._keep(keep)
         if self.rows:
             self._forward(tokens)
-        self.steps += 1
         return events
 
     # -- the cache ---------------------------------------------------------------------------
