@@ -115,6 +115,14 @@ def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_pat
     assert "Joint consolidation: 3 sessions" in md and "](joint.png)" in md
     assert "## Transfer ratio" not in md  # no independent part was run
     assert (out / "joint.png").read_bytes()[:4] == b"\x89PNG"
+    # the questions split by whether the practice material asks their fact: the two parts
+    # add up to every question, and each part's after is that part's own share
+    for m in ("opsd", "sft"):
+        bc = joint["methods"][m]["by_coverage"]
+        assert bc["covered"]["questions"] + bc["uncovered"]["questions"] == 6
+        assert 0.0 <= joint["coverage"] <= 1.0
+        assert bc["covered"]["questions"] == pytest.approx(6 * joint["coverage"])
+    assert joint["articles"] == [0, 1, 2]
     # what a run stopped before its report would have left: the joint methods done so far
     partial = json.loads((out / "report-partial.json").read_text())
     assert partial["joint"]["methods"]["sft"]["after"] == joint["methods"]["sft"]["after"]
@@ -168,3 +176,18 @@ def test_cowork_session_has_the_models_own_answer_and_no_title_reaches_practice(
     assert article["context"] in turns[0]["content"] and turns[3]["content"] == COWORK_REPLY
     prompts = practice_prompts(None, turns)
     assert any(p.answer == "1820" for p in prompts)
+
+
+def test_first_and_stride_pick_articles_inside_the_split():
+    from onthejob.bench.knowledge import article_numbers, load_articles
+
+    assert article_numbers("test", 40, stride=5) == list(range(200, 400, 5))
+    assert article_numbers("dev", 5, first=148) == [148, 149, 150, 151, 152]
+    assert article_numbers("dev", 10, first=195) == [195, 196, 197, 198, 199]  # never past 199
+    data = [{"title": f"t{i}", "context": "c", "questions": []} for i in range(400)]
+    got = load_articles(data, "test", 3, first=1, stride=50)
+    assert [a["number"] for a in got] == [201, 251, 301] and got[0]["title"] == "t201"
+    with pytest.raises(ValueError, match="--stride"):
+        article_numbers("dev", 3, stride=0)
+    with pytest.raises(ValueError, match="no articles"):
+        load_articles(data, "dev", 3, first=200)

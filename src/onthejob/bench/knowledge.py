@@ -59,7 +59,7 @@ from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, coverage, without
+from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, covered, without
 from onthejob.learn.probes import probe_quality
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
@@ -84,6 +84,8 @@ SWEEP_METHODS = ("sft", "opsd")
 class KnowledgeConfig:
     data: str
     split: str = "test"
+    first: int = 0  # skip this many articles of the split
+    stride: int = 1  # then take every stride-th article (5: a sample across the split's subjects)
     sessions: int = 4  # independent part: articles, each consolidated from the base
     methods: Sequence[str] = ("opsd", "sft", "notes")
     steps: int = 20  # used when visits is None
@@ -130,14 +132,27 @@ def load_data(path: str) -> list[dict]:
     return json.loads(Path(path).read_text())
 
 
-def load_articles(path: str | list[dict], split: str, n: int) -> list[dict]:
+def article_numbers(split: str, n: int, first: int = 0, stride: int = 1) -> list[int]:
+    """The data's article numbers a run uses: `n` of the split, from its `first`-th article
+    on, every `stride`-th. Never outside the split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}")
-    data = load_data(path) if isinstance(path, str) else path
+    if first < 0 or stride < 1:
+        raise ValueError(f"--first must be >= 0 and --stride >= 1 (got {first} and {stride})")
     lo, hi = SPLITS[split]
-    articles = data[lo:min(hi, lo + n)]
+    return list(range(lo + first, hi, stride))[:max(n, 0)]
+
+
+def load_articles(path: str | list[dict], split: str, n: int, first: int = 0,
+                  stride: int = 1) -> list[dict]:
+    """`n` articles of the split (article_numbers); each carries its number as "number"."""
+    numbers = article_numbers(split, n, first, stride)
+    data = load_data(path) if isinstance(path, str) else path
+    articles = [{**data[k], "number": k} for k in numbers if k < len(data)]
     if n > 0 and not articles:
-        raise ValueError(f"no articles in the {split} split ({lo}-{hi - 1}) of the data")
+        lo, hi = SPLITS[split]
+        raise ValueError(f"no articles in the {split} split ({lo}-{hi - 1}) of the data from "
+                         f"its article {first} on")
     return articles
 
 
@@ -198,6 +213,8 @@ class Session:
     in_context: QaResult
     context_tokens: int
     probe_seconds: float
+    covered: list[bool] = field(default_factory=list)  # per question: the material asks its fact
+    number: int = -1  # the article's number in the data
 
     def lesson(self) -> Lesson:
         return Lesson(f"article-{self.index}", self.context, list(self.probes),
@@ -229,7 +246,8 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     started = time.time()
     data = load_data(cfg.data)
-    articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential, cfg.joint))
+    articles = load_articles(data, cfg.split, max(cfg.sessions, cfg.sequential, cfg.joint),
+                             cfg.first, cfg.stride)
     reading_items = reading_set(data, cfg.reading_items)
     general_items = general_set()[: cfg.general_items]
     # The forgetting measure must not ask what the anchors trained on.
@@ -297,6 +315,9 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
                    f"{f['reading']:.3f} (base {forgetting_base['reading']:.3f}), general "
                    f"{f['general']:.3f} (base {forgetting_base['general']:.3f}), KL "
                    f"{f['kl_to_base']:.3f}, {j['cost']['seconds']:.0f} s")
+        for name, c in by_coverage(sessions[:n_joint], j.get("correct")).items():
+            log(f"    {name} questions ({c['questions']}): base {c['base']:.3f}, in context "
+                f"{c['in_context']:.3f}, after {c['after']:.3f}, transfer {c['transfer_ratio']:.3f}")
         if partial is not None:
             partial({"joint": summarize_joint(sessions[:n_joint], joint, forgetting_base),
                      "forgetting_base": forgetting_base})
@@ -325,15 +346,16 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
     dropped = len(lesson.practice) - len(kept)
     lesson.practice, lesson.probes = kept, [p.text for p in kept]
     assert_unseen(questions, [*lesson.probes, *(p.given for p in lesson.practice if p.given)])
-    cover = coverage(lesson.practice, golds)
+    hits = covered(lesson.practice, golds)
+    cover = sum(hits) / len(hits) if hits else float("nan")
     tokens = len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
-    log(f"session {index} {article['title']}: base {sum(base.correct)}/{len(qs)}, in context "
+    log(f"session {index} (article {article.get('number', '?')}) {article['title']}: base {sum(base.correct)}/{len(qs)}, in context "
         f"{sum(ceiling.correct)}/{len(qs)}, {len(lesson.probes)} practice prompts (coverage "
         f"{cover:.0%} of the gold answers; {dropped} dropped: the model wrote an evaluation "
         f"question itself), {tokens} context tokens")
     return Session(index, article["title"], context, questions, golds, lesson.probes,
                    lesson.practice, cover, asdict(probe_quality(lesson.probes, article["context"])),
-                   base, ceiling, tokens, probe_s)
+                   base, ceiling, tokens, probe_s, hits, article.get("number", -1))
 
 
 def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Session],
@@ -482,7 +504,8 @@ def _compact_joint(cfg: KnowledgeConfig, sessions: Sequence[Session], forgetting
             {"role": "system", "content": SUMMARY_HEADER + summary.text.strip()}]))
     return {"method": "compact", "after": [sum(g.correct) for g in got],
             "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
-            "answers": [g.answers for g in got], "summaries": summaries,
+            "answers": [g.answers for g in got], "correct": [list(g.correct) for g in got],
+            "summaries": summaries,
             "forgetting": {**forgetting_base, "kl_to_base": 0.0},
             "cost": {"seconds": time.time() - t0, "train_seconds": 0.0, "peak_mb": float("nan"),
                      "tokens_teacher": tokens, "tokens_student": 0, "adapter_bytes": 0,
@@ -511,7 +534,7 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
     cost["kv_cache_bytes"] = sum(kv[s.index] for s in sessions)
     return {"method": method, "after": [sum(g.correct) for g in got],
             "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
-            "answers": [g.answers for g in got],
+            "answers": [g.answers for g in got], "correct": [list(g.correct) for g in got],
             "forgetting": forgetting, "cost": cost,
             "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
             "loss_curve": [h["loss"] for h in history]}
@@ -542,8 +565,10 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "general_drop_pts": 100 * (forgetting_base["general"] - j["forgetting"]["general"]),
             "kl_to_base": j["forgetting"]["kl_to_base"],
             "cost": {**j["cost"], "seconds_per_session": j["cost"]["seconds"] / len(sessions)},
-            "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"]}
+            "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"],
+            "by_coverage": by_coverage(sessions, j.get("correct"))}
     return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
+            "articles": [s.number for s in sessions],
             "questions": n_q, "base_per_session": [sum(s.base.correct) for s in sessions],
             "in_context_per_session": [sum(s.in_context.correct) for s in sessions],
             "base": base, "in_context": ceiling, "base_f1": base_f1, "in_context_f1": ceil_f1,
@@ -551,6 +576,24 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "coverage": _mean([s.coverage for s in sessions]),
             "practice_prompts": [len(s.probes) for s in sessions],
             "methods": methods}
+
+
+def by_coverage(sessions: Sequence[Session], correct: Sequence[Sequence[bool]] | None) -> dict:
+    """The transfer ratio apart for the questions whose fact the practice material asks
+    about (covered) and for the rest: it tells a learning rule that does not learn what it
+    was shown from practice material that never showed it."""
+    if correct is None or any(len(s.covered) != len(s.questions) for s in sessions):
+        return {}
+    out = {}
+    for name, want in (("covered", True), ("uncovered", False)):
+        rows = [(s.base.correct[i], s.in_context.correct[i], c[i])
+                for s, c in zip(sessions, correct, strict=True)
+                for i in range(len(s.questions)) if s.covered[i] == want]
+        n = len(rows)
+        base, ceil, after = (sum(r[k] for r in rows) / n if n else float("nan") for k in range(3))
+        out[name] = {"questions": n, "base": base, "in_context": ceil, "after": after,
+                     "transfer_ratio": _ratio(after, base, ceil) if n else float("nan")}
+    return out
 
 
 # -- summary -------------------------------------------------------------------------------

@@ -285,10 +285,24 @@ def _joint_lines(joint: dict, cfg: dict) -> list[str]:
                      f"{c['seconds']:.0f} ({c['seconds_per_session']:.0f}) | "
                      f"{_f(c['peak_mb'], '.0f')} | {c['tokens_student']:.0f} | "
                      f"{c['tokens_teacher']:.0f} |")
+    split = [(m, v["by_coverage"]) for m, v in joint["methods"].items() if v.get("by_coverage")]
+    if split:
+        lines += ["", "By coverage: the questions whose gold answer some practice prompt targets "
+                  "(token F1 >= 0.5 with its span) and the rest.", "",
+                  "| method | covered: questions | base | in context | after | transfer | "
+                  "uncovered: questions | base | in context | after | transfer |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, bc in split:
+            cells = [f"{bc[k]['questions']} | {_f(bc[k]['base'], '.1%')} | "
+                     f"{_f(bc[k]['in_context'], '.1%')} | {_f(bc[k]['after'], '.1%')} | "
+                     f"{_f(bc[k]['transfer_ratio'])}"
+                     for k in ("covered", "uncovered")]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     methods = list(joint["methods"])
+    numbers = joint.get("articles") or joint["sessions"]
     lines += ["", "| # | article | base | in context | " + " | ".join(methods) + " |",
               "|---|---|---|---|" + "---|" * len(methods)]
-    for k, (index, title) in enumerate(zip(joint["sessions"], joint["titles"], strict=True)):
+    for k, (index, title) in enumerate(zip(numbers, joint["titles"], strict=True)):
         qn = joint["questions"][k]
         lines.append(f"| {index} | {title} | {joint['base_per_session'][k]}/{qn} | "
                      f"{joint['in_context_per_session'][k]}/{qn} | "

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--data", default=DEFAULT_DATA, help="squad_seal_val.json (default: %(default)s)")
     k.add_argument("--split", default="test", choices=("dev", "test"),
                    help="dev = articles 0-199 (tune here), test = 200-399 (report); default %(default)s")
+    k.add_argument("--first", type=int, default=0,
+                   help="skip this many articles of the split (default 0)")
+    k.add_argument("--stride", type=int, default=1,
+                   help="take every N-th article of the split from --first on; 5 on the test "
+                        "split samples its four subjects alike (default 1: consecutive articles)")
     k.add_argument("--sessions", type=int, default=None,
                    help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
     k.add_argument("--methods", default="opsd,sft,notes",
@@ -149,7 +154,8 @@ def _knowledge(args: argparse.Namespace) -> int:
     if args.smoke:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
         opsd.teacher_tokens = 8
-    cfg = KnowledgeConfig(data=args.data, split=args.split, sessions=sizes["sessions"],
+    cfg = KnowledgeConfig(data=args.data, split=args.split, first=args.first, stride=args.stride,
+                          sessions=sizes["sessions"],
                           methods=names(args.methods), steps=sizes["steps"],
                           visits=sizes["visits"] or None, lr=args.lr,
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],

@@ -168,11 +168,18 @@ def coverage(prompts: Iterable[PracticePrompt], golds: Sequence[str],
              threshold: float = 0.5) -> float:
     """Share of `golds` that some prompt's known answer span matches (token F1 >= threshold).
     Measured only: it never picks prompts."""
-    spans = {p.answer for p in prompts if p.answer}
     if not golds:
         return float("nan")
-    hit = sum(any(f1(s, g) >= threshold for s in spans) for g in golds)
-    return hit / len(golds)
+    return sum(covered(prompts, golds, threshold)) / len(golds)
+
+
+def covered(prompts: Iterable[PracticePrompt], golds: Sequence[str],
+            threshold: float = 0.5) -> list[bool]:
+    """Per gold answer: whether some prompt's known answer span matches it (token F1 >=
+    threshold). Measured only, to split a benchmark's questions into those the practice
+    material asks about and those it does not."""
+    spans = {p.answer for p in prompts if p.answer}
+    return [any(f1(s, g) >= threshold for s in spans) for g in golds]
 
 
 def without(prompts: Sequence[PracticePrompt], questions: Iterable[str]) -> list[PracticePrompt]:
