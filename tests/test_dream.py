@@ -101,6 +101,25 @@ def test_answer_spans_are_verbatim_and_ranked():
         ["12", "electric ray"]
 
 
+def test_noun_phrases_are_the_content_words_after_an_opener():
+    from onthejob.learn.practice import span_units
+    from onthejob.learn.spans import noun_phrases
+
+    s = ("Tesla viewed the signal on a fluorescent screen, and the navy later adopted radar "
+         "for detecting submarines quickly.")
+    got = [text for _, text in noun_phrases(s)]
+    assert got == ["signal", "fluorescent screen", "navy", "detecting submarines"]
+    assert all(text in s for text in got)
+    # names and numbers come first and are not repeated as phrases; phrases only when asked
+    t = "In 1917 Tesla proposed a radio detector for the Navy."
+    assert answer_spans(t) == ["1917", "Tesla", "Navy"]
+    assert answer_spans(t, phrases=True) == ["1917", "Tesla", "Navy", "radio detector"]
+    assert [a for _, a in span_units(t)] == ["1917", "Tesla", "Navy"]
+    assert [a for _, a in span_units(t, 2, 1)] == ["1917", "Tesla", "radio detector"]
+    assert [a for _, a in span_units(s + " " + t, 4, 1)] == [
+        "signal", "1917", "Tesla", "Navy", "radio detector"]
+
+
 def test_split_sentences_keeps_abbreviations_and_any_capital():
     text = ("Tesla was wrong but Émile Girardeau noted it in 1953. The U.S. Army built it in "
             "St. Louis. Short one. Władysław Szpilman played there in 1939.")

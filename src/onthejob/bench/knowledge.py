@@ -59,7 +59,14 @@ from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, PracticePrompt, assert_unseen, covered, without
+from onthejob.learn.practice import (
+    KINDS,
+    PHRASES_PER_SENTENCE,
+    PracticePrompt,
+    assert_unseen,
+    covered,
+    without,
+)
 from onthejob.learn.probes import probe_quality
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
@@ -105,6 +112,7 @@ class KnowledgeConfig:
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
     notes_tokens: int = 160  # length of each note the notes baseline writes
     practice_kinds: Sequence[str] = KINDS  # learn/practice.py
+    phrases_per_sentence: int = PHRASES_PER_SENTENCE  # noun phrases asked per sentence
     bf16: bool | None = None  # bf16 autocast for training; None: where it is fast (measures.py)
     model: str | None = None
     device: str = "cpu"
@@ -336,7 +344,8 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
     base = answer(lm, questions, golds, batch=16)
     ceiling = answer(lm, questions, golds, context=context, batch=8)
     t0 = time.time()
-    lesson = lesson_from(lm, f"article-{index}", context, cfg.practice_kinds, held_out_share=0.0)
+    lesson = lesson_from(lm, f"article-{index}", context, cfg.practice_kinds, held_out_share=0.0,
+                         phrases_per_sentence=cfg.phrases_per_sentence)
     probe_s = time.time() - t0
     # No evaluation question may reach training: not as a practice prompt, nor as a turn of
     # the session that is replayed, nor inside the session's own answers used as rows. The

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--stride", type=int, default=1,
                    help="take every N-th article of the split from --first on; 5 on the test "
                         "split samples its four subjects alike (default 1: consecutive articles)")
+    k.add_argument("--phrases", type=int, default=None,
+                   help="lowercase noun phrases asked per sentence of the material beside its "
+                        "names and numbers (0: none; default: consolidate's, "
+                        "learn/practice.py PHRASES_PER_SENTENCE)")
     k.add_argument("--sessions", type=int, default=None,
                    help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
     k.add_argument("--methods", default="opsd,sft,notes",
@@ -156,6 +160,7 @@ def _knowledge(args: argparse.Namespace) -> int:
         opsd.teacher_tokens = 8
     cfg = KnowledgeConfig(data=args.data, split=args.split, first=args.first, stride=args.stride,
                           sessions=sizes["sessions"],
+                          **({} if args.phrases is None else {"phrases_per_sentence": args.phrases}),
                           methods=names(args.methods), steps=sizes["steps"],
                           visits=sizes["visits"] or None, lr=args.lr,
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],

@@ -43,7 +43,7 @@ from onthejob.learn.lesson import Lesson, check_fits, kept_answers, teacher_cont
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, PracticePrompt, practice_prompts
+from onthejob.learn.practice import KINDS, PHRASES_PER_SENTENCE, PracticePrompt, practice_prompts
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import activate, detach, save
@@ -95,7 +95,8 @@ class Outcome:
 
 def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence[str] = KINDS,
                 held_out_share: float = 0.25, seed: int = 0,
-                kept: dict[int, bytes] | None = None) -> Lesson:
+                kept: dict[int, bytes] | None = None,
+                phrases_per_sentence: int = PHRASES_PER_SENTENCE) -> Lesson:
     """A lesson with its practice material (learn/practice.py). Held back for the gate: for
     `held_out_share` of the answer spans, the model's own question ("span"), while their
     rule-made questions train, so the gate asks a known fact in a phrasing training never saw
@@ -103,7 +104,7 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
     (learn/lesson.py `kept_answers`)."""
     lesson = Lesson(session_id, context, kept=dict(kept or {}))
     check_fits(lm, lesson)
-    practice = practice_prompts(lm, context, kinds)
+    practice = practice_prompts(lm, context, kinds, phrases_per_sentence=phrases_per_sentence)
     rng = random.Random(seed)
     spans = sorted({p.answer for p in practice if p.kind == "span"})
     rng.shuffle(spans)

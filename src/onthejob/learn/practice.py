@@ -6,7 +6,8 @@ every user turn (pasted text included), tool observations, the assistant's answe
 reviewer's words. A real session has no title, so none is needed.
 
 The prompts, for each sentence of the material:
-  - per answer span (numbers, dates, names, quoted phrases; learn/spans.py), the same fact
+  - per answer span (numbers, dates, names, quoted phrases, and up to PHRASES_PER_SENTENCE
+    lowercase noun phrases such as "a fluorescent screen"; learn/spans.py), the same fact
     asked two ways: "rule", the question made by rule in place ("... opened in what year?"),
     and "span", the model's own question for that span (answer-typed few-shot prompt), in
     the short-answer form (" Answer in a few words."). Both keep the span they ask for, so a
@@ -44,6 +45,7 @@ from onthejob.learn.spans import (
 from onthejob.model import LoadedModel, SamplingParams, generate
 
 KINDS = ("rule", "span", "question", "topic", "replay")
+PHRASES_PER_SENTENCE = 2  # lowercase noun phrases asked per sentence beside names and numbers
 REPLAY_MAX_CHARS = 400  # longer user turns carry material: replayed, they would put it in context
 FEEDBACK_PREFIX = "My feedback on this session:"
 
@@ -88,12 +90,18 @@ def sentences_of(text: str) -> list[str]:
     return [s for para in text.splitlines() for s in split_sentences(para)]
 
 
-def span_units(text: str, spans_per_sentence: int = 4) -> list[tuple[str, str]]:
-    """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first."""
+def span_units(text: str, spans_per_sentence: int = 4,
+               phrases_per_sentence: int = 0) -> list[tuple[str, str]]:
+    """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first:
+    up to `spans_per_sentence` numbers, dates and names, then up to `phrases_per_sentence`
+    lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date)."""
     units, used = [], set()
     for s in sentences_of(text):
-        spans = [a for a in answer_spans(s) if normalize(a) not in used]
-        for a in spans[:spans_per_sentence]:
+        base = answer_spans(s)
+        named = [a for a in base if normalize(a) not in used][:spans_per_sentence]
+        plain = [a for a in answer_spans(s, phrases=True) if a not in base
+                 and normalize(a) not in used][:phrases_per_sentence] if phrases_per_sentence else []
+        for a in named + plain:
             used.add(normalize(a))
             units.append((s, a))
     return units
@@ -132,7 +140,8 @@ def topic_names(text: str, n: int = 8) -> list[str]:
 
 def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
                      kinds: Sequence[str] = KINDS, spans_per_sentence: int = 4,
-                     max_prompts: int | None = None) -> list[PracticePrompt]:
+                     max_prompts: int | None = None,
+                     phrases_per_sentence: int = PHRASES_PER_SENTENCE) -> list[PracticePrompt]:
     """Student prompts for one session (see the module docstring); `lm` writes the "span" and
     "question" kinds (None: rule-made kinds only). Duplicates are dropped."""
     unknown = set(kinds) - set(KINDS)
@@ -140,7 +149,7 @@ def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
         raise ValueError(f"unknown practice kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     text = material(context)
     out: list[PracticePrompt] = []
-    units = span_units(text, spans_per_sentence)
+    units = span_units(text, spans_per_sentence, phrases_per_sentence)
     if "rule" in kinds:
         out += [PracticePrompt(rule_question(s, a) + ANSWER_HINT, "rule", answer=a, sentence=s)
                 for s, a in units]

@@ -91,11 +91,56 @@ def _name_runs(sentence: str) -> list[tuple[int, str]]:
     return runs
 
 
-def answer_spans(sentence: str, avoid: str = "") -> list[str]:
+# Words that open a noun phrase (determiners, possessives, prepositions) and words that end
+# one (function words: a phrase is the run of content words between them).
+_NP_OPENERS = {"the", "a", "an", "his", "her", "its", "their", "our", "my", "your", "this",
+               "these", "those", "in", "on", "at", "by", "for", "from", "with", "into", "of",
+               "about", "through", "over", "under", "between", "against", "without", "as",
+               "than", "using", "called", "named", "known"}
+_NP_STOP = _LEADERS | _JOINERS | _NP_OPENERS | {
+    "is", "was", "are", "were", "be", "been", "being", "has", "had", "have", "do", "did", "does",
+    "not", "no", "also", "which", "who", "whom", "whose", "where", "what", "how", "why", "then",
+    "so", "such", "very", "more", "most", "less", "least", "only", "even", "just", "all", "both",
+    "each", "any", "would", "could", "should", "will", "can", "may", "might", "must", "him",
+    "them", "us", "me", "if", "because", "until", "upon", "within", "around", "toward",
+    "towards", "among", "via", "per", "like", "unlike", "including", "however", "often",
+    "later", "first", "again", "out", "up", "down", "off", "back", "well", "there", "too"}
+
+
+def noun_phrases(sentence: str, max_words: int = 4) -> list[tuple[int, str]]:
+    """(position, text) of lowercase noun phrases, by rule: the run of content words that
+    follows a determiner, possessive or preposition ("a fluorescent screen" -> "fluorescent
+    screen", "detected by radar" -> "radar"), cut at a function word or punctuation. Capitalized
+    words and numbers are left to the other rules."""
+    words = [(m.start(), m.group(0)) for m in _WORD.finditer(sentence)]
+    out = []
+    for k, (_, w) in enumerate(words[:-1]):
+        if w.lower() not in _NP_OPENERS or w.endswith((",", ";", ":", ".")):
+            continue
+        run: list[tuple[int, str]] = []
+        for pos, nxt in words[k + 1:k + 1 + max_words]:
+            bare = nxt.strip(_EDGE)
+            if (not bare or not re.fullmatch(r"[a-z][a-z'-]*", bare)
+                    or bare.lower() in _NP_STOP or nxt.startswith(("(", "\"", "“"))):
+                break
+            run.append((pos, bare))
+            if nxt != bare and not nxt.endswith("'s"):
+                break  # punctuation after the word ends the phrase
+        while run and (run[-1][1].endswith("ly") or run[-1][1].endswith("ing")
+                       and len(run) > 1):
+            run.pop()  # a trailing adverb or participle is not the phrase's head
+        text = " ".join(word for _, word in run)
+        if run and len(text) >= 4 and any(len(word) >= 4 for _, word in run):
+            out.append((run[0][0], text))
+    return out
+
+
+def answer_spans(sentence: str, avoid: str = "", phrases: bool = False) -> list[str]:
     """Candidate answers in `sentence`, verbatim, by rules (no model): numbers and dates,
     quoted phrases, runs of capitalized words (joined by "of", "de", ...); best first
     (numbers, then multi-word names, then single names). A span that is only (part of)
-    `avoid` (the session's title) is left out, and so is one inside a better span."""
+    `avoid` (the session's title) is left out, and so is one inside a better span. With
+    `phrases`, lowercase noun phrases (`noun_phrases`) come last."""
     found: list[tuple[int, int, str]] = []  # (rank, position, span)
     for m in _NUMBER.finditer(sentence):
         span = m.group(0).strip(" ,.")
@@ -105,6 +150,8 @@ def answer_spans(sentence: str, avoid: str = "") -> list[str]:
         found.append((1, m.start(), m.group(1).strip(" ,.")))
     for position, text in _name_runs(sentence):
         found.append((1 if len(text.split()) > 1 else 2, position, text))
+    for position, text in noun_phrases(sentence) if phrases else ():
+        found.append((3, position, text))
     norm_avoid = normalize(avoid)
     out: list[str] = []
     for _, _, span in sorted(found, key=lambda x: (x[0], x[1])):
