@@ -118,3 +118,22 @@ def test_two_tenants_streaming_at_once_each_get_their_own_adapter(lm_and_adapter
         assert done[key].token_ids == alone[key], key
         assert "".join(pieces[key]) == done[key].text
     assert engine.batches_run == 3 * 12  # three batches stepped in turn
+
+
+def test_auto_precision_keeps_float32_unless_bf16_is_native_and_faster(monkeypatch):
+    from onthejob.model import engine as eng
+
+    lm = tiny_model(seed=0)
+    monkeypatch.setattr(eng, "native_bf16", lambda device: False)
+    assert eng.pick_precision(lm) == ("float32", {})  # emulated bf16: never timed, never chosen
+    monkeypatch.setattr(eng, "native_bf16", lambda device: True)
+    # a real measurement on this machine: both rates positive, the choice follows them
+    name, rates = eng.pick_precision(lm)
+    assert set(rates) == {"float32", "bfloat16"} and min(rates.values()) > 0
+    assert name == ("bfloat16" if rates["bfloat16"] >= eng.AUTO_MARGIN * rates["float32"]
+                    else "float32")
+    assert lm.decode_dtype == torch.float32  # timing leaves the model as it was
+    for bf16, want in ((100.0, "float32"), (115.0, "bfloat16")):  # 1.0x and 1.15x float32's
+        monkeypatch.setattr(eng, "decode_rate", lambda lm, dtype, bf16=bf16: (
+            bf16 if dtype == torch.bfloat16 else 100.0))
+        assert eng.pick_precision(lm)[0] == want

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -127,6 +128,38 @@ def native_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+AUTO_MARGIN = 1.1  # bf16 is chosen when it decodes at least this many times faster
+_PROBE = "Count from one to one hundred in words, separated by commas."
+
+
+def decode_rate(lm: LoadedModel, dtype: torch.dtype, tokens: int = 24) -> float:
+    """Greedy tokens per second at batch 1 with the matrix products in `dtype`, after a short
+    warm-up: what one stream of the server gets, measured on this machine now."""
+    from onthejob.model.chat import render_ids
+
+    before = lm.decode_dtype
+    prompt = render_ids(lm.tokenizer, [{"role": "user", "content": _PROBE}])
+    try:
+        lm.decode_dtype = dtype
+        generate(lm, [prompt], SamplingParams(max_tokens=4))
+        started = time.perf_counter()
+        done = generate(lm, [prompt], SamplingParams(max_tokens=tokens))[0]
+        return len(done.token_ids) / max(time.perf_counter() - started, 1e-9)
+    finally:
+        lm.decode_dtype = before
+
+
+def pick_precision(lm: LoadedModel) -> tuple[str, dict[str, float]]:
+    """`--precision auto`: float32 where bf16 is not native; else whichever of the two decodes
+    faster here (bfloat16 only when at least AUTO_MARGIN times float32's rate), with the
+    measured rates (tokens/s at batch 1)."""
+    if not native_bf16(lm.device):
+        return "float32", {}
+    rates = {name: decode_rate(lm, dtype) for name, dtype in PRECISIONS.items()}
+    fast = rates["bfloat16"] >= AUTO_MARGIN * rates["float32"]
+    return ("bfloat16" if fast else "float32"), rates
 
 
 def make_engine(name: str, lm: LoadedModel, precision: str = "float32") -> GenerationEngine:
