@@ -191,3 +191,21 @@ def test_first_and_stride_pick_articles_inside_the_split():
         article_numbers("dev", 3, stride=0)
     with pytest.raises(ValueError, match="no articles"):
         load_articles(data, "dev", 3, first=200)
+
+
+def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_dir):
+    from onthejob.bench.knowledge import batches
+
+    assert batches(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert batches([1, 2], 5) == [[1], [2]] and batches([1, 2, 3], 1) == [[1, 2, 3]]
+    out = tmp_path / "r"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", "opsd", "--sessions", "0", "--seeds", "1",
+                 "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
+                 "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
+    v = json.loads((out / "report.json").read_text())["joint"]["methods"]["opsd"]
+    # round 1 trained sessions 0-1 (asked their 4 questions), round 2 session 2, as a child
+    assert v["rounds"] == [{"round": 1, "sessions": 2, "after": v["rounds"][0]["after"],
+                            "questions": 4, "kl_to_base": v["rounds"][0]["kl_to_base"]}]
+    assert v["cost"]["steps"] == 4 and len(v["loss_curve"]) == 4  # 2 steps a round
+    assert "Consolidated in 2 rounds" in (out / "report.md").read_text()

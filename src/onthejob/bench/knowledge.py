@@ -105,6 +105,7 @@ class KnowledgeConfig:
     sequential_methods: Sequence[str] = ("opsd",)
     joint: int = 0  # sessions consolidated together into one adapter per method (0: no joint part)
     joint_steps: int | None = None  # steps of each joint training (None: steps)
+    rounds: int = 1  # the joint sessions in this many consecutive batches, each a child version
     notes_per_session: int = 4
     lrs: Sequence[float] = ()  # extra learning rates for sft and opsd (first seed only)
     reading_items: int = 20  # in-context reading items from articles 1000+
@@ -527,12 +528,33 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
     """Consolidate `sessions` together into one adapter; answer all their questions after."""
     if method == "compact":
         return _compact_joint(cfg, sessions, forgetting_base, kv)
-    lm = load_model(cfg.model, device=cfg.device)
     budget = (f"{cfg.joint_steps} steps" if cfg.joint_steps else
               f"{cfg.visits:g} visits per practice prompt" if cfg.visits else f"{cfg.steps} steps")
-    log(f"joint {method}: {len(sessions)} sessions into one adapter, {budget}")
-    trainer, history, cost = _train(cfg, lm, sessions, method, cfg.lr, cfg.seed,
-                                    steps=cfg.joint_steps, log=log)
+    groups = batches(sessions, cfg.rounds)
+    log(f"joint {method}: {len(sessions)} sessions into one adapter"
+        + (f" in {len(groups)} rounds of {len(groups[0])} (each version a child of the last, "
+           f"as a tenant's nightly consolidations)" if len(groups) > 1 else "") + f", {budget}")
+    parent, rounds, spent = None, [], []
+    with tempfile.TemporaryDirectory(prefix="rounds-") as chain:
+        for k, group in enumerate(groups):
+            lm = load_model(cfg.model, device=cfg.device)
+            trainer, history, cost = _train(cfg, lm, group, method, cfg.lr, cfg.seed,
+                                            parent=parent, steps=cfg.joint_steps, log=log)
+            spent.append((history, cost))
+            if k < len(groups) - 1:
+                so_far = sessions[:sum(len(g) for g in groups[:k + 1])]
+                with trainer.frozen_student():
+                    got, _ = evaluate(lm, so_far)
+                right = sum(sum(g.correct) for g in got)
+                asked = sum(len(x.questions) for x in so_far)
+                rounds.append({"round": k + 1, "sessions": len(so_far), "after": right,
+                               "questions": asked, "kl_to_base": _kl(history)})
+                log(f"  round {k + 1}/{len(groups)}: {right}/{asked} of the sessions so far, "
+                    f"KL {_kl(history):.3f}, {cost['seconds']:.0f} s")
+                parent = str(Path(chain) / f"r{k + 1}")
+                save(lm.model, STUDENT, parent, meta={"method": method, "bench": "knowledge"})
+        history = [h for hs, _ in spent for h in hs]
+        cost = _sum_costs([c for _, c in spent])
     with trainer.frozen_student():
         got, forgetting = evaluate(lm, sessions, probes_ctx)
     forgetting = {"reading": float("nan"), "general": float("nan"), **forgetting,
@@ -544,9 +566,37 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
     return {"method": method, "after": [sum(g.correct) for g in got],
             "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
             "answers": [g.answers for g in got], "correct": [list(g.correct) for g in got],
-            "forgetting": forgetting, "cost": cost,
+            "forgetting": forgetting, "cost": cost, "rounds": rounds,
             "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
             "loss_curve": [h["loss"] for h in history]}
+
+
+def batches(items: Sequence, rounds: int) -> list[list]:
+    """`items` in `rounds` consecutive batches, as even as they go (never an empty one)."""
+    n = max(1, min(rounds, len(items)))
+    size, extra = divmod(len(items), n)
+    out, at = [], 0
+    for k in range(n):
+        step = size + (k < extra)
+        out.append(list(items[at:at + step]))
+        at += step
+    return out
+
+
+def _sum_costs(costs: Sequence[dict]) -> dict:
+    """The cost of several trainings in a row: times, steps and tokens add up, peak is the max."""
+    if len(costs) == 1:
+        return dict(costs[0])
+    out = dict(costs[-1])
+    for key in ("seconds", "steps", "train_seconds", "tokens_student", "tokens_teacher"):
+        out[key] = sum(c.get(key, 0) for c in costs)
+    out["peak_mb"] = max(c.get("peak_mb", 0.0) for c in costs)
+    rows: dict = {}
+    for c in costs:
+        for k, v in c.get("teacher_rows", {}).items():
+            rows[k] = rows.get(k, 0) + v if isinstance(v, int | float) else v
+    out["teacher_rows"] = rows
+    return out
 
 
 def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: dict) -> dict:
@@ -575,6 +625,7 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "kl_to_base": j["forgetting"]["kl_to_base"],
             "cost": {**j["cost"], "seconds_per_session": j["cost"]["seconds"] / len(sessions)},
             "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"],
+            "rounds": j.get("rounds", []),
             "by_coverage": by_coverage(sessions, j.get("correct"))}
     return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
             "articles": [s.number for s in sessions],

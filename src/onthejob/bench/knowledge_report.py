@@ -285,6 +285,15 @@ def _joint_lines(joint: dict, cfg: dict) -> list[str]:
                      f"{c['seconds']:.0f} ({c['seconds_per_session']:.0f}) | "
                      f"{_f(c['peak_mb'], '.0f')} | {c['tokens_student']:.0f} | "
                      f"{c['tokens_teacher']:.0f} |")
+    chained = [(m, v["rounds"]) for m, v in joint["methods"].items() if v.get("rounds")]
+    if chained:
+        lines += ["", f"Consolidated in {len(chained[0][1]) + 1} rounds, each version a child of "
+                  "the last; no-context accuracy on the sessions consolidated so far after each "
+                  "round before the last (the last is the table above):", ""]
+        for m, rounds in chained:
+            lines.append(f"- {m}: " + "; ".join(
+                f"round {r['round']}: {r['after']}/{r['questions']} of {r['sessions']} sessions, "
+                f"KL {_f(r['kl_to_base'])}" for r in rounds))
     split = [(m, v["by_coverage"]) for m, v in joint["methods"].items() if v.get("by_coverage")]
     if split:
         lines += ["", "By coverage: the questions whose gold answer some practice prompt targets "

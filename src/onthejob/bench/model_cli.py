@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--joint", type=int, default=0,
                    help="also consolidate the first N sessions together into one adapter per "
                         "method, as `onthejob consolidate` does with a tenant's batch (default 0: no)")
+    k.add_argument("--rounds", type=int, default=1,
+                   help="consolidate the joint sessions in this many consecutive batches, each "
+                        "version a child of the last, as a tenant's nightly runs do; the "
+                        "accuracy on the sessions so far is logged after each (default 1)")
     k.add_argument("--joint-steps", type=int, default=None,
                    help="training steps of each joint consolidation (default: --steps)")
     k.add_argument("--reading-items", type=int, default=None,
@@ -166,7 +170,7 @@ def _knowledge(args: argparse.Namespace) -> int:
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
                           sequential=sizes["sequential"],
                           sequential_methods=names(args.sequential_methods), lrs=lrs,
-                          joint=args.joint, joint_steps=args.joint_steps,
+                          joint=args.joint, joint_steps=args.joint_steps, rounds=args.rounds,
                           notes_per_session=args.notes_per_session,
                           reading_items=sizes["reading_items"], general_items=sizes["general_items"],
                           opsd=opsd, notes_tokens=16 if args.smoke else 160,
