@@ -200,10 +200,12 @@ def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_d
     assert batches([1, 2], 5) == [[1], [2]] and batches([1, 2, 3], 1) == [[1, 2, 3]]
     out = tmp_path / "r"
     assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
-                 "--model", tiny_dir, "--methods", "opsd", "--sessions", "0", "--seeds", "1",
-                 "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
+                 "--model", tiny_dir, "--methods", "opsd,compact,sft,notes", "--sessions", "0",
+                 "--seeds", "1", "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
                  "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
-    v = json.loads((out / "report.json").read_text())["joint"]["methods"]["opsd"]
+    methods = json.loads((out / "report.json").read_text())["joint"]["methods"]
+    assert [len(methods[m]["rounds"]) for m in ("sft", "notes", "compact")] == [1, 1, 0]
+    v = methods["opsd"]
     # round 1 trained sessions 0-1 (asked their 4 questions), round 2 session 2, as a child
     assert v["rounds"] == [{"round": 1, "sessions": 2, "after": v["rounds"][0]["after"],
                             "questions": 4, "kl_to_base": v["rounds"][0]["kl_to_base"]}]
