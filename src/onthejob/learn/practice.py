@@ -6,8 +6,9 @@ every user turn (pasted text included), tool observations, the assistant's answe
 reviewer's words. A real session has no title, so none is needed.
 
 The prompts, for each sentence of the material:
-  - per answer span (numbers, dates, names, quoted phrases, and up to PHRASES_PER_SENTENCE
-    lowercase noun phrases such as "a fluorescent screen"; learn/spans.py), the same fact
+  - per answer span (numbers, dates, names, quoted phrases, and, when asked, up to
+    `phrases_per_sentence` lowercase noun phrases such as "a fluorescent screen";
+    learn/spans.py), the same fact
     asked two ways: "rule", the question made by rule in place ("... opened in what year?"),
     and "span", the model's own question for that span (answer-typed few-shot prompt), in
     the short-answer form (" Answer in a few words."). Both keep the span they ask for, so a
@@ -45,7 +46,11 @@ from onthejob.learn.spans import (
 from onthejob.model import LoadedModel, SamplingParams, generate
 
 KINDS = ("rule", "span", "question", "topic", "replay")
-PHRASES_PER_SENTENCE = 2  # lowercase noun phrases asked per sentence beside names and numbers
+# Lowercase noun phrases asked per sentence beside names and numbers. Off by default: on dev
+# articles 148-152 two a sentence raised coverage of the gold answers from 0.70 to 0.76 but
+# transfer fell from 0.58 to 0.42 and the general drop grew from 10 to 20 points at the same
+# visits (docs/RESULTS.md, "Noun phrases").
+PHRASES_PER_SENTENCE = 0
 REPLAY_MAX_CHARS = 400  # longer user turns carry material: replayed, they would put it in context
 FEEDBACK_PREFIX = "My feedback on this session:"
 
