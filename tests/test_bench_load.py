@@ -49,5 +49,16 @@ def test_streams_bench_measures_one_and_many_streams(tmp_path):
     many = result["many"]
     assert 0 < many["ttft_p50_s"] <= many["ttft_p99_s"] <= many["latency_p99_s"]
     assert many["tokens_per_s_all"] > 0 and result["scaling"] > 0
-    assert "| torch | continuous | 3 |" in out.read_text()
+    # the server says which precision --precision auto picked, and the report shows it
+    assert result["precision"] in ("float32", "bfloat16")
+    assert f"| torch ({result['precision']}) | continuous | 3 |" in out.read_text()
     assert main(["bench", "streams", "--batching", "eager", "--out", str(out)]) == 2
+
+
+def test_chosen_precision_is_read_from_the_server_log():
+    from onthejob.bench.streams import chosen_precision
+
+    log = "loading\nprecision bfloat16: measured tokens/s at batch 1: float32 40.1, bfloat16 60.2\n"
+    assert chosen_precision(log) == "bfloat16"
+    assert chosen_precision("precision float32: bf16 is not native here") == "float32"
+    assert chosen_precision("no such line") == ""

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--model", default="default", help="'default' (the embedded model), 'tiny' "
                     "or a local model directory (default: default)")
     st.add_argument("--engine", default="torch", help="the server's --engine (default: torch)")
+    st.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="the server's --precision (default: auto, what `onthejob serve` picks)")
     st.add_argument("--batching", default="continuous,per-call",
                     help="comma-separated server --batching modes (default: continuous,per-call)")
     st.add_argument("--out", default="docs/results/streams.md", help="markdown file to write "
@@ -63,7 +65,7 @@ def _streams(args: argparse.Namespace) -> int:
     results = []
     for mode in modes:
         cfg = StreamsConfig(streams=args.streams, max_tokens=args.max_tokens, model=args.model,
-                            batching=mode, engine=args.engine)
+                            batching=mode, engine=args.engine, precision=args.precision)
         try:
             results.append(run(cfg, say=lambda s: print(s, flush=True)))
         except RuntimeError as exc:

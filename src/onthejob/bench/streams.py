@@ -104,7 +104,16 @@ class StreamsConfig:
     model: str = "default"  # "default", "tiny", or a local model directory
     batching: str = "continuous"
     engine: str = "torch"
+    precision: str = "auto"  # the server's --precision (auto: what `onthejob serve` picks)
     start_timeout_s: float = 300.0
+
+
+def chosen_precision(server_log: str) -> str:
+    """The precision the server says it picked at start-up ("precision bfloat16: ..."), or ""."""
+    for line in server_log.splitlines():
+        if line.startswith("precision "):
+            return line.split()[1].rstrip(":")
+    return ""
 
 
 def run(cfg: StreamsConfig, say=print) -> dict:
@@ -124,8 +133,10 @@ def run(cfg: StreamsConfig, say=print) -> dict:
             f"batching) on port {port} ...")
         server = start_server(db, model_dir_for(cfg.model, scratch), port, scratch,
                               cfg.start_timeout_s, ["--batching", cfg.batching, "--engine",
-                                                    cfg.engine, "--max-batch",
-                                                    str(max(8, cfg.streams))])
+                                                    cfg.engine, "--precision", cfg.precision,
+                                                    "--max-batch", str(max(8, cfg.streams))])
+        precision = chosen_precision((scratch / "server.log").read_text()) or cfg.precision
+        say(f"the server decodes in {precision}")
         try:
             base = f"http://127.0.0.1:{port}"
             model = httpx.get(f"{base}/health", timeout=10).json()["model"]
@@ -138,7 +149,7 @@ def run(cfg: StreamsConfig, say=print) -> dict:
                 f"{many['latency_p50_s']} s, p99 {many['latency_p99_s']} s")
         finally:
             stop_server(server)
-    return {"config": asdict(cfg), "one": one, "many": many,
+    return {"config": asdict(cfg), "precision": precision, "one": one, "many": many,
             "scaling": round(many["tokens_per_s_all"] / one["tokens_per_s_all"], 2)
             if one["tokens_per_s_all"] else None}
 
@@ -151,7 +162,8 @@ def markdown(results: list[dict], command: str) -> str:
         c = r["config"]
         for part in ("one", "many"):
             s = r[part]
-            lines.append(f"| {c['engine']} | {c['batching']} | {s['streams']} | "
+            engine = c["engine"] + (f" ({r['precision']})" if r.get("precision") else "")
+            lines.append(f"| {engine} | {c['batching']} | {s['streams']} | "
                          f"{s['tokens_per_s_all']} | {s['tokens_per_s_per_stream']} | "
                          f"{r['scaling'] if part == 'many' else 1.0} | {s['ttft_p50_s']} / "
                          f"{s['ttft_p99_s']} | {s['latency_p50_s']} / {s['latency_p99_s']} |")
