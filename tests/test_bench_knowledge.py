@@ -207,7 +207,8 @@ def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_d
     assert [len(methods[m]["rounds"]) for m in ("sft", "notes", "compact")] == [1, 1, 0]
     v = methods["opsd"]
     # round 1 trained sessions 0-1 (asked their 4 questions), round 2 session 2, as a child
-    assert v["rounds"] == [{"round": 1, "sessions": 2, "after": v["rounds"][0]["after"],
-                            "questions": 4, "kl_to_base": v["rounds"][0]["kl_to_base"]}]
+    [r1] = v["rounds"]
+    assert (r1["round"], r1["sessions"], r1["questions"]) == (1, 2, 4)
+    assert len(r1["per_session"]) == 2 and sum(r1["per_session"]) == r1["after"]
     assert v["cost"]["steps"] == 4 and len(v["loss_curve"]) == 4  # 2 steps a round
     assert "Consolidated in 2 rounds" in (out / "report.md").read_text()

@@ -548,7 +548,8 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
                 right = sum(sum(g.correct) for g in got)
                 asked = sum(len(x.questions) for x in so_far)
                 rounds.append({"round": k + 1, "sessions": len(so_far), "after": right,
-                               "questions": asked, "kl_to_base": _kl(history)})
+                               "questions": asked, "kl_to_base": _kl(history),
+                               "per_session": [sum(g.correct) for g in got]})
                 log(f"  round {k + 1}/{len(groups)}: {right}/{asked} of the sessions so far, "
                     f"KL {_kl(history):.3f}, {cost['seconds']:.0f} s")
                 parent = str(Path(chain) / f"r{k + 1}")
