@@ -106,6 +106,39 @@ def test_anchor_rows_are_held_to_the_base_model_by_default():
         OpsdConfig(anchor_target="bogus")
 
 
+def test_the_teacher_reads_the_session_with_the_parent_or_with_the_base(tmp_path):
+    from onthejob.model.adapters import LoraSpec, activate, attach, save
+
+    lm = tiny_model(seed=6)  # a parent version whose adapter changes the model a lot
+    attach(lm, "parent", spec=LoraSpec(rank=4, alpha=8), trainable=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name and ".parent." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    activate(lm, ["parent"])
+    save(lm.model, "parent", tmp_path / "parent")
+
+    def targets(parent, teacher_from):
+        lm = tiny_model(seed=6)
+        trainer = Trainer(lm, TrainConfig(steps=1, bf16=False), parent=parent)
+        rule = Opsd([_lesson()], ["Say hi."], OpsdConfig(
+            prompts_per_step=2, teacher_tokens=4, teacher_samples=0, span_fallback=False,
+            teacher_from=teacher_from))
+        rule.prepare(trainer)
+        return [t.top_logprobs for ts in rule.targets.values() for t in ts]
+
+    alone = targets(None, "parent")  # no parent: both views are the base
+    from_base = targets(str(tmp_path / "parent"), "base")
+    from_parent = targets(str(tmp_path / "parent"), "parent")
+    assert len(alone) == len(from_base) > 0
+    assert all(torch.allclose(a, b) for a, b in zip(alone, from_base, strict=True))
+    assert not all(a.shape == b.shape and torch.allclose(a, b)
+                   for a, b in zip(alone, from_parent, strict=False))
+    with pytest.raises(ValueError, match="unknown teacher"):
+        OpsdConfig(teacher_from="bogus")
+
+
 def test_teacher_rows_drop_answers_that_miss_a_known_span_and_fall_back_to_the_span():
     from onthejob.learn.practice import PracticePrompt
 

@@ -81,6 +81,8 @@ OPSD_VARIANTS = {
     "opsd-then-onpolicy": {"on_policy_from": 0.5},  # (d) (a) for half the steps, then (b)
     # Against forgetting: more of each step's rows are anchors held to the base (0.25 default).
     "opsd-anchors-0.4": {"anchor_share": 0.4},
+    # In rounds (--rounds): the base model reads each new session, not the parent version.
+    "opsd-base-teacher": {"teacher_from": "base"},
 }
 METHODS = (*OPSD_VARIANTS, "sft", "notes", "dream", "compact")
 TRAINED = tuple(m for m in METHODS if m != "compact")

@@ -19,7 +19,7 @@ from onthejob.learn.consolidate import (
 from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
-from onthejob.learn.opsd import ANCHOR_TARGETS, OpsdConfig
+from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import command, db_option, plain
 
@@ -119,6 +119,10 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="what anchors are held to: the base model (no drift compounds over "
                    "versions), the model before the run (prior) or the teacher "
                    "(default %(default)s)")
+    p.add_argument("--teacher-from", default=rec.teacher_from, choices=TEACHER_FROM,
+                   help="who reads the session as the teacher: the parent version (its "
+                   "adapters) or the base model, so that a parent's drift does not pass into "
+                   "the next version's targets (default %(default)s)")
     p.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
                    help="OPSD rows per step (default %(default)s)")
     p.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
@@ -158,6 +162,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
+                      teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False))
 

@@ -106,6 +106,11 @@ class Trainer:
         """The base model alone: no adapter, eval mode, no grad."""
         return self._frozen(None)
 
+    def below(self):
+        """The base with only the frozen adapters stacked below (the shared adapter), without
+        the parent version: eval mode, no grad."""
+        return self._frozen(self.frozen_below or None)
+
     def frozen_student(self):
         """The student as it is now, for sampling and evaluation: eval mode, no grad."""
         return self._frozen([*self.frozen_below, STUDENT])

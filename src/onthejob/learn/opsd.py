@@ -60,6 +60,7 @@ from onthejob.model.chat import end_of_turn_ids
 from onthejob.store.logprobs import decode as decode_kept
 
 ANCHOR_TARGETS = ("base", "prior", "teacher")
+TEACHER_FROM = ("parent", "base")
 
 
 @dataclass
@@ -86,6 +87,11 @@ class OpsdConfig:
     # compounds from version to version); "prior" = the model as it was before this run,
     # without the session (parent adapters); "teacher" = the teacher with the session.
     anchor_target: str = "base"
+    # Who reads the session as the teacher: "parent" = the model as it was before this run
+    # (its adapters) with the session in context; "base" = the base model with it (only the
+    # frozen shared adapter below, if any): a parent's drift, e.g. worse in-context reading,
+    # then does not pass into the new version's targets.
+    teacher_from: str = "parent"
     reading_anchors: int = 2  # per session: in-context reading of its own sentences
     batch: int = 16  # generation and scoring batch in preparation
 
@@ -93,6 +99,9 @@ class OpsdConfig:
         if self.anchor_target not in ANCHOR_TARGETS:
             raise ValueError(f"unknown anchor target {self.anchor_target!r}; choose one of "
                              f"{', '.join(ANCHOR_TARGETS)}")
+        if self.teacher_from not in TEACHER_FROM:
+            raise ValueError(f"unknown teacher {self.teacher_from!r}; choose one of "
+                             f"{', '.join(TEACHER_FROM)}")
         if not 0.0 <= self.teacher_mix <= 1.0 or not 0.0 <= self.on_policy_from <= 1.0:
             raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
 
@@ -150,13 +159,17 @@ class Opsd:
         self.tokens_student = 0
         self.tokens_teacher = 0
 
+    def _teacher(self, trainer: Trainer):
+        """The teacher's view (OpsdConfig.teacher_from)."""
+        return trainer.teacher() if self.cfg.teacher_from == "parent" else trainer.below()
+
     # -- preparation -------------------------------------------------------------------------
     def prepare(self, trainer: Trainer) -> None:
         lm, tok = trainer.lm, trainer.lm.tokenizer
         self._tok, self._device = tok, lm.device
         self._eot = min(end_of_turn_ids(tok) - {None})
         system_len = _system_prefix_len(tok)
-        with trainer.teacher():
+        with self._teacher(trainer):
             for index, lesson in enumerate(self.lessons):
                 check_fits(lm, lesson, room=64 + max(self.cfg.max_new_tokens, self.cfg.teacher_tokens))
                 context_ids = render_ids(tok, lesson.context, add_generation_prompt=False)
@@ -204,7 +217,7 @@ class Opsd:
         lesson_probes = [i for i, p in enumerate(self.probes) if not p.anchor]
         answers: dict[int, list[list[int]]] = {i: [] for i in lesson_probes}
         started = time.time()
-        with trainer.teacher():
+        with self._teacher(trainer):
             runs = [(0.0, None)] + [(cfg.teacher_temperature, trainer.cfg.seed * 7919 + k + 1)
                                     for k in range(cfg.teacher_samples)]
             done, batches, total = 0, 0, len(lesson_probes) * len(runs)
@@ -414,7 +427,7 @@ class Opsd:
         for k, i in enumerate(rows):
             by_lesson.setdefault(self.probes[i].lesson, []).append(k)
         parts: dict[int, torch.Tensor] = {}
-        with trainer.teacher():
+        with self._teacher(trainer):
             for lesson, ks in by_lesson.items():
                 prompts = [self.probes[rows[k]].teacher_suffix for k in ks]
                 logits = response_logits(trainer.lm, prompts, [responses[k] for k in ks],
