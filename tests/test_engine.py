@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from onthejob.model import Completion, SamplingParams, generate, render_ids, tiny_model
-from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
+from onthejob.model.adapters import LoraSpec, random_lora, save, use_adapter
 from onthejob.model.engine import TorchEngine, make_engine
 from onthejob.serve.engine import Engine
 
@@ -17,13 +17,7 @@ PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
 def _adapter(lm, name: str, seed: int, folder) -> str:
-    attach(lm, name, spec=LoraSpec(rank=4, alpha=8), trainable=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in lm.model.named_parameters():
-            if "lora_B" in pname and f".{name}." in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    activate(lm, [name])
+    random_lora(lm, name, LoraSpec(rank=4, alpha=8), seed=seed, scale=0.5)
     path = str(folder / name)
     save(lm.model, name, path)
     return path

@@ -107,16 +107,10 @@ def test_anchor_rows_are_held_to_the_base_model_by_default():
 
 
 def test_the_teacher_reads_the_session_with_the_parent_or_with_the_base(tmp_path):
-    from onthejob.model.adapters import LoraSpec, activate, attach, save
+    from onthejob.model.adapters import LoraSpec, random_lora, save
 
     lm = tiny_model(seed=6)  # a parent version whose adapter changes the model a lot
-    attach(lm, "parent", spec=LoraSpec(rank=4, alpha=8), trainable=False)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name and ".parent." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    activate(lm, ["parent"])
+    random_lora(lm, "parent", LoraSpec(rank=4, alpha=8), seed=3, scale=0.5)
     save(lm.model, "parent", tmp_path / "parent")
 
     def targets(parent, teacher_from):

@@ -238,22 +238,15 @@ def test_llamacpp_with_an_exported_adapter_computes_what_torch_does(tmp_path, mo
     the same export without the q/k row permutation does not."""
     import shutil
 
-    import torch
     from lora_fixtures import write_gguf
 
     from onthejob.model import generate, tiny_model
-    from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
+    from onthejob.model.adapters import LoraSpec, random_lora, save, use_adapter
     from onthejob.model.gguf_lora import shipped_gguf
     from onthejob.model.llamacpp import LlamaCppEngine
 
     lm = tiny_model(seed=3)
-    attach(lm, "t", spec=LoraSpec(rank=4, alpha=8), trainable=False)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    activate(lm, ["t"])
+    random_lora(lm, "t", LoraSpec(rank=4, alpha=8), seed=5, scale=0.5)
     adapter = str(tmp_path / "adapter")
     save(lm.model, "t", adapter)
     lm.model = lm.model.unload()

@@ -29,7 +29,7 @@ import torch
 
 from onthejob.bench import names
 from onthejob.model import SamplingParams, generate, load_model, render_ids
-from onthejob.model.adapters import LoraSpec, activate, attach, save, use_adapter
+from onthejob.model.adapters import LoraSpec, random_lora, save, use_adapter
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short story about a robot.",
@@ -43,13 +43,7 @@ BATCHES = (1, 8, 32)
 def bench_adapter(lm, folder: str) -> str:
     """A LoRA like the trainer's (r=16 on every projection) with small random B, so it changes
     the outputs; saved as an adapter directory and detached again."""
-    attach(lm, "bench", spec=LoraSpec(), trainable=False)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name and ".bench." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    activate(lm, ["bench"])
+    random_lora(lm, "bench", LoraSpec(), seed=0, scale=0.02)
     path = str(Path(folder) / "bench-adapter")
     save(lm.model, "bench", path)
     lm.model = lm.model.unload()

@@ -166,6 +166,22 @@ def activate(lm: LoadedModel, names: Sequence[str] | None, trainable: str | None
         param.requires_grad = bool(trainable) and "lora_" in pname and f".{trainable}." in pname
 
 
+def random_lora(lm: LoadedModel, name: str, spec: LoraSpec | None = None, seed: int = 0,
+                scale: float = 0.02) -> None:
+    """Attach a frozen adapter `name` whose B matrices are seeded normal noise times `scale`
+    (so it changes the outputs, unlike a fresh LoRA), and make it the active one: what
+    benchmarks and tests use to stand for a trained tenant adapter."""
+    import torch
+
+    attach(lm, name, spec=spec or LoraSpec(), trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in lm.model.named_parameters():
+            if "lora_B" in pname and f".{name}." in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    activate(lm, [name])
+
+
 def use_adapter(lm: LoadedModel, paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
                 max_loaded: int = 8) -> None:
     """Serve with the adapters at `paths` stacked (shared first, then the tenant's), or the base
