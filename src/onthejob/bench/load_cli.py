@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--model", default="default", help="'default' (the embedded model), 'tiny' "
                     "or a local model directory (default: default)")
     st.add_argument("--engine", default="torch", help="the server's --engine (default: torch)")
-    st.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                    help="the server's --precision (default: auto, what `onthejob serve` picks)")
+    st.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
+                    help="the server's --precision (default: %(default)s, `onthejob serve`'s)")
     st.add_argument("--batching", default="continuous,per-call",
                     help="comma-separated server --batching modes (default: continuous,per-call)")
     st.add_argument("--out", default="docs/results/streams.md", help="markdown file to write "

@@ -104,7 +104,7 @@ class StreamsConfig:
     model: str = "default"  # "default", "tiny", or a local model directory
     batching: str = "continuous"
     engine: str = "torch"
-    precision: str = "auto"  # the server's --precision (auto: what `onthejob serve` picks)
+    precision: str = "float32"  # the server's --precision (`onthejob serve`'s default)
     start_timeout_s: float = 300.0
 
 

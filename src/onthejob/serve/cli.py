@@ -95,12 +95,15 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                         help="what runs the model: torch, or llamacpp (llama.cpp on the shipped "
                         "GGUF, each request's adapters exported to GGUF LoRA; needs "
                         "llama-cpp-python) (default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=["auto", *sorted(PRECISIONS)],
+    parser.add_argument("--precision", default="float32", choices=["auto", *sorted(PRECISIONS)],
                         help="the torch engine's matrix products: float32 reproduces the model "
                         "exactly; bfloat16 reads half the bytes a step, faster where the CPU has "
                         "native bf16 (see docs/results/generate-quiet.md); auto times both at "
                         "start-up (about two seconds) and keeps bfloat16 only where bf16 is "
-                        "native and at least 1.1x faster (default %(default)s)")
+                        "native and at least 1.1x faster at batch 1; measured here, auto picked "
+                        "bfloat16 and the server then streamed at half float32's rate "
+                        "(docs/results/streams-auto.md), so float32 stays the default "
+                        "(default %(default)s)")
 
 
 def _backend(args: argparse.Namespace, lm):
