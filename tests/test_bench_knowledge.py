@@ -212,3 +212,16 @@ def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_d
     assert len(r1["per_session"]) == 2 and sum(r1["per_session"]) == r1["after"]
     assert v["cost"]["steps"] == 4 and len(v["loss_curve"]) == 4  # 2 steps a round
     assert "Consolidated in 2 rounds" in (out / "report.md").read_text()
+
+
+def test_stacked_rounds_train_a_fresh_adapter_over_the_frozen_earlier_ones(tmp_path, tiny_dir):
+    out = tmp_path / "s"
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", "opsd,opsd-stacked", "--sessions", "0",
+                 "--seeds", "1", "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
+                 "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
+    methods = json.loads((out / "report.json").read_text())["joint"]["methods"]
+    child, stack = methods["opsd"], methods["opsd-stacked"]
+    assert len(stack["rounds"]) == 1 and stack["cost"]["steps"] == 4
+    # a child is one adapter; a stack of two rounds is served as both
+    assert stack["cost"]["adapter_bytes"] > 1.9 * child["cost"]["adapter_bytes"]

@@ -83,7 +83,11 @@ OPSD_VARIANTS = {
     "opsd-anchors-0.4": {"anchor_share": 0.4},
     # In rounds (--rounds): the base model reads each new session, not the parent version.
     "opsd-base-teacher": {"teacher_from": "base"},
+    # In rounds: each round a fresh adapter stacked on the earlier rounds' frozen ones (their
+    # weights cannot be overwritten), instead of a child that continues the parent's weights.
+    "opsd-stacked": {},
 }
+STACKED = ("opsd-stacked",)  # methods whose rounds stack fresh adapters (see _joint)
 METHODS = (*OPSD_VARIANTS, "sft", "notes", "dream", "compact")
 TRAINED = tuple(m for m in METHODS if m != "compact")
 SWEEP_METHODS = ("sft", "opsd")
@@ -373,9 +377,10 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
 def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Session],
            method: str, lr: float, seed: int, parent: str | None = None,
            steps: int | None = None,
-           log: Callable[[str], None] | None = None) -> tuple[Trainer, object, dict]:
+           log: Callable[[str], None] | None = None,
+           stack_below: Sequence[str] = ()) -> tuple[Trainer, object, dict]:
     """Consolidate one session (or several together) into the student adapter (a child of
-    `parent` when given)."""
+    `parent` when given; a fresh one over the frozen `stack_below` adapters when those are)."""
     group = [session] if isinstance(session, Session) else list(session)
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
@@ -387,7 +392,8 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Se
             n = sum(len(x.probes) for x in lessons)
             steps = steps_for_visits(n, cfg.visits * (2 if method == "dream" else 1), cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps or cfg.steps, lr=lr, seed=seed, bf16=bf16,
-                                          log_every=10), parent=parent)
+                                          log_every=10), parent=parent,
+                          stack_below=stack_below)
         rule = _rule(method, lessons, lm, cfg, [q for s in group for q in s.questions])
         progress = None
         if log is not None:
@@ -536,12 +542,17 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
     log(f"joint {method}: {len(sessions)} sessions into one adapter"
         + (f" in {len(groups)} rounds of {len(groups[0])} (each version a child of the last, "
            f"as a tenant's nightly consolidations)" if len(groups) > 1 else "") + f", {budget}")
-    parent, rounds, spent = None, [], []
+    # A child continues its parent's weights; a stacked round trains a fresh adapter over
+    # the earlier rounds' adapters, frozen (the teacher is then that stack with the session).
+    stacked = method in STACKED
+    parent, rounds, spent, below = None, [], [], []
     with tempfile.TemporaryDirectory(prefix="rounds-") as chain:
         for k, group in enumerate(groups):
             lm = load_model(cfg.model, device=cfg.device)
             trainer, history, cost = _train(cfg, lm, group, method, cfg.lr, cfg.seed,
-                                            parent=parent, steps=cfg.joint_steps, log=log)
+                                            parent=None if stacked else parent,
+                                            steps=cfg.joint_steps, log=log,
+                                            stack_below=list(below))
             spent.append((history, cost))
             if k < len(groups) - 1:
                 so_far = sessions[:sum(len(g) for g in groups[:k + 1])]
@@ -556,15 +567,18 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
                     f"KL {_kl(history):.3f}, {cost['seconds']:.0f} s")
                 parent = str(Path(chain) / f"r{k + 1}")
                 save(lm.model, STUDENT, parent, meta={"method": method, "bench": "knowledge"})
+                below.append(parent)
         history = [h for hs, _ in spent for h in hs]
         cost = _sum_costs([c for _, c in spent])
-    with trainer.frozen_student():
-        got, forgetting = evaluate(lm, sessions, probes_ctx)
-    forgetting = {"reading": float("nan"), "general": float("nan"), **forgetting,
-                  "kl_to_base": _kl(history)}
-    with tempfile.TemporaryDirectory() as tmp:
-        save(lm.model, STUDENT, Path(tmp) / "adapter")
-        cost["adapter_bytes"] = adapter_bytes(Path(tmp) / "adapter")
+        with trainer.frozen_student():
+            got, forgetting = evaluate(lm, sessions, probes_ctx)
+        forgetting = {"reading": float("nan"), "general": float("nan"), **forgetting,
+                      "kl_to_base": _kl(history)}
+        with tempfile.TemporaryDirectory() as tmp:
+            save(lm.model, STUDENT, Path(tmp) / "adapter")
+            # A stack is served as all its adapters: their bytes add up.
+            cost["adapter_bytes"] = adapter_bytes(Path(tmp) / "adapter") + (
+                sum(adapter_bytes(b) for b in below) if stacked else 0)
     cost["kv_cache_bytes"] = sum(kv[s.index] for s in sessions)
     return {"method": method, "after": [sum(g.correct) for g in got],
             "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],

@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated, from: opsd (the default recipe), its ablation variants "
                    "opsd-onpolicy-fkl, opsd-onpolicy-rkl, opsd-then-onpolicy, opsd-anchors-0.4 "
                    "(the same steps, 40 %% of the rows anchors), opsd-base-teacher (in "
-                   "--rounds, the base model reads each new session), and sft, notes, "
+                   "--rounds, the base model reads each new session), opsd-stacked (in --rounds, each "
+                   "round a fresh adapter over the earlier rounds' frozen ones), and sft, notes, "
                    "dream, compact (compact: joint part only); default %(default)s")
     k.add_argument("--seeds", type=int, default=None,
                    help="seeds per method: mean and spread of the transfer ratio; forgetting "
