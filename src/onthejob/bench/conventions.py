@@ -70,7 +70,7 @@ from onthejob.learn.gate import (
     reading_accuracy,
 )
 from onthejob.learn.lesson import Lesson
-from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
+from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress, report_rate
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
 from onthejob.learn.practice import PracticePrompt, assert_unseen, replayed
@@ -146,6 +146,7 @@ def replies(lm: LoadedModel, chats: Sequence[Sequence[dict]], max_tokens: Sequen
     """Greedy replies to each chat (in the model's current view), batched by reply budget."""
     budgets = [max_tokens] * len(chats) if isinstance(max_tokens, int) else list(max_tokens)
     out: list[str | None] = [None] * len(chats)
+    started, done = time.time(), 0
     for budget in sorted(set(budgets)):
         rows = [i for i, b in enumerate(budgets) if b == budget]
         for start in range(0, len(rows), batch):
@@ -154,6 +155,9 @@ def replies(lm: LoadedModel, chats: Sequence[Sequence[dict]], max_tokens: Sequen
             for i, o in zip(chunk, generate(lm, prompts, SamplingParams(max_tokens=budget)),
                             strict=True):
                 out[i] = o.text.strip()
+            done += len(chunk)
+            if len(chats) > batch:  # a long pass says how far it is (stderr)
+                report_rate("replies", "replies", done, len(chats), started)
     return [o or "" for o in out]
 
 
