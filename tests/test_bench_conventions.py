@@ -158,6 +158,24 @@ def test_the_session_teaches_and_an_eval_prompt_in_training_fires(tiny_lm):
         bench.check_unseen(taught[1], extra_training=[taught[1].convention.eval[0]])
 
 
+def test_the_review_s_words_lead_the_teacher_s_context_and_are_checked_for_leaks(tiny_lm):
+    tok = tiny_lm.tokenizer
+    [t] = bench.teach(tiny_lm, cc.by_ids(cc.load(kept_only=False), ["members"]), "statement",
+                      examples=1, max_tokens=4)
+    assert t.lesson().context == t.context  # no review: the session alone
+    t.review = bench.review_messages(tok, t.convention.rule)
+    context = t.lesson().context
+    assert context[0]["role"] == "system" and t.convention.rule in context[0]["content"]
+    assert context[0]["content"].startswith(bench.default_system(tok))
+    assert context[1:] == t.context
+    bench.check_unseen(t)
+    t.review = bench.review_messages(tok, t.convention.eval[0])
+    with pytest.raises(LeakError):
+        bench.check_unseen(t)
+    with pytest.raises(ValueError, match="unknown review"):
+        bench.run(bench.ConventionsConfig(review="everything"))
+
+
 def test_memory_counts_its_tokens(tiny_lm):
     tok = tiny_lm.tokenizer
     assert bench.default_system(tok).startswith("You are a helpful AI assistant")

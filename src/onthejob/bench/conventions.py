@@ -82,6 +82,8 @@ METHODS = ("opsd", "sft", "notes")
 FORMS = ("statement", "correction", "mixed")
 ACK = "Understood. I will do that from now on."  # scripted, after an up-front statement
 MEMORY_HEADER = "What you remember about the team you work for:"
+REVIEW_HEADER = "The user's feedback on this session, to keep to from now on:"
+REVIEWS = ("none", "rule")
 GATE_HELD = 4  # retention chain: train prompts held back from training for the gate
 
 
@@ -112,6 +114,10 @@ class ConventionsConfig:
     device: str = "cpu"
     work: str | None = None  # keep finished consolidations (and opsd adapters) here; a rerun
     #                          with the same settings resumes from them (None: a temporary dir)
+    # What the session's review says: "none" (no words), or "rule" (the user approves it with
+    # the convention's rule in their own words, the memory row's words); the teacher reads the
+    # review in its system prompt, as a memory layer would put it (REVIEW_HEADER).
+    review: str = "none"
 
 
 # -- prompts and replies ------------------------------------------------------------------------
@@ -264,11 +270,20 @@ class Taught:
     replies: dict = field(default_factory=dict)
     context_tokens: int = 0
     memory_tokens: int = 0
+    review: list[dict] = field(default_factory=list)  # the teacher's system message (the review)
 
     def lesson(self, held_back: Sequence[str] = ()) -> Lesson:
+        """What consolidation learns from: the session (after the review's system message,
+        where there is one) and its practice prompts less `held_back`."""
         practice = [p for p in self.practice if p.text not in set(held_back)]
-        return Lesson(f"convention-{self.convention.id}", self.context,
+        return Lesson(f"convention-{self.convention.id}", [*self.review, *self.context],
                       [p.text for p in practice], practice=practice)
+
+
+def review_messages(tokenizer, words: str) -> list[dict]:
+    """The review's words in the teacher's system prompt (after the template's own)."""
+    system = default_system(tokenizer)
+    return [{"role": "system", "content": f"{system}\n\n{REVIEW_HEADER} {words}".strip()}]
 
 
 def _form(cfg_form: str, k: int) -> str:
@@ -336,7 +351,7 @@ def practice_for(c: Convention, context: Sequence[dict], form: str, asked: Seque
 def check_unseen(t: Taught, extra_training: Sequence[str] = ()) -> None:
     """No eval prompt of the convention in its session, its practice prompts (with the answers
     given to them), the training anchors or `extra_training` (LeakError)."""
-    texts = [m["content"] for m in t.context]
+    texts = [m["content"] for m in [*t.review, *t.context]]
     texts += [p.text for p in t.practice] + [p.given for p in t.practice if p.given]
     assert_unseen(t.convention.eval, [*texts, *TRAINING_ANCHORS, *extra_training])
 
@@ -420,6 +435,8 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
     for m in cfg.methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if cfg.review not in REVIEWS:
+        raise ValueError(f"unknown review {cfg.review!r}; choose from {', '.join(REVIEWS)}")
     started = time.time()
     conventions = pick(cfg)
     if not conventions:
@@ -446,6 +463,8 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
     t0 = time.time()
     taught = teach(lm, conventions, cfg.form, cfg.examples, cfg.max_tokens)
     for t in taught:
+        if cfg.review == "rule":
+            t.review = review_messages(lm.tokenizer, t.convention.rule)
         check_unseen(t)
     log(f"sessions built ({time.time() - t0:.0f} s): the session's own answers follow the "
         f"convention {sum(sum(t.session_follows) for t in taught)}/"

@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--form", default="mixed", choices=("statement", "correction", "mixed"),
                    help="how the session teaches: stated up front, as a correction after a "
                    "wrong answer, or alternating between conventions (default %(default)s)")
+    p.add_argument("--review", default="none", choices=("none", "rule"),
+                   help="what the session's review says: nothing, or the convention's rule in "
+                   "the user's words (the memory row's words), which the teacher reads in its "
+                   "system prompt (default %(default)s)")
     p.add_argument("--examples", type=int, default=None,
                    help="train prompts the session asks, answered by the model (default 3)")
     p.add_argument("--visits", type=float, default=None,
@@ -144,7 +148,7 @@ def _conventions(args: argparse.Namespace) -> int:
         print(f"note: {args.squad} not found: no in-context reading items", file=sys.stderr)
     cfg = bench.ConventionsConfig(
         conventions=names(args.conventions), n=sizes["n"], methods=names(args.methods),
-        form=args.form, examples=sizes["examples"], visits=sizes["visits"], lr=args.lr,
+        form=args.form, review=args.review, examples=sizes["examples"], visits=sizes["visits"], lr=args.lr,
         seed=args.seed, max_tokens=sizes["max_tokens"], isolation=not args.no_isolation,
         retention=sizes["retention"], gate=not args.no_gate, shared=args.shared,
         general_items=sizes["general_items"], reading_items=sizes["reading_items"] if squad else 0,

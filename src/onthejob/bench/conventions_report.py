@@ -84,7 +84,10 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
              f"Date {result['date']}; {result['seconds'] / 60:.1f} min in all. Protocol: "
              "src/onthejob/bench/conventions.py. Each convention is one tenant; its session "
              f"teaches it ({cfg['form']} form, {cfg['examples']} example prompts answered by "
-             f"the model), then is consolidated at {cfg['visits']:g} visits per practice "
+             f"the model)" + (", is approved with the convention's rule as the review's "
+                              "words (the teacher reads them in its system prompt)"
+                              if cfg.get("review") == "rule" else "")
+             + f", then is consolidated at {cfg['visits']:g} visits per practice "
              f"prompt, lr {cfg['lr']:g}; adherence is the share of the {cfg['max_tokens']}-token "
              "greedy replies to the convention's 16 eval prompts (never trained on, asserted) "
              "that its checker passes. Conventions: " + ", ".join(
