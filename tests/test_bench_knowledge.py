@@ -193,17 +193,22 @@ def test_first_and_stride_pick_articles_inside_the_split():
         load_articles(data, "dev", 3, first=200)
 
 
+def _two_rounds(tmp_path, tiny_dir, methods: str, out) -> dict:
+    """The joint part only, 3 sessions in 2 rounds of 2 steps: the report's joint methods."""
+    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
+                 "--model", tiny_dir, "--methods", methods, "--sessions", "0",
+                 "--seeds", "1", "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
+                 "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
+    return json.loads((out / "report.json").read_text())["joint"]["methods"]
+
+
 def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_dir):
     from onthejob.bench.knowledge import batches
 
     assert batches(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert batches([1, 2], 5) == [[1], [2]] and batches([1, 2, 3], 1) == [[1, 2, 3]]
     out = tmp_path / "r"
-    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
-                 "--model", tiny_dir, "--methods", "opsd,compact,sft,notes", "--sessions", "0",
-                 "--seeds", "1", "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
-                 "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
-    methods = json.loads((out / "report.json").read_text())["joint"]["methods"]
+    methods = _two_rounds(tmp_path, tiny_dir, "opsd,compact,sft,notes", out)
     assert [len(methods[m]["rounds"]) for m in ("sft", "notes", "compact")] == [1, 1, 0]
     v = methods["opsd"]
     # round 1 trained sessions 0-1 (asked their 4 questions), round 2 session 2, as a child
@@ -215,12 +220,7 @@ def test_joint_in_rounds_chains_versions_and_reports_each_round(tmp_path, tiny_d
 
 
 def test_stacked_rounds_train_a_fresh_adapter_over_the_frozen_earlier_ones(tmp_path, tiny_dir):
-    out = tmp_path / "s"
-    assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
-                 "--model", tiny_dir, "--methods", "opsd,opsd-stacked", "--sessions", "0",
-                 "--seeds", "1", "--lrs", "", "--sequential", "0", "--joint", "3", "--rounds", "2",
-                 "--joint-steps", "2", "--threads", "1", "--out", str(out) + "/"]) == 0
-    methods = json.loads((out / "report.json").read_text())["joint"]["methods"]
+    methods = _two_rounds(tmp_path, tiny_dir, "opsd,opsd-stacked", tmp_path / "s")
     child, stack = methods["opsd"], methods["opsd-stacked"]
     assert len(stack["rounds"]) == 1 and stack["cost"]["steps"] == 4
     # a child is one adapter; a stack of two rounds is served as both
