@@ -261,3 +261,36 @@ def test_training_anchors_are_disjoint_from_the_drift_anchors_and_the_general_qu
     # Short questions in the lessons' own form, so that form alone does not come to mean
     # "answer with the session's facts".
     assert sum(a.endswith(ANSWER_HINT) for a in TRAINING_ANCHORS) == len(SHORT_ANCHORS) >= 40
+
+
+def test_model_written_questions_must_name_the_material_or_the_users_setting():
+    from onthejob.learn.practice import anchors, grounded
+
+    keys = anchors("Our team's project is code-named Bluefin. It launches on March 3 in Oslo, "
+                   "and the first customer is the Port of Bergen.")
+    assert {"bluefin", "oslo", "bergen"} <= keys
+    assert grounded("When does the Oslo launch happen?", keys)
+    assert grounded("What is our project code-named?", keys)  # the user's own setting
+    assert not grounded("Which city is the largest?", keys)  # the world's question
+    assert not grounded("When does it launch?", keys)
+
+
+def test_a_sentences_opening_imperative_is_not_an_answer_span():
+    from onthejob.learn.practice import span_units, topic_names
+
+    text = ("Good. Remember the codename and the customer for later.\n"
+            "Oslo hosts the launch on March 3 this year.\nThe launch in Oslo is public.")
+    spans = [a for _, a in span_units(text)]
+    assert "Remember" not in spans and "Remember" not in topic_names(text)
+    assert "Oslo" in spans  # an opening word the material capitalizes elsewhere is a name
+
+
+def test_the_gate_holds_back_at_least_two_probes_per_session():
+    from onthejob.learn.consolidate import MIN_HELD_OUT, lesson_from
+
+    context = [{"role": "user", "content": "Please remember this: The Bluefin project ships on "
+                "March 3 in Oslo. Its lead engineer is Ada Lind, who joined in 2019."},
+               {"role": "assistant", "content": "I will remember it."}]
+    lesson = lesson_from(tiny_model(seed=0), "s1", context, held_out_share=0.25)
+    assert len(lesson.held_out) >= MIN_HELD_OUT and lesson.probes
+    assert not set(lesson.held_out) & set(lesson.probes)

@@ -57,6 +57,7 @@ METHODS = ("opsd", "sft", "notes")
 # The budget: visits per training probe when no fixed step count is asked for, and a cap.
 VISITS = 10
 MAX_AUTO_STEPS = 600
+MIN_HELD_OUT = 2  # held-back probes per session at least, where the practice material has them
 
 
 def recommended_opsd() -> OpsdConfig:
@@ -80,6 +81,7 @@ class ConsolidateOptions:
     gate: GateConfig = field(default_factory=GateConfig)
     probe_kinds: Sequence[str] = KINDS
     held_out_share: float = 0.25  # of the answer spans: their model-written question is held back
+    # (at least MIN_HELD_OUT probes, so that the gate's learn check is not one question)
     dry_run: bool = False
 
 
@@ -108,14 +110,17 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
     rng = random.Random(seed)
     spans = sorted({p.answer for p in practice if p.kind == "span"})
     rng.shuffle(spans)
-    held = set(spans[:max(1, round(len(spans) * held_out_share))]) if len(spans) > 1 else set()
+    want = max(MIN_HELD_OUT, round(len(spans) * held_out_share)) if held_out_share > 0 else 0
+    # A span's model-written question may be held back even when it is the only one: the
+    # span's rule-made question still trains, so the fact is still taught.
+    held = set(spans[:want])
     lesson.held_out = [p.text for p in practice if p.kind == "span" and p.answer in held]
-    if not lesson.held_out and held_out_share > 0:
-        # Fewer than two model-written span questions: hold back some of the questions the
-        # model wrote per sentence instead (scored against the teacher's answers).
+    if len(held) < want:
+        # Too few model-written span questions: top up with the questions the model wrote
+        # per sentence (scored against the teacher's answers), leaving at least one to train.
         plain = [p.text for p in practice if p.kind in ("question", "topic")]
         rng.shuffle(plain)
-        lesson.held_out = plain[:max(1, round(len(plain) * held_out_share))] if len(plain) > 1 else []
+        lesson.held_out += plain[:min(want - len(held), len(plain) - 1)]
     lesson.practice = practice
     lesson.probes = [p.text for p in practice if p.text not in set(lesson.held_out)]
     return lesson

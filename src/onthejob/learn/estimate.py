@@ -43,6 +43,8 @@ class Plan:
 
 def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts) -> dict:
     """The units of work of a consolidation, counted without generating anything."""
+    from onthejob.learn.consolidate import MIN_HELD_OUT  # consolidate imports this module
+
     tokens = rule = written = held = sentences = 0
     for s in sessions:
         review = store.get_review(s.tenant, s.id)
@@ -57,7 +59,7 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
         rule += len(made)
         written += model_made
         sentences += n_sent
-        held += max(1, round(units * opts.held_out_share)) if units > 1 and opts.held_out_share else 0
+        held += max(MIN_HELD_OUT, round(units * opts.held_out_share)) if units > 1 and opts.held_out_share else 0
     probes = max(rule + written - held, 1)
     steps = opts.train.steps
     if opts.visits:

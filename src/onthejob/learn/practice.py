@@ -14,7 +14,10 @@ The prompts, for each sentence of the material:
     the short-answer form (" Answer in a few words."). Both keep the span they ask for, so a
     teacher answer that misses it can be dropped and the gate can score against it;
   - "question": the model's question for the sentence (few-shot, learn/probes.py), whose
-    answer is not known in advance;
+    answer is not known in advance, kept only when `grounded` (it names one of the material's
+    names or numbers, or says "our"/"my"): an ungrounded one ("Which city is the largest?") is
+    answered by the teacher from the session and teaches the student to answer the world's
+    questions with the session's facts;
   - "topic": "What do you know about NAME?" for the names the material mentions most (the
     fact asked the other way round: name -> sentence);
 and from the session itself: "replay", its short user turns, each with the assistant's
@@ -95,14 +98,36 @@ def sentences_of(text: str) -> list[str]:
     return [s for para in text.splitlines() for s in split_sentences(para)]
 
 
+def _inner_capitals(sentences: Sequence[str]) -> set[str]:
+    """Lowercased words that some sentence of the material capitalizes after its first word."""
+    out = set()
+    for s in sentences:
+        for w in s.split()[1:]:
+            bare = w.strip("\"'()[]{},;:.!?“”‘’")
+            if bare[:1].isupper():
+                out.add(bare.lower().removesuffix("'s"))
+    return out
+
+
+def _opening_word(span: str, sentence: str, names: set[str]) -> bool:
+    """Whether `span` is only its sentence's capitalized first word ("Remember the codename."),
+    which the material never capitalizes elsewhere: an imperative or a plain word, not a name."""
+    return (len(span.split()) == 1 and not span[:1].isdigit() and sentence.startswith(span)
+            and span.lower() not in names)
+
+
 def span_units(text: str, spans_per_sentence: int = 4,
                phrases_per_sentence: int = 0) -> list[tuple[str, str]]:
     """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first:
     up to `spans_per_sentence` numbers, dates and names, then up to `phrases_per_sentence`
-    lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date)."""
+    lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date).
+    A sentence's capitalized first word is a span only where the material capitalizes it
+    elsewhere too."""
     units, used = [], set()
-    for s in sentences_of(text):
-        base = answer_spans(s)
+    sentences = sentences_of(text)
+    names = _inner_capitals(sentences)
+    for s in sentences:
+        base = [a for a in answer_spans(s) if not _opening_word(a, s, names)]
         named = [a for a in base if normalize(a) not in used][:spans_per_sentence]
         plain = [a for a in answer_spans(s, phrases=True) if a not in base
                  and normalize(a) not in used][:phrases_per_sentence] if phrases_per_sentence else []
@@ -133,12 +158,39 @@ def model_span_questions(lm: LoadedModel, units: Sequence[tuple[str, str]],
     return out
 
 
+# Words by which a question points at the user's own setting ("our project", "my team"): such a
+# question is about the session even without a name in it, and a general question never has one.
+_OWN_WORDS = {"our", "ours", "we", "us", "my", "mine", "me", "i"}
+_ANCHOR_STOP = {"of", "the", "de", "da", "del", "di", "von", "van", "der", "du", "la", "le", "y",
+                "a", "an", "and", "in", "on", "at", "for", "to"}
+
+
+def anchors(text: str) -> set[str]:
+    """The words of the material's answer spans (names, numbers, dates): what a question must
+    name to be about this material rather than the world (see `grounded`)."""
+    out = set()
+    for _, a in span_units(text, spans_per_sentence=99):
+        out |= set(normalize(a).split()) - _ANCHOR_STOP
+    return out
+
+
+def grounded(question: str, material_anchors: set[str]) -> bool:
+    """Whether a model-written question is about the session: it names one of the material's
+    names or numbers, or speaks of the user's own setting ("our", "my"). "Which city is the
+    largest?" is neither: the teacher answers it from the session ("Oslo"), and a student taught
+    that answers the world's questions with the session's facts (the demo's general drop)."""
+    words = set(normalize(question).split())
+    return bool(words & _OWN_WORDS or words & material_anchors)
+
+
 def topic_names(text: str, n: int = 8) -> list[str]:
     """The names (multi-word capitalized spans first) the material mentions most."""
     counts: Counter[str] = Counter()
-    for s in sentences_of(text):
+    sentences = sentences_of(text)
+    names = _inner_capitals(sentences)
+    for s in sentences:
         for a in answer_spans(s):
-            if span_kind(a) in ("person", "name"):
+            if span_kind(a) in ("person", "name") and not _opening_word(a, s, names):
                 counts[a] += 1 + (len(a.split()) > 1)
     return [name for name, _ in counts.most_common(n)]
 
@@ -163,7 +215,9 @@ def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
             if q:
                 out.append(PracticePrompt(q + ANSWER_HINT, "span", answer=a, sentence=s))
     if "question" in kinds and lm is not None:
-        out += [PracticePrompt(q, "question") for q in question_probes(lm, text)]
+        keys = anchors(text)
+        out += [PracticePrompt(q, "question") for q in question_probes(lm, text)
+                if grounded(q, keys)]
     if "topic" in kinds:
         out += [PracticePrompt(f"What do you know about {name}?", "topic")
                 for name in topic_names(text)]
