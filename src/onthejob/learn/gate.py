@@ -8,7 +8,7 @@
   comprehension on passages never trained on (24 shipped with the package) drops at most
   `max_retention_drop`; (c) earlier sessions' held-back probes, recorded in the parent
   chain's metrics, lose at most `max_earlier_drop` of F1; (d) short general questions the
-  base model answers right (40 shipped with the package: "What is the capital of Japan?")
+  base model answers right (86 shipped with the package: "What is the capital of Japan?")
   drop at most `max_general_drop`. (d) is what caught an sft candidate that answered "New
   York City" for Japan's capital while its KL was under the limit and reading did not move.
 """
@@ -36,7 +36,7 @@ class GateConfig:
     max_kl: float = 0.5
     max_retention_drop: float = 0.15
     max_earlier_drop: float = 0.10
-    max_general_drop: float = 0.05  # 2 of the 40 general questions
+    max_general_drop: float = 0.05  # 4 of the 86 general questions
 
 
 @dataclass
