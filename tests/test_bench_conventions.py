@@ -240,3 +240,15 @@ def test_bench_conventions_resumes_from_its_work_folder(tmp_path, tiny_dir):
     assert len((tmp_path / "work" / "runs.jsonl").read_text().splitlines()) == 4
     again = json.loads((tmp_path / "out" / "report.json").read_text())
     assert again["methods"] == first["methods"]
+
+
+def test_a_review_adds_the_teachers_own_adherence_row(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    assert main(["bench", "conventions", "--smoke", "--model", tiny_dir, "--threads", "1",
+                 "--conventions", "members", "--methods", "opsd", "--retention", "0",
+                 "--no-isolation", "--review", "rule", "--out", str(out) + "/"]) == 0
+    result = json.loads((out / "report.json").read_text())
+    row = result["conventions"][0]
+    assert 0.0 <= row["teacher"] <= 1.0 and result["teacher"] == row["teacher"]
+    assert len(row["replies"]["teacher"]) == 16
+    assert "| teacher (the review's words, then the session) |" in (out / "report.md").read_text()

@@ -267,6 +267,7 @@ class Taught:
     base: list[bool] = field(default_factory=list)
     in_context: list[bool] = field(default_factory=list)
     memory: list[bool] = field(default_factory=list)
+    teacher: list[bool] = field(default_factory=list)  # the review's words, then the session
     replies: dict = field(default_factory=dict)
     context_tokens: int = 0
     memory_tokens: int = 0
@@ -471,6 +472,8 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
         f"{sum(len(t.session_follows) for t in taught)}")
     rows = {"base": lambda t: [], "in_context": lambda t: t.context,
             "memory": lambda t, tok=lm.tokenizer: memory_messages(tok, t.convention.rule)}
+    if cfg.review != "none":  # what the teacher reads: does the review make it follow?
+        rows["teacher"] = lambda t: [*t.review, *t.context]
     by_id = {t.convention.id: t for t in taught}
     for name, ctx in rows.items():
         got = adherence(lm, conventions, cfg.max_tokens, lambda c, ctx=ctx: ctx(by_id[c.id]))
@@ -785,6 +788,7 @@ def summarize(cfg: ConventionsConfig, taught: Sequence[Taught], runs: list[dict]
         c = t.convention
         row = {"id": c.id, "kind": c.kind, "form": t.form, "base": _rate(t.base),
                "in_context": _rate(t.in_context), "memory": _rate(t.memory),
+               "teacher": _rate(t.teacher) if t.teacher else None,
                "session_follows": t.session_follows, "practice_prompts": len(t.practice),
                "context_tokens": t.context_tokens, "memory_tokens": t.memory_tokens,
                "eval_prompts": len(c.eval), "session": t.context, "replies": t.replies,
@@ -801,6 +805,7 @@ def summarize(cfg: ConventionsConfig, taught: Sequence[Taught], runs: list[dict]
                        "conventions": [t.convention.id for t in taught]},
             "conventions": per, "base": base, "in_context": ceiling,
             "memory": _mean(_rate(t.memory) for t in taught),
+            "teacher": _mean(_rate(t.teacher) for t in taught) if cfg.review != "none" else None,
             "memory_tokens": _mean(t.memory_tokens for t in taught),
             "context_tokens": _mean(t.context_tokens for t in taught),
             "methods": methods, "isolation": isolation, "retention": chain,

@@ -105,6 +105,10 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
              f"| memory | {_pct(result['memory'])} | "
              f"{_ratio(result['memory'], result['in_context'])} | 0 | 0 | 0 | "
              f"{result['memory_tokens']:.0f} (the rule) | |"]
+    if result.get("teacher") is not None:
+        lines.append(f"| teacher (the review's words, then the session) | {_pct(result['teacher'])} | "
+                     f"{_ratio(result['teacher'], result['in_context'])} | 0 | 0 | 0 | "
+                     f"{result['context_tokens'] + result['memory_tokens']:.0f} | |")
     for m, v in result["methods"].items():
         lines.append(f"| {m} | {_pct(v['adherence'])} | {_ratio(v['adherence'], result['in_context'])}"
                      f" | {_pts(v['general_drop_pts'])} | {_pts(v['reading_drop_pts'])} | "
@@ -123,14 +127,16 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
             verdict.append(f"opsd loses to {', '.join(others)}")
         if verdict:
             lines += ["**" + "; ".join(verdict) + ".**", ""]
+    teacher = result.get("teacher") is not None
     lines += ["## Per convention", "",
               "| convention | kind | form | session follows | base | in context | memory | "
-              + " | ".join(methods) + " |",
-              "|---|---|---|---|---|---|---|" + "---|" * len(methods)]
+              + ("teacher | " if teacher else "") + " | ".join(methods) + " |",
+              "|---|---|---|---|---|---|---|" + "---|" * (len(methods) + teacher)]
     for r in result["conventions"]:
         sf = r["session_follows"]
         lines.append(f"| {r['id']} | {r['kind']} | {r['form']} | {sum(sf)}/{len(sf)} | "
                      f"{_pct(r['base'])} | {_pct(r['in_context'])} | {_pct(r['memory'])} | "
+                     + (f"{_pct(r.get('teacher'))} | " if teacher else "")
                      + " | ".join(_pct(r["methods"].get(m, {}).get("adherence")) for m in methods)
                      + " |")
     iso = result["isolation"]
