@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,22 @@ def test_consolidate_then_adapters_list_show_rollback(tmp_path, tiny_dir, capsys
     assert main(["consolidate", "--db", db, "--tenant", "nobody", "--model", tiny_dir]) == 1
     assert main(["adapters", "show", "--db", db, "--tenant", "acme", "9"]) == 1
     assert "no version 9" in capsys.readouterr().err
+
+
+def test_consolidate_lora_modules_choose_the_layers_the_adapter_touches(tmp_path, tiny_dir, capsys):
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store, _ = _approved_session(db)
+    loose = ["--min-gain", "-1", "--max-kl", "100", "--max-retention-drop", "1",
+             "--max-general-drop", "1", "--max-earlier-drop", "1"]
+    assert main(["consolidate", "--db", db, "--tenant", "acme", "--steps", "1", "--rank", "2",
+                 "--lora-modules", "attention", "--model", tiny_dir, *loose]) == 0
+    adapter = store.active_adapter("acme")
+    config = json.loads((Path(adapter.path) / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["r"] == 2 and config["lora_alpha"] == 4
+    with pytest.raises(SystemExit):
+        main(["consolidate", "--db", db, "--tenant", "acme", "--rank", "0", "--model", tiny_dir])
+    assert "--rank: must be at least 1 (got 0)" in capsys.readouterr().err
 
 
 def test_bench_knowledge_smoke(tmp_path, tiny_dir):

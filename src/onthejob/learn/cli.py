@@ -20,6 +20,7 @@ from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
+from onthejob.model.adapters import LORA_MODULES, LoraSpec
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import command, db_option, plain
 
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--visits", type=float, default=VISITS,
                    help="the budget: visits per training probe (default %(default)s)")
     c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
-    c.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    add_lora_options(c)
     add_opsd_options(c)
     add_gate_options(c)
     c.add_argument("--seed", type=int, default=0, help="training seed")
@@ -92,11 +93,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the budget: visits per training probe (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
     d.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    add_lora_options(d)
     add_opsd_options(d)
     d.add_argument("--keep", action="store_true",
                    help="use ONTHEJOB_HOME's own store and adapters, not a demo folder")
     d.add_argument("--model", help="local HF model directory (default: embedded)")
     d.set_defaults(func=_demo)
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    """The adapter's shape: rank and which layers it touches."""
+    p.add_argument("--rank", type=_positive, default=16, help="LoRA rank (default %(default)s; alpha is "
+                   "twice the rank)")
+    p.add_argument("--lora-modules", default="all", choices=sorted(LORA_MODULES),
+                   help="the layers the adapter touches: all linear layers, attention only or "
+                   "the MLP only (default %(default)s)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def lora_spec(args: argparse.Namespace) -> LoraSpec:
+    return LoraSpec(rank=args.rank, alpha=2 * args.rank, targets=LORA_MODULES[args.lora_modules])
 
 
 def add_opsd_options(p: argparse.ArgumentParser) -> None:
@@ -148,7 +170,7 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-earlier-drop", type=float, default=GateConfig.max_earlier_drop,
                    help="forgot: earlier sessions' held-back probe F1 may drop at most this")
     g.add_argument("--max-general-drop", type=float, default=GateConfig.max_general_drop,
-                   help="forgot: accuracy on the 40 general questions may drop at most this")
+                   help="forgot: accuracy on the 86 general questions may drop at most this")
 
 
 def gate_options(args: argparse.Namespace) -> GateConfig:
@@ -168,12 +190,10 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:
-    from onthejob.model.adapters import LoraSpec
-
     return ConsolidateOptions(
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
-                          lora=LoraSpec(rank=args.rank, alpha=2 * args.rank)),
+                          lora=lora_spec(args)),
         visits=None if args.steps else args.visits,
         opsd=opsd_options(args), gate=gate_options(args))
 
@@ -286,7 +306,7 @@ def _adapters_export(store: Store, args) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from onthejob.recipes.demo import Demo, run_demo
 
-    budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed)
+    budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed, lora=lora_spec(args))
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
                          divergence=args.divergence))

@@ -23,6 +23,8 @@ from onthejob.model.load import LoadedModel
 CHECKSUM_FILE = "checksum.sha256"
 _FILES = ("adapter_config.json", "adapter_model.safetensors")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Named choices of the layers an adapter touches (`--lora-modules`).
+LORA_MODULES = {"all": LORA_TARGETS, "attention": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:]}
 
 
 class AdapterError(RuntimeError):
