@@ -17,7 +17,7 @@ use_adapter(lm, None)
 base = answer(lm, qs, [it["answers"][0] for it in items]).answers
 use_adapter(lm, paths[-1].rsplit("/", 1)[0])
 cand = answer(lm, qs, [it["answers"][0] for it in items]).answers
-for it, b, c in zip(items, base, cand):
+for it, b, c in zip(items, base, cand, strict=True):
     ok_b = any(contains(b, g) for g in it["answers"])
     ok_c = any(contains(c, g) for g in it["answers"])
     if ok_b != ok_c:
