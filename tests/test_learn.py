@@ -156,6 +156,40 @@ def test_teacher_rows_drop_answers_that_miss_a_known_span_and_fall_back_to_the_s
     assert target.top_ids.shape == (len(target.response), 32) == target.top_logprobs.shape
 
 
+def test_open_answers_are_kept_only_where_they_tell_a_fact_of_the_session():
+    from onthejob.learn.practice import PracticePrompt, anchors, informative, material, repetitive
+
+    facts = anchors(material(CONTEXT))
+    assert "bluefin" in facts
+    assert informative("It is called Bluefin.", "What is our project called?", facts)
+    assert not informative("Bluefin is a project.", "What do you know about Bluefin?", facts)
+    assert not informative("It is a great opportunity to share the details.", "Why?", facts)
+    loop = "The briefing is about the Bluefin project. It is great. " * 3
+    assert repetitive(loop) and not repetitive("The codename is Bluefin and it ships in May.")
+    assert not informative(loop, "What is it?", facts)
+
+    lm = tiny_model(seed=2)
+    lesson = _lesson()
+    lesson.practice = [PracticePrompt("What do you know about Bluefin?", "topic"),
+                       PracticePrompt("When does it ship?", "replay", given="I cannot say."),
+                       PracticePrompt("What is the codename?", "replay", given="It is Bluefin.")]
+    lesson.probes = [p.text for p in lesson.practice]
+    trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+    kept = {}
+    for only in (False, True):
+        rule = Opsd([lesson], [], OpsdConfig(teacher_tokens=4, teacher_samples=1,
+                                             anchor_share=0.0, informative_only=only))
+        rule.prepare(trainer)
+        tok = lm.tokenizer
+        kept[only] = {rule.probes[i].prompt.text: [tok.decode(t.response, skip_special_tokens=True)
+                                                   for t in ts] for i, ts in rule.targets.items()}
+    # The random tiny model's answers name nothing of the session: with the filter only the
+    # session's own answer that names the codename is left; without it every answer trains.
+    assert kept[True] == {"What is the codename?": ["It is Bluefin."]}
+    assert rule.counts["uninformative"] == 6 + 1 and rule.counts["given"] == 1
+    assert set(kept[False]) == {p.text for p in lesson.practice}
+
+
 def test_teacher_rows_visit_every_probe_once_before_any_twice():
     lm = tiny_model(seed=3)
     lesson = Lesson("s1", CONTEXT, [f"Question {k}?" for k in range(5)])

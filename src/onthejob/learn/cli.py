@@ -20,6 +20,7 @@ from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
+from onthejob.learn.practice import KINDS
 from onthejob.model.adapters import LORA_MODULES, LoraSpec
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import command, db_option, plain
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the budget: visits per training probe (default %(default)s)")
     c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     add_lora_options(c)
+    add_practice_option(c)
     add_opsd_options(c)
     add_gate_options(c)
     c.add_argument("--seed", type=int, default=0, help="training seed")
@@ -94,6 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
     d.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     add_lora_options(d)
+    add_practice_option(d)
     add_opsd_options(d)
     d.add_argument("--keep", action="store_true",
                    help="use ONTHEJOB_HOME's own store and adapters, not a demo folder")
@@ -119,6 +122,23 @@ def _positive(text: str) -> int:
 
 def lora_spec(args: argparse.Namespace) -> LoraSpec:
     return LoraSpec(rank=args.rank, alpha=2 * args.rank, targets=LORA_MODULES[args.lora_modules])
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown practice kinds {unknown or [text]}; give a "
+                                         f"comma-separated list of {', '.join(KINDS)}")
+    return kinds
+
+
+def add_practice_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--practice", type=_kinds, default=KINDS, metavar="KINDS",
+                   help="the kinds of practice prompts written from each session, comma-separated: "
+                   "rule (a question per answer span, by rule), span (the model's own question "
+                   "for a span), question (model-written questions), topic ('what do you know "
+                   "about X'), replay (the session's own user turns) (default: all)")
 
 
 def add_opsd_options(p: argparse.ArgumentParser) -> None:
@@ -151,6 +171,11 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="length of each on-policy sample (default %(default)s)")
     p.add_argument("--top-k", type=int, default=rec.top_k,
                    help="teacher log-probs kept per token (default %(default)s)")
+    p.add_argument("--informative-only", action=argparse.BooleanOptionalAction,
+                   default=rec.informative_only,
+                   help="keep the teacher's answers to open practice prompts (no known span) only "
+                   "where they name a fact of the session the prompt does not, and do not loop "
+                   "(default %(default)s)")
     p.add_argument("--rescore-kept", action="store_true",
                    help="score the session's own answers again instead of taking their rows "
                    "from the log-probs the server kept (to measure what the reuse saves)")
@@ -186,7 +211,8 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
-                      top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False))
+                      top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False),
+                      informative_only=args.informative_only)
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:
@@ -194,7 +220,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
                           lora=lora_spec(args)),
-        visits=None if args.steps else args.visits,
+        visits=None if args.steps else args.visits, probe_kinds=args.practice,
         opsd=opsd_options(args), gate=gate_options(args))
 
 
@@ -309,4 +335,4 @@ def _demo(args: argparse.Namespace) -> int:
     budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed, lora=lora_spec(args))
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
-                         divergence=args.divergence))
+                         divergence=args.divergence, practice=args.practice))

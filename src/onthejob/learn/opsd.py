@@ -53,7 +53,7 @@ from onthejob.learn.divergence import per_token, per_token_top
 from onthejob.learn.evaluate import contains
 from onthejob.learn.lesson import Lesson, check_fits
 from onthejob.learn.loop import Trainer
-from onthejob.learn.practice import PracticePrompt
+from onthejob.learn.practice import PracticePrompt, anchors, informative, material
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
@@ -81,6 +81,10 @@ class OpsdConfig:
     teacher_temperature: float = 0.7
     teacher_tokens: int = 32
     span_fallback: bool = True  # the known span as the answer when every teacher answer misses it
+    # Teacher answers to open prompts (no known span) kept only where they name a fact of the
+    # session that the prompt does not and do not loop (learn/practice.py `informative`); the
+    # session's own answer to a replayed turn likewise. False: every answer is kept.
+    informative_only: bool = False
     anchor_share: float = 0.25
     anchor_weight: float = 1.0
     # What anchor rows are pulled toward: "base" = the model without any adapter (no drift
@@ -153,7 +157,7 @@ class Opsd:
         # session answers scored because no usable kept log-probs came with them; teacher
         # tokens saved / scored: what the reused rows would have cost to score (the probe
         # turn and the answer, after the cached session) / what scoring the others did cost.
-        self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0,
+        self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0, "uninformative": 0,
                        "given": 0, "reused": 0, "scored": 0, "given_scored": 0,
                        "teacher_tokens_saved": 0, "teacher_tokens_scored": 0}
         self.tokens_student = 0
@@ -217,6 +221,13 @@ class Opsd:
         lesson_probes = [i for i, p in enumerate(self.probes) if not p.anchor]
         answers: dict[int, list[list[int]]] = {i: [] for i in lesson_probes}
         started = time.time()
+        keys: dict[int, set[str]] = {}
+
+        def material_anchors(lesson: int) -> set[str]:
+            if lesson not in keys:
+                keys[lesson] = anchors(material(self.lessons[lesson].context))
+            return keys[lesson]
+
         with self._teacher(trainer):
             runs = [(0.0, None)] + [(cfg.teacher_temperature, trainer.cfg.seed * 7919 + k + 1)
                                     for k in range(cfg.teacher_samples)]
@@ -237,6 +248,14 @@ class Opsd:
                 prompt = self.probes[i].prompt
                 self.counts["teacher_answers"] += len(answers[i])
                 kept = [a for a in answers[i] if a]
+                # open prompts: only answers that tell a fact of the session (informative_only)
+                facts = (material_anchors(self.probes[i].lesson)
+                         if cfg.informative_only and not prompt.answer else None)
+                if facts is not None:
+                    told = [a for a in kept
+                            if informative(tok.decode(a, skip_special_tokens=True), prompt.text, facts)]
+                    self.counts["uninformative"] += len(kept) - len(told)
+                    kept = told
                 if prompt.answer:
                     hit = [a for a in kept if contains(tok.decode(a, skip_special_tokens=True),
                                                        prompt.answer)]
@@ -246,7 +265,10 @@ class Opsd:
                         kept = [tok.encode(prompt.answer, add_special_tokens=False) + [self._eot]]
                         self.counts["span_fallback"] += 1
                 stored = None
-                if prompt.given:
+                if prompt.given and facts is not None and not informative(prompt.given, prompt.text,
+                                                                           facts):
+                    self.counts["uninformative"] += 1
+                elif prompt.given:
                     self.counts["given"] += 1
                     stored = self._stored_target(self.lessons[self.probes[i].lesson], prompt)
                     if stored is None:

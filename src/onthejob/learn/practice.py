@@ -183,6 +183,25 @@ def grounded(question: str, material_anchors: set[str]) -> bool:
     return bool(words & _OWN_WORDS or words & material_anchors)
 
 
+def repetitive(text: str, n: int = 4, share: float = 0.25) -> bool:
+    """Whether more than `share` of the text's word n-grams repeat an earlier one: a small
+    model's answer that loops ("The briefing is about the Bluefin project. ... The briefing is
+    about the Bluefin project.")."""
+    words = normalize(text).split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return bool(grams) and (len(grams) - len(set(grams))) / len(grams) > share
+
+
+def informative(answer: str, prompt: str, material_anchors: set[str]) -> bool:
+    """Whether the teacher's answer to an open practice prompt (no known span: a model-written
+    question, a topic, a replayed turn) teaches something of the session: it names one of the
+    material's names or numbers that the prompt does not already name, and does not loop. An
+    answer with none of them is the model's general talk in the session's voice; a student
+    trained on it learns the voice, not the facts (the demo's general drop)."""
+    new = set(normalize(answer).split()) - set(normalize(prompt).split())
+    return bool(new & material_anchors) and not repetitive(answer)
+
+
 def topic_names(text: str, n: int = 8) -> list[str]:
     """The names (multi-word capitalized spans first) the material mentions most."""
     counts: Counter[str] = Counter()

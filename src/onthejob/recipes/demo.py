@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from onthejob.learn.consolidate import ConsolidateOptions, consolidate
 from onthejob.learn.evaluate import contains
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import OpsdConfig
-from onthejob.learn.practice import assert_unseen
+from onthejob.learn.practice import KINDS, assert_unseen
 from onthejob.model import SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import use_adapter
 from onthejob.store import Store
@@ -35,6 +36,7 @@ class Demo:
     keep: bool = False  # ONTHEJOB_HOME's own store instead of a demo folder
     model: str | None = None
     divergence: str = "forward_kl"  # said in the printout (opsd.divergence is what trains)
+    practice: Sequence[str] = KINDS  # the kinds of practice prompts consolidation writes
 
 
 DEMO_BRIEFING = (
@@ -95,7 +97,8 @@ def run_demo(demo: Demo) -> int:
           f"questions; the student learns those answers without it ({demo.divergence}, "
           f"{budget}) ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(train=demo.train, visits=demo.visits,
-                                                                opsd=demo.opsd))
+                                                                opsd=demo.opsd,
+                                                                probe_kinds=demo.practice))
     print(f"   {outcome.status}: {outcome.message}")
     seen = [*outcome.metrics.get("training_probes", []), *DEMO_TURNS,
             *(m.content for m in store.messages(tenant, session.id))]
