@@ -85,6 +85,27 @@ def test_opsd_trains_only_the_adapter_and_lowers_the_loss():
     assert rule.tokens_teacher > 0 and rule.tokens_student > 0
 
 
+def test_sgd_moves_each_adapter_weight_in_proportion_to_its_gradient_adam_does_not():
+    moved = {}
+    for name in ("sgd", "adamw"):
+        lm = tiny_model(seed=2)
+        trainer = Trainer(lm, TrainConfig(steps=1, lr=1e-2, bf16=False, optimizer=name))
+        assert type(trainer.optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[name]
+        before = [p.detach().clone() for p in trainer.params]
+        for p in trainer.params:
+            p.grad = torch.zeros_like(p)
+        trainer.params[0].grad.view(-1)[0] = 1.0  # one weight with a big gradient,
+        trainer.params[0].grad.view(-1)[1] = 1e-6  # one with a tiny one
+        trainer.optimizer.step()
+        delta = (trainer.params[0].detach() - before[0]).view(-1)
+        moved[name] = (float(delta[0]), float(delta[1]))
+    assert moved["sgd"][0] == pytest.approx(-1e-2) and abs(moved["sgd"][1]) < 1e-7
+    assert moved["adamw"][0] == pytest.approx(-1e-2, rel=1e-3)
+    assert moved["adamw"][1] == pytest.approx(-1e-2, rel=1e-2)  # as far, for a millionth of it
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="lion")
+
+
 def test_anchor_rows_are_held_to_the_base_model_by_default():
     # Before any step the student equals the base, so the KL toward the base (or the prior,
     # here the same) is zero on anchors, while the teacher with the session differs from it.

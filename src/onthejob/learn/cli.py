@@ -18,7 +18,7 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.loop import TrainConfig
+from onthejob.learn.loop import OPTIMIZERS, TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
 from onthejob.learn.practice import KINDS
 from onthejob.model.adapters import LORA_MODULES, LoraSpec
@@ -43,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"{MAX_AUTO_STEPS})")
     c.add_argument("--visits", type=float, default=VISITS,
                    help="the budget: visits per training probe (default %(default)s)")
-    c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     add_lora_options(c)
     add_practice_option(c)
     add_opsd_options(c)
@@ -94,7 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--visits", type=float, default=VISITS,
                    help="the budget: visits per training probe (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
-    d.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
     add_lora_options(d)
     add_practice_option(d)
     add_opsd_options(d)
@@ -105,7 +103,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_lora_options(p: argparse.ArgumentParser) -> None:
-    """The adapter's shape: rank and which layers it touches."""
+    """The update: learning rate and optimizer; the adapter's shape: rank and which layers it
+    touches."""
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw moves every adapter weight about lr a step; sgd (momentum 0.9) "
+                   "moves each in proportion to its gradient, so it wants a larger --lr "
+                   "(default %(default)s)")
     p.add_argument("--rank", type=_positive, default=16, help="LoRA rank (default %(default)s; alpha is "
                    "twice the rank)")
     p.add_argument("--lora-modules", default="all", choices=sorted(LORA_MODULES),
@@ -219,7 +223,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
     return ConsolidateOptions(
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
-                          lora=lora_spec(args)),
+                          lora=lora_spec(args), optimizer=args.optimizer),
         visits=None if args.steps else args.visits, probe_kinds=args.practice,
         opsd=opsd_options(args), gate=gate_options(args))
 
@@ -332,7 +336,8 @@ def _adapters_export(store: Store, args) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from onthejob.recipes.demo import Demo, run_demo
 
-    budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed, lora=lora_spec(args))
+    budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed, lora=lora_spec(args),
+                         optimizer=args.optimizer)
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
                          divergence=args.divergence, practice=args.practice))

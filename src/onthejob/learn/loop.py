@@ -44,6 +44,18 @@ class TrainConfig:
     # (CUDA, or a CPU with AVX512-BF16/AMX: 2.4x faster fwd+bwd measured). On a CPU without
     # it (AVX2 only) bf16 is emulated and a step was ~30x slower, so it stays off there.
     bf16: bool | None = None
+    # "adamw": every adapter weight moves about lr a step whatever its gradient's size (Adam
+    # normalizes it away), so a short run moves the weights that do not matter as far as those
+    # that do; "sgd" (momentum 0.9): each weight moves in proportion to its gradient.
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+
+
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class Rule(Protocol):
@@ -82,7 +94,11 @@ class Trainer:
         if world() > 1:  # every rank starts from rank 0's adapter
             for p in self.params:
                 dist.broadcast(p.data, src=0)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=0.9,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.history: list[dict[str, float]] = []
         # Told of every progress line of a long preparation phase (e.g. the teacher's answers):
         # consolidation keeps it in the run's row, so `onthejob runs show` sees it live.
