@@ -65,6 +65,7 @@ from onthejob.learn.evaluate import answer, f1
 from onthejob.learn.gate import (
     GateConfig,
     decide,
+    gate_general_set,
     general_accuracy,
     general_set,
     reading_accuracy,
@@ -658,7 +659,7 @@ def _gated_train(cfg, lm, t: Taught, lesson: Lesson, held: list[str], active: st
 
     # The gate's general questions: those the bench's forgetting measure does not ask (the
     # gate must not select on the figures reported), all of them where it asks every one.
-    gate_general = general_set()[cfg.general_items or 0:] or general_set()
+    gate_general = gate_general_set(general_set()[cfg.general_items or 0:]) or gate_general_set()
 
     def score(answers, refs):
         return _mean(f1(a, r) for a, r in zip(answers, refs, strict=True)) if refs else 0.0

@@ -199,7 +199,7 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-earlier-drop", type=float, default=GateConfig.max_earlier_drop,
                    help="forgot: earlier sessions' held-back probe F1 may drop at most this")
     g.add_argument("--max-general-drop", type=float, default=GateConfig.max_general_drop,
-                   help="forgot: accuracy on the 86 general questions may drop at most this")
+                   help="forgot: accuracy on the 79 stable general questions may drop at most this")
 
 
 def gate_options(args: argparse.Namespace) -> GateConfig:

@@ -32,8 +32,8 @@ from onthejob.learn.gate import (
     GateConfig,
     Verdict,
     decide,
+    gate_general_set,
     general_accuracy,
-    general_set,
     probe_f1,
     reading_accuracy,
     references,
@@ -336,7 +336,7 @@ def _base_measures_file(lm) -> Path | None:
         return None
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                      for f in folder.glob("*.safetensors"))
-    key = json.dumps([str(folder.resolve()), weights, retention_set(), general_set()])
+    key = json.dumps([str(folder.resolve()), weights, retention_set(), gate_general_set()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return config.models_dir() / f".gate-base-{folder.name}-{digest}.json"
 
@@ -391,7 +391,7 @@ def _gate_before(lm, trainer, run_id, held, known, earlier, parent, below) -> di
         if "reading" not in out:
             out["reading"] = reading_accuracy(lm)
         if "general" not in out:
-            out["general"] = general_accuracy(lm)
+            out["general"] = general_accuracy(lm, gate_general_set())
     _remember_base_measures(parent, below, lm, {"reading": out["reading"], "general": out["general"]})
     write_json(path, out)
     return out
@@ -452,7 +452,7 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
             after_probe = probe_f1(lm, [q for _, q in held], refs)
             after_earlier = probe_f1(lm, [e["q"] for e in earlier], [e["ref"] for e in earlier])
             after_reading = reading_accuracy(lm)
-            after_general = general_accuracy(lm)
+            after_general = general_accuracy(lm, gate_general_set())
         # Drift is measured here, once, not at every step (it was a quarter of each step).
         kl = AnchorDrift()(trainer)
     by_tenant: dict[str, list[str]] = {}
@@ -467,7 +467,7 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
         extra={"probe_f1_before": before["probe"], "probe_f1_after": after_probe,
                "reading_before": before["reading"], "reading_after": after_reading,
                "general_before": before["general"], "general_after": after_general,
-               "reading_items": len(retention_set()), "general_items": len(general_set()),
+               "reading_items": len(retention_set()), "general_items": len(gate_general_set()),
                "seconds": time.time() - started, "phases": dict(phases.seconds),
                "peak_rss_mb": _peak_rss_mb(),
                "tokens_student": getattr(rule, "tokens_student", 0),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from onthejob.learn.drift import TRAINING_ANCHORS
-from onthejob.learn.gate import general_set, retention_set
+from onthejob.learn.gate import gate_general_set, retention_set
 from onthejob.learn.lesson import teacher_context
 from onthejob.learn.opsd import steps_for_visits
 from onthejob.learn.practice import material, practice_prompts, sentences_of
@@ -72,7 +72,7 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
     return {"sessions": len(sessions), "context_tokens": tokens, "rule_prompts": rule,
             "written_prompts": written, "sentences": sentences, "probes": probes, "held": held,
             "steps": steps, "teacher_answers": teacher, "anchor_answers": anchors,
-            "gate_items": held + len(retention_set()) + len(general_set())}
+            "gate_items": held + len(retention_set()) + len(gate_general_set())}
 
 
 def calibrate(lm: LoadedModel, rows: int = 16, context_tokens: int = 0, length: int = 72,

@@ -8,8 +8,8 @@
   comprehension on passages never trained on (24 shipped with the package) drops at most
   `max_retention_drop`; (c) earlier sessions' held-back probes, recorded in the parent
   chain's metrics, lose at most `max_earlier_drop` of F1; (d) short general questions the
-  base model answers right (86 shipped with the package: "What is the capital of Japan?")
-  drop at most `max_general_drop`. (d) is what caught an sft candidate that answered "New
+  base model answers right robustly (`gate_general_set`: 79 of the 86 shipped with the
+  package, "What is the capital of Japan?") drop at most `max_general_drop`. (d) is what caught an sft candidate that answered "New
   York City" for Japan's capital while its KL was under the limit and reading did not move.
 """
 
@@ -36,7 +36,7 @@ class GateConfig:
     max_kl: float = 0.5
     max_retention_drop: float = 0.15
     max_earlier_drop: float = 0.10
-    max_general_drop: float = 0.05  # 4 of the 86 general questions
+    max_general_drop: float = 0.05  # 4 of the 79 stable general questions
 
 
 @dataclass
@@ -55,6 +55,14 @@ def general_set() -> list[dict]:
     """Short general questions ({"question", "answers"}) the default base model answers right."""
     text = resources.files("onthejob").joinpath("data/general.json").read_text()
     return json.loads(text)["items"]
+
+
+def gate_general_set(items: Sequence[dict] | None = None) -> list[dict]:
+    """The general questions the promotion gate asks: those (of `items`, default all) the base
+    model answers right robustly. The others flipped under random adapter noise a tenth the
+    size of a trained candidate's (docs/results/general-sensitivity/): a drop on them is a coin
+    landing, not forgetting, and the 7 of them would make 8 points of drop on their own."""
+    return [it for it in (general_set() if items is None else items) if it.get("stable", True)]
 
 
 def general_accuracy(lm: LoadedModel, items: Sequence[dict] | None = None) -> float:
