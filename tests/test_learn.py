@@ -349,3 +349,18 @@ def test_the_gate_holds_back_at_least_two_probes_per_session():
     lesson = lesson_from(tiny_model(seed=0), "s1", context, held_out_share=0.25)
     assert len(lesson.held_out) >= MIN_HELD_OUT and lesson.probes
     assert not set(lesson.held_out) & set(lesson.probes)
+
+
+def test_span_phrasings_are_the_greedy_question_then_distinct_samples():
+    from onthejob.learn.evaluate import normalize
+    from onthejob.learn.practice import model_span_questions, span_phrasings
+
+    lm = tiny_model(seed=4)
+    units = [("Our project codename is Bluefin.", "Bluefin"), ("It ships on March 3.", "March 3")]
+    three = span_phrasings(lm, units, 3)
+    assert [len(qs) for qs in three] == [3, 3]
+    assert [qs[0] for qs in three] == model_span_questions(lm, units)
+    for qs in three:
+        kept = [normalize(q) for q in qs if q]
+        assert len(kept) == len(set(kept))
+

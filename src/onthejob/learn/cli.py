@@ -20,7 +20,7 @@ from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import OPTIMIZERS, TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
-from onthejob.learn.practice import KINDS
+from onthejob.learn.practice import KINDS, SPAN_PHRASINGS
 from onthejob.model.adapters import LORA_MODULES, LoraSpec
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import command, db_option, plain
@@ -143,6 +143,9 @@ def add_practice_option(p: argparse.ArgumentParser) -> None:
                    "rule (a question per answer span, by rule), span (the model's own question "
                    "for a span), question (model-written questions), topic ('what do you know "
                    "about X'), replay (the session's own user turns) (default: all)")
+    p.add_argument("--span-phrasings", type=_positive, default=SPAN_PHRASINGS, metavar="N",
+                   help="the model's own questions per answer span (the span kind): its greedy "
+                   "one, then N-1 sampled, each checked against the span (default %(default)s)")
 
 
 def add_opsd_options(p: argparse.ArgumentParser) -> None:
@@ -225,6 +228,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
                           lora=lora_spec(args), optimizer=args.optimizer),
         visits=None if args.steps else args.visits, probe_kinds=args.practice,
+        span_phrasings=args.span_phrasings,
         opsd=opsd_options(args), gate=gate_options(args))
 
 
@@ -340,4 +344,5 @@ def _demo(args: argparse.Namespace) -> int:
                          optimizer=args.optimizer)
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
-                         divergence=args.divergence, practice=args.practice))
+                         divergence=args.divergence, practice=args.practice,
+                         span_phrasings=args.span_phrasings))

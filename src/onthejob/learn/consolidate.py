@@ -43,7 +43,13 @@ from onthejob.learn.lesson import Lesson, check_fits, kept_answers, teacher_cont
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
-from onthejob.learn.practice import KINDS, PHRASES_PER_SENTENCE, PracticePrompt, practice_prompts
+from onthejob.learn.practice import (
+    KINDS,
+    PHRASES_PER_SENTENCE,
+    SPAN_PHRASINGS,
+    PracticePrompt,
+    practice_prompts,
+)
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import activate, detach, save
@@ -80,6 +86,7 @@ class ConsolidateOptions:
     opsd: OpsdConfig = field(default_factory=recommended_opsd)
     gate: GateConfig = field(default_factory=GateConfig)
     probe_kinds: Sequence[str] = KINDS
+    span_phrasings: int = SPAN_PHRASINGS  # the model's questions per answer span
     held_out_share: float = 0.25  # of the answer spans: their model-written question is held back
     # (at least MIN_HELD_OUT probes, so that the gate's learn check is not one question)
     dry_run: bool = False
@@ -98,7 +105,8 @@ class Outcome:
 def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence[str] = KINDS,
                 held_out_share: float = 0.25, seed: int = 0,
                 kept: dict[int, bytes] | None = None,
-                phrases_per_sentence: int = PHRASES_PER_SENTENCE) -> Lesson:
+                phrases_per_sentence: int = PHRASES_PER_SENTENCE,
+                span_phrasings: int = SPAN_PHRASINGS) -> Lesson:
     """A lesson with its practice material (learn/practice.py). Held back for the gate: for
     `held_out_share` of the answer spans, the model's own question ("span"), while their
     rule-made questions train, so the gate asks a known fact in a phrasing training never saw
@@ -106,7 +114,8 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
     (learn/lesson.py `kept_answers`)."""
     lesson = Lesson(session_id, context, kept=dict(kept or {}))
     check_fits(lm, lesson)
-    practice = practice_prompts(lm, context, kinds, phrases_per_sentence=phrases_per_sentence)
+    practice = practice_prompts(lm, context, kinds, phrases_per_sentence=phrases_per_sentence,
+                                span_phrasings_per_span=span_phrasings)
     rng = random.Random(seed)
     spans = sorted({p.answer for p in practice if p.kind == "span"})
     rng.shuffle(spans)
@@ -139,7 +148,8 @@ def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
         review = store.get_review(s.tenant, s.id)
         kept, stale = kept_answers(messages, store.kept_logprobs(s.tenant, s.id), served_with)
         lessons.append(lesson_from(lm, s.id, teacher_context(messages, review.text if review else ""),
-                                   opts.probe_kinds, opts.held_out_share, opts.train.seed, kept))
+                                   opts.probe_kinds, opts.held_out_share, opts.train.seed, kept,
+                                   span_phrasings=opts.span_phrasings))
         elapsed = time.time() - started
         eta = elapsed / n * (len(sessions) - n)
         if say is not None:

@@ -54,6 +54,10 @@ KINDS = ("rule", "span", "question", "topic", "replay")
 # transfer fell from 0.58 to 0.42 and the general drop grew from 10 to 20 points at the same
 # visits (docs/RESULTS.md, "Noun phrases").
 PHRASES_PER_SENTENCE = 0
+# The model's own questions per answer span ("span" kind): its greedy question, plus the rest
+# sampled, so that a fact is asked in several phrasings, each checked against the span.
+SPAN_PHRASINGS = 1
+SPAN_TEMPERATURE = 0.8
 REPLAY_MAX_CHARS = 400  # longer user turns carry material: replayed, they would put it in context
 FEEDBACK_PREFIX = "My feedback on this session:"
 
@@ -140,21 +144,33 @@ def span_units(text: str, spans_per_sentence: int = 4,
 def model_span_questions(lm: LoadedModel, units: Sequence[tuple[str, str]],
                          max_new_tokens: int = 32, batch: int = 16) -> list[str]:
     """The model's question for each (sentence, span), greedy; "" where it did not parse."""
+    return [qs[0] for qs in span_phrasings(lm, units, 1, max_new_tokens, batch)]
+
+
+def span_phrasings(lm: LoadedModel, units: Sequence[tuple[str, str]], n: int = SPAN_PHRASINGS,
+                   max_new_tokens: int = 32, batch: int = 16, seed: int = 0) -> list[list[str]]:
+    """`n` model-written questions for each (sentence, span): the greedy one, then samples at
+    SPAN_TEMPERATURE ("" where one did not parse; a repeat of an earlier one counts as "")."""
     tok = lm.tokenizer
     prompts, leads = [], []
     for s, a in units:
         lead = question_lead(a)
         leads.append(lead)
         prompts.append(tok.encode(span_prompt(window(s, a), a, lead), add_special_tokens=False))
-    out = []
-    for start in range(0, len(prompts), batch):
-        done = generate(lm, prompts[start:start + batch],
-                        SamplingParams(max_tokens=max_new_tokens, stop=["\n"]))
-        for (s, a), lead, c in zip(units[start:start + batch], leads[start:start + batch], done,
-                                   strict=True):
-            line = f"{lead} {c.text.split(chr(10))[0].strip()}".strip()
-            question = line[:line.index("?") + 1] if "?" in line else line
-            out.append("" if span_question_problem(question, s, a) else question)
+    out: list[list[str]] = [[] for _ in units]
+    for k in range(n):
+        params = SamplingParams(max_tokens=max_new_tokens, stop=["\n"],
+                                temperature=0.0 if k == 0 else SPAN_TEMPERATURE,
+                                seed=None if k == 0 else seed * 1009 + k)
+        for start in range(0, len(prompts), batch):
+            done = generate(lm, prompts[start:start + batch], params)
+            for j, c in enumerate(done, start):
+                (s, a), lead = units[j], leads[j]
+                line = f"{lead} {c.text.split(chr(10))[0].strip()}".strip()
+                question = line[:line.index("?") + 1] if "?" in line else line
+                seen = {normalize(q) for q in out[j]}
+                bad = span_question_problem(question, s, a) or normalize(question) in seen
+                out[j].append("" if bad else question)
     return out
 
 
@@ -217,9 +233,11 @@ def topic_names(text: str, n: int = 8) -> list[str]:
 def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
                      kinds: Sequence[str] = KINDS, spans_per_sentence: int = 4,
                      max_prompts: int | None = None,
-                     phrases_per_sentence: int = PHRASES_PER_SENTENCE) -> list[PracticePrompt]:
+                     phrases_per_sentence: int = PHRASES_PER_SENTENCE,
+                     span_phrasings_per_span: int = SPAN_PHRASINGS) -> list[PracticePrompt]:
     """Student prompts for one session (see the module docstring); `lm` writes the "span" and
-    "question" kinds (None: rule-made kinds only). Duplicates are dropped."""
+    "question" kinds (None: rule-made kinds only), `span_phrasings_per_span` questions a span.
+    Duplicates are dropped."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown practice kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
@@ -230,9 +248,8 @@ def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
         out += [PracticePrompt(rule_question(s, a) + ANSWER_HINT, "rule", answer=a, sentence=s)
                 for s, a in units]
     if "span" in kinds and lm is not None and units:
-        for (s, a), q in zip(units, model_span_questions(lm, units), strict=True):
-            if q:
-                out.append(PracticePrompt(q + ANSWER_HINT, "span", answer=a, sentence=s))
+        for (s, a), qs in zip(units, span_phrasings(lm, units, span_phrasings_per_span), strict=True):
+            out += [PracticePrompt(q + ANSWER_HINT, "span", answer=a, sentence=s) for q in qs if q]
     if "question" in kinds and lm is not None:
         keys = anchors(text)
         out += [PracticePrompt(q, "question") for q in question_probes(lm, text)

@@ -21,7 +21,7 @@ from onthejob.learn.consolidate import ConsolidateOptions, consolidate
 from onthejob.learn.evaluate import contains
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import OpsdConfig
-from onthejob.learn.practice import KINDS, assert_unseen
+from onthejob.learn.practice import KINDS, SPAN_PHRASINGS, assert_unseen
 from onthejob.model import SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import use_adapter
 from onthejob.store import Store
@@ -37,6 +37,7 @@ class Demo:
     model: str | None = None
     divergence: str = "forward_kl"  # said in the printout (opsd.divergence is what trains)
     practice: Sequence[str] = KINDS  # the kinds of practice prompts consolidation writes
+    span_phrasings: int = SPAN_PHRASINGS  # the model's questions per answer span
 
 
 DEMO_BRIEFING = (
@@ -98,7 +99,8 @@ def run_demo(demo: Demo) -> int:
           f"{budget}) ...")
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(train=demo.train, visits=demo.visits,
                                                                 opsd=demo.opsd,
-                                                                probe_kinds=demo.practice))
+                                                                probe_kinds=demo.practice,
+                                                                span_phrasings=demo.span_phrasings))
     print(f"   {outcome.status}: {outcome.message}")
     seen = [*outcome.metrics.get("training_probes", []), *DEMO_TURNS,
             *(m.content for m in store.messages(tenant, session.id))]
