@@ -110,8 +110,8 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
                    help="adamw moves every adapter weight about lr a step; sgd (momentum 0.9) "
                    "moves each in proportion to its gradient, so it wants a larger --lr "
                    "(default %(default)s)")
-    p.add_argument("--rank", type=_positive, default=16, help="LoRA rank (default %(default)s; alpha is "
-                   "twice the rank)")
+    p.add_argument("--rank", type=_positive, default=16, help="LoRA rank; alpha is twice the rank "
+                   "(default %(default)s)")
     p.add_argument("--lora-modules", default="all", choices=sorted(LORA_MODULES),
                    help="the layers the adapter touches: all linear layers, attention only or "
                    "the MLP only (default %(default)s)")
