@@ -2,6 +2,7 @@
 tiny model (2 conventions, tiny budgets)."""
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from onthejob.bench import conventions as bench
 from onthejob.cli import main
 from onthejob.learn.drift import DEFAULT_ANCHORS, TRAINING_ANCHORS
 from onthejob.learn.gate import general_set
+from onthejob.learn.lesson import review_turns, teacher_context
 from onthejob.learn.practice import LeakError, PracticePrompt
+from onthejob.store.types import Message as StoredMessage
 
 # For every convention: a reply that follows it and one that does not.
 REPLIES = {
@@ -172,6 +175,18 @@ def test_the_review_s_words_lead_the_teacher_s_context_and_are_checked_for_leaks
     t.review = bench.review_messages(tok, t.convention.eval[0])
     with pytest.raises(LeakError):
         bench.check_unseen(t)
+    # rule-after: the review's words follow the session, in the turns consolidation gives them
+    t.review, t.feedback = [], review_turns(t.convention.rule)
+    context = t.lesson().context
+    assert context[:len(t.context)] == t.context and context[len(t.context):] == t.feedback
+    assert context[-2]["role"] == "user" and t.convention.rule in context[-2]["content"]
+    session = [StoredMessage(i, "s", i, m["role"], m["content"], "message", {}, datetime.now(UTC))
+               for i, m in enumerate(t.context)]
+    assert teacher_context(session, t.convention.rule) == context  # what production reads
+    bench.check_unseen(t)
+    t.feedback = review_turns(t.convention.eval[0])
+    with pytest.raises(LeakError):
+        bench.check_unseen(t)
     with pytest.raises(ValueError, match="unknown review"):
         bench.run(bench.ConventionsConfig(review="everything"))
 
@@ -242,13 +257,15 @@ def test_bench_conventions_resumes_from_its_work_folder(tmp_path, tiny_dir):
     assert again["methods"] == first["methods"]
 
 
-def test_a_review_adds_the_teachers_own_adherence_row(tmp_path, tiny_dir):
+@pytest.mark.parametrize("review,order", [("rule", "the review's words, then the session"),
+                                          ("rule-after", "the session, then the review's words")])
+def test_a_review_adds_the_teachers_own_adherence_row(tmp_path, tiny_dir, review, order):
     out = tmp_path / "out"
     assert main(["bench", "conventions", "--smoke", "--model", tiny_dir, "--threads", "1",
                  "--conventions", "members", "--methods", "opsd", "--retention", "0",
-                 "--no-isolation", "--review", "rule", "--out", str(out) + "/"]) == 0
+                 "--no-isolation", "--review", review, "--out", str(out) + "/"]) == 0
     result = json.loads((out / "report.json").read_text())
     row = result["conventions"][0]
     assert 0.0 <= row["teacher"] <= 1.0 and result["teacher"] == row["teacher"]
     assert len(row["replies"]["teacher"]) == 16
-    assert "| teacher (the review's words, then the session) |" in (out / "report.md").read_text()
+    assert f"| teacher ({order}) |" in (out / "report.md").read_text()

@@ -70,7 +70,7 @@ from onthejob.learn.gate import (
     general_set,
     reading_accuracy,
 )
-from onthejob.learn.lesson import Lesson
+from onthejob.learn.lesson import Lesson, review_turns
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress, report_rate
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
@@ -84,7 +84,7 @@ FORMS = ("statement", "correction", "mixed")
 ACK = "Understood. I will do that from now on."  # scripted, after an up-front statement
 MEMORY_HEADER = "What you remember about the team you work for:"
 REVIEW_HEADER = "The user's feedback on this session, to keep to from now on:"
-REVIEWS = ("none", "rule")
+REVIEWS = ("none", "rule", "rule-after")
 GATE_HELD = 4  # retention chain: train prompts held back from training for the gate
 
 
@@ -115,9 +115,11 @@ class ConventionsConfig:
     device: str = "cpu"
     work: str | None = None  # keep finished consolidations (and opsd adapters) here; a rerun
     #                          with the same settings resumes from them (None: a temporary dir)
-    # What the session's review says: "none" (no words), or "rule" (the user approves it with
-    # the convention's rule in their own words, the memory row's words); the teacher reads the
-    # review in its system prompt, as a memory layer would put it (REVIEW_HEADER).
+    # What the session's review says: "none" (no words), or the convention's rule in the user's
+    # own words (the memory row's words), which the teacher reads either in its system prompt
+    # before the session, as a memory layer would put it (REVIEW_HEADER): "rule"; or after the
+    # session, as `onthejob consolidate` gives a review's words (learn.lesson.review_turns):
+    # "rule-after".
     review: str = "none"
 
 
@@ -273,12 +275,18 @@ class Taught:
     context_tokens: int = 0
     memory_tokens: int = 0
     review: list[dict] = field(default_factory=list)  # the teacher's system message (the review)
+    feedback: list[dict] = field(default_factory=list)  # the review's turns after the session
+
+    def teacher_context(self) -> list[dict]:
+        """What the teacher reads: the review's system message, the session, the review's turns
+        after it (either or both review parts empty)."""
+        return [*self.review, *self.context, *self.feedback]
 
     def lesson(self, held_back: Sequence[str] = ()) -> Lesson:
-        """What consolidation learns from: the session (after the review's system message,
+        """What consolidation learns from: the teacher's context (the session with the review,
         where there is one) and its practice prompts less `held_back`."""
         practice = [p for p in self.practice if p.text not in set(held_back)]
-        return Lesson(f"convention-{self.convention.id}", [*self.review, *self.context],
+        return Lesson(f"convention-{self.convention.id}", self.teacher_context(),
                       [p.text for p in practice], practice=practice)
 
 
@@ -353,7 +361,7 @@ def practice_for(c: Convention, context: Sequence[dict], form: str, asked: Seque
 def check_unseen(t: Taught, extra_training: Sequence[str] = ()) -> None:
     """No eval prompt of the convention in its session, its practice prompts (with the answers
     given to them), the training anchors or `extra_training` (LeakError)."""
-    texts = [m["content"] for m in [*t.review, *t.context]]
+    texts = [m["content"] for m in t.teacher_context()]
     texts += [p.text for p in t.practice] + [p.given for p in t.practice if p.given]
     assert_unseen(t.convention.eval, [*texts, *TRAINING_ANCHORS, *extra_training])
 
@@ -467,6 +475,8 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
     for t in taught:
         if cfg.review == "rule":
             t.review = review_messages(lm.tokenizer, t.convention.rule)
+        elif cfg.review == "rule-after":
+            t.feedback = review_turns(t.convention.rule)
         check_unseen(t)
     log(f"sessions built ({time.time() - t0:.0f} s): the session's own answers follow the "
         f"convention {sum(sum(t.session_follows) for t in taught)}/"
@@ -474,7 +484,7 @@ def run(cfg: ConventionsConfig, log: Callable[[str], None] = print) -> dict:
     rows = {"base": lambda t: [], "in_context": lambda t: t.context,
             "memory": lambda t, tok=lm.tokenizer: memory_messages(tok, t.convention.rule)}
     if cfg.review != "none":  # what the teacher reads: does the review make it follow?
-        rows["teacher"] = lambda t: [*t.review, *t.context]
+        rows["teacher"] = lambda t: t.teacher_context()
     by_id = {t.convention.id: t for t in taught}
     for name, ctx in rows.items():
         got = adherence(lm, conventions, cfg.max_tokens, lambda c, ctx=ctx: ctx(by_id[c.id]))

@@ -50,10 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--form", default="mixed", choices=("statement", "correction", "mixed"),
                    help="how the session teaches: stated up front, as a correction after a "
                    "wrong answer, or alternating between conventions (default %(default)s)")
-    p.add_argument("--review", default="none", choices=("none", "rule"),
+    p.add_argument("--review", default="none", choices=("none", "rule", "rule-after"),
                    help="what the session's review says: nothing, or the convention's rule in "
                    "the user's words (the memory row's words), which the teacher reads in its "
-                   "system prompt (default %(default)s)")
+                   "system prompt before the session (rule) or after it, as `onthejob "
+                   "consolidate` gives a review's words (rule-after) (default %(default)s)")
     p.add_argument("--examples", type=int, default=None,
                    help="train prompts the session asks, answered by the model (default 3)")
     p.add_argument("--visits", type=float, default=None,

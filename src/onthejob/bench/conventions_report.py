@@ -11,6 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+# How the report's protocol line says where the teacher read the review's words.
+REVIEW_PLACES = {
+    "rule": ", is approved with the convention's rule as the review's words (the teacher reads "
+            "them in its system prompt)",
+    "rule-after": ", is approved with the convention's rule as the review's words (the teacher "
+                  "reads them after the session, as `onthejob consolidate` gives them)",
+}
+
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
@@ -84,9 +92,7 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
              f"Date {result['date']}; {result['seconds'] / 60:.1f} min in all. Protocol: "
              "src/onthejob/bench/conventions.py. Each convention is one tenant; its session "
              f"teaches it ({cfg['form']} form, {cfg['examples']} example prompts answered by "
-             f"the model)" + (", is approved with the convention's rule as the review's "
-                              "words (the teacher reads them in its system prompt)"
-                              if cfg.get("review") == "rule" else "")
+             f"the model)" + REVIEW_PLACES.get(cfg.get("review", "none"), "")
              + f", then is consolidated at {cfg['visits']:g} visits per practice "
              f"prompt, lr {cfg['lr']:g}; adherence is the share of the {cfg['max_tokens']}-token "
              "greedy replies to the convention's 16 eval prompts (never trained on, asserted) "
@@ -106,7 +112,9 @@ def markdown(result: dict, command: str, plots: dict[str, str], md_dir: str) -> 
              f"{_ratio(result['memory'], result['in_context'])} | 0 | 0 | 0 | "
              f"{result['memory_tokens']:.0f} (the rule) | |"]
     if result.get("teacher") is not None:
-        lines.append(f"| teacher (the review's words, then the session) | {_pct(result['teacher'])} | "
+        order = ("the session, then the review's words" if cfg.get("review") == "rule-after"
+                 else "the review's words, then the session")
+        lines.append(f"| teacher ({order}) | {_pct(result['teacher'])} | "
                      f"{_ratio(result['teacher'], result['in_context'])} | 0 | 0 | 0 | "
                      f"{result['context_tokens'] + result['memory_tokens']:.0f} | |")
     for m, v in result["methods"].items():

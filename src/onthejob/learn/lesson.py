@@ -47,11 +47,16 @@ class Lesson:
 def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") -> list[Message]:
     """Teacher context: the store's one context rule (`store.context_messages`: a compaction
     replaces what came before it), then the reviewer's words."""
-    out = store_context(messages)
-    if review_text.strip():
-        out.append({"role": "user", "content": f"My feedback on this session: {review_text.strip()}"})
-        out.append({"role": "assistant", "content": "Thank you, I will keep that in mind."})
-    return out
+    return [*store_context(messages), *review_turns(review_text)]
+
+
+def review_turns(review_text: str) -> list[Message]:
+    """The reviewer's words as the teacher reads them, after the session: a user turn giving
+    the feedback and the model's acknowledgement (none for a review without words)."""
+    if not review_text.strip():
+        return []
+    return [{"role": "user", "content": f"My feedback on this session: {review_text.strip()}"},
+            {"role": "assistant", "content": "Thank you, I will keep that in mind."}]
 
 
 def kept_answers(messages: Sequence[StoredMessage], logprobs: dict[int, bytes],
