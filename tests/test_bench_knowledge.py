@@ -82,9 +82,12 @@ def test_prefix_output_and_no_extras(tmp_path, tiny_dir):
     out = tmp_path / "k"
     assert main(["bench", "knowledge", "--smoke", "--split", "dev", "--data", _data(tmp_path),
                  "--model", tiny_dir, "--methods", "sft", "--seeds", "1", "--threads", "1", "--lrs", "",
-                 "--sequential", "0", "--out", str(out)]) == 0
+                 "--sequential", "0", "--practice", "rule,span", "--span-phrasings", "2",
+                 "--out", str(out)]) == 0
     result = json.loads((tmp_path / "k.json").read_text())
     assert result["sweep"] == [] and result["sequential"] == {} and len(result["runs"]) == 1
+    assert result["config"]["practice_kinds"] == ["rule", "span"]
+    assert result["config"]["span_phrasings"] == 2
     assert (tmp_path / "k-transfer.png").exists() and not (tmp_path / "k-retention.png").exists()
     assert "k-transfer.png" in (tmp_path / "k.md").read_text()
 

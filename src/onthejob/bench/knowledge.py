@@ -62,6 +62,7 @@ from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
 from onthejob.learn.practice import (
     KINDS,
     PHRASES_PER_SENTENCE,
+    SPAN_PHRASINGS,
     PracticePrompt,
     assert_unseen,
     covered,
@@ -120,6 +121,7 @@ class KnowledgeConfig:
     notes_tokens: int = 160  # length of each note the notes baseline writes
     practice_kinds: Sequence[str] = KINDS  # learn/practice.py
     phrases_per_sentence: int = PHRASES_PER_SENTENCE  # noun phrases asked per sentence
+    span_phrasings: int = SPAN_PHRASINGS  # the model's own questions per answer span
     bf16: bool | None = None  # bf16 autocast for training; None: where it is fast (measures.py)
     model: str | None = None
     device: str = "cpu"
@@ -352,7 +354,8 @@ def _measure_session(lm: LoadedModel, index: int, article: dict, cfg: KnowledgeC
     ceiling = answer(lm, questions, golds, context=context, batch=8)
     t0 = time.time()
     lesson = lesson_from(lm, f"article-{index}", context, cfg.practice_kinds, held_out_share=0.0,
-                         phrases_per_sentence=cfg.phrases_per_sentence)
+                         phrases_per_sentence=cfg.phrases_per_sentence,
+                         span_phrasings=cfg.span_phrasings)
     probe_s = time.time() - t0
     # No evaluation question may reach training: not as a practice prompt, nor as a turn of
     # the session that is replayed, nor inside the session's own answers used as rows. The

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from onthejob.bench import finite, names
 from onthejob.envs.cli import bench_subparsers
-from onthejob.learn.cli import add_opsd_options, opsd_options
+from onthejob.learn.cli import add_opsd_options, add_practice_option, opsd_options
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
 SIZES = {"sessions": 2, "seeds": 2, "steps": 6, "visits": 8.0, "lrs": "3e-3", "sequential": 10,
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lowercase noun phrases asked per sentence of the material beside its "
                         "names and numbers (0: none; default: consolidate's, "
                         "learn/practice.py PHRASES_PER_SENTENCE)")
+    add_practice_option(k)
     k.add_argument("--sessions", type=int, default=None,
                    help=f"articles consolidated independently from the base (default {SIZES['sessions']})")
     k.add_argument("--methods", default="opsd,sft,notes",
@@ -165,7 +166,8 @@ def _knowledge(args: argparse.Namespace) -> int:
         opsd.prompts_per_step, opsd.samples_per_prompt, opsd.max_new_tokens = 2, 1, 8
         opsd.teacher_tokens = 8
     cfg = KnowledgeConfig(data=args.data, split=args.split, first=args.first, stride=args.stride,
-                          sessions=sizes["sessions"],
+                          sessions=sizes["sessions"], practice_kinds=args.practice,
+                          span_phrasings=args.span_phrasings,
                           **({} if args.phrases is None else {"phrases_per_sentence": args.phrases}),
                           methods=names(args.methods), steps=sizes["steps"],
                           visits=sizes["visits"] or None, lr=args.lr,
