@@ -85,10 +85,11 @@ def test_gate_options_reach_the_gate():
 
     args = build_parser(["consolidate"]).parse_args(
         ["consolidate", "--tenant", "acme", "--min-gain", "0.05", "--max-kl", "0.3",
-         "--max-retention-drop", "0.2", "--max-earlier-drop", "0.25"])
+         "--max-retention-drop", "0.2", "--max-earlier-drop", "0.25", "--self-anchors", "64"])
     gate = _options(args).gate
     assert (gate.min_gain, gate.max_kl, gate.max_retention_drop, gate.max_earlier_drop) == \
         (0.05, 0.3, 0.2, 0.25)
+    assert _options(args).opsd.self_anchors == 64
 
 
 def test_the_demo_keeps_its_store_under_onthejob_home_and_says_where(monkeypatch, tmp_path):

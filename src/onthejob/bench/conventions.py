@@ -369,9 +369,14 @@ def check_unseen(t: Taught, extra_training: Sequence[str] = ()) -> None:
 # -- consolidation ------------------------------------------------------------------------------
 
 
+def eval_prompts() -> list[str]:
+    """Every convention's evaluation prompts: no self-written anchor may resemble one."""
+    return [p for c in load(kept_only=False) for p in c.eval]
+
+
 def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: ConventionsConfig):
     if method == "opsd":
-        return Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd)
+        return Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd, avoid=eval_prompts())
     if method == "sft":
         return Sft(lessons, lm.tokenizer)
     if method == "notes":
@@ -723,7 +728,7 @@ def _shared(cfg: ConventionsConfig, c: Convention, keep: Path, clock: _Clock) ->
         steps = steps_for_visits(sum(len(x.probes) for x in lessons), cfg.visits, cfg.opsd)
         bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
         trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16))
-        trainer.run(Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd))
+        trainer.run(Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd, avoid=eval_prompts()))
         kl = AnchorDrift()(trainer)
     where = keep / "shared" / "v1"
     digest = save(lm.model, STUDENT, where, meta={"bench": "conventions", "scope": "shared"})

@@ -107,15 +107,18 @@ def _tokens(rule) -> int:
     return rule.tokens_student + rule.tokens_teacher
 
 
-def make_rule(method: str, lesson: Lesson, tasks, cfg: DreamBenchConfig, run_id: str):
+def make_rule(method: str, lesson: Lesson, tasks, cfg: DreamBenchConfig, run_id: str,
+              questions: Sequence[str] = ()):
     """The training rule of a bench method: OPSD on the lesson's prompts, or GRPO (alone or on
-    alternate steps with OPSD) on a DreamEnv of the passed dreamed `tasks`."""
+    alternate steps with OPSD) on a DreamEnv of the passed dreamed `tasks`. `questions`: the
+    evaluation's, which no self-written anchor may resemble."""
+    opsd = Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd, avoid=questions)
     if method in ("dream-grpo", "dream-both"):
         grpo = grpo_rule(tasks, cfg.dream_options(), run_id=run_id)
         if method == "dream-grpo":
             return grpo
-        return Alternating(Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd), grpo)
-    return Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+        return Alternating(opsd, grpo)
+    return opsd
 
 
 def _train(lm, lesson: Lesson, cfg: DreamBenchConfig, questions, golds, overhead_s: float,
@@ -123,7 +126,7 @@ def _train(lm, lesson: Lesson, cfg: DreamBenchConfig, questions, golds, overhead
     """One training run (OPSD unless `rule` is given) to max(budgets) steps, evaluated at each
     budget (evaluation untimed)."""
     trainer = Trainer(lm, TrainConfig(steps=max(cfg.budgets), lr=cfg.lr, seed=cfg.seed))
-    rule = rule or Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd)
+    rule = rule or Opsd([lesson], list(TRAINING_ANCHORS), cfg.opsd, avoid=questions)
     drift = AnchorDrift()
     drift.prepare(trainer)
     points: list[dict] = []
@@ -199,7 +202,8 @@ def run(cfg: DreamBenchConfig, log: Callable[[str], None] = print) -> dict:
                      "reading": reading_base, "untrained": True} for b in cfg.budgets]}
                 continue
             lesson = Lesson(f"article-{i}", context, prompts, title=article["title"])
-            rule = make_rule(method, lesson, passed, cfg, run_id=f"bench-dream-{i}-{method}")
+            rule = make_rule(method, lesson, passed, cfg, run_id=f"bench-dream-{i}-{method}",
+                             questions=questions)
             row["methods"][method] = {"prompts": len(prompts), "points": _train(
                 lm, lesson, cfg, questions, golds, over_s, over_tok, log, rule=rule)}
         rows.append(row)

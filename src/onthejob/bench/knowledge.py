@@ -182,10 +182,11 @@ def opsd_variant(method: str, base: OpsdConfig) -> OpsdConfig:
 def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: KnowledgeConfig,
           questions: Sequence[str] = ()):
     if method in OPSD_VARIANTS:
-        return Opsd(lessons, list(TRAINING_ANCHORS), opsd_variant(method, cfg.opsd))
+        return Opsd(lessons, list(TRAINING_ANCHORS), opsd_variant(method, cfg.opsd),
+                    avoid=questions)
     if method == "dream":
         return Opsd([_with_dreams(lm, lesson, questions) for lesson in lessons],
-                    list(TRAINING_ANCHORS), cfg.opsd)
+                    list(TRAINING_ANCHORS), cfg.opsd, avoid=questions)
     if method == "sft":
         return Sft(lessons, lm.tokenizer)
     if method == "notes":

@@ -117,6 +117,13 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
                    "the MLP only (default %(default)s)")
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -164,6 +171,10 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="teacher samples per probe beside its greedy answer (default %(default)s)")
     p.add_argument("--anchor-share", type=float, default=rec.anchor_share,
                    help="share of OPSD rows that are ordinary anchors (default %(default)s)")
+    p.add_argument("--self-anchors", type=_count, default=rec.self_anchors, metavar="N",
+                   help="also hold N prompts the base model writes itself as a user would to "
+                   "its own answers, beside the 64 fixed anchors; none resembles a general "
+                   "question or names a session fact (default %(default)s: the fixed ones only)")
     p.add_argument("--anchor-target", default=rec.anchor_target, choices=ANCHOR_TARGETS,
                    help="what anchors are held to: the base model (no drift compounds over "
                    "versions), the model before the run (prior) or the teacher "
@@ -216,6 +227,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
+                      self_anchors=args.self_anchors,
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False),

@@ -488,6 +488,7 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
                "teacher_reuse": teacher_reuse(getattr(rule, "counts", {}),
                                               getattr(rule, "tokens_teacher", 0)),
                "training_probes": [q for lesson in lessons for q in lesson.probes],
+               "self_anchors": list(getattr(rule, "self_written", [])),
                "sessions_by_tenant": by_tenant})
     status, reason, adapter = register_candidate(store, lm, opts.scope, owner, opts.method, run_id,
                                                  [s.id for s in sessions], parent, verdict, by_tenant)

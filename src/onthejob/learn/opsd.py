@@ -23,8 +23,9 @@ Preparation (once per run):
      context: the same adapters served them as the teacher runs with (learn/lesson.py
      `kept_answers`), the tokens decode to the stored answer, the answer ended on an
      end-of-turn token (whose step's row is kept) and at least top_k alternatives were kept;
-  3. anchor targets, also once: ordinary prompts (and in-context reading of the session's
-     own sentences) answered greedily by the model the anchors hold to (`anchor_target`:
+  3. anchor targets, also once: ordinary prompts (the fixed ones, `self_anchors` more that
+     the base model writes itself, learn/self_anchors.py, and in-context reading of the
+     session's own sentences) answered greedily by the model the anchors hold to (`anchor_target`:
      the base, by default, so that drift cannot compound over versions) and scored by it.
 
 Each step:
@@ -55,6 +56,7 @@ from onthejob.learn.lesson import Lesson, check_fits
 from onthejob.learn.loop import Trainer
 from onthejob.learn.practice import PracticePrompt, anchors, informative, material
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
+from onthejob.learn.self_anchors import self_written
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
 from onthejob.store.logprobs import decode as decode_kept
@@ -87,6 +89,10 @@ class OpsdConfig:
     informative_only: bool = False
     anchor_share: float = 0.25
     anchor_weight: float = 1.0
+    # Anchor prompts the base model writes itself (learn/self_anchors.py), beside the fixed
+    # ones: so many more ordinary prompts held still that the adapter cannot keep the fixed
+    # ones and drift everywhere else. 0: the fixed anchors only.
+    self_anchors: int = 0
     # What anchor rows are pulled toward: "base" = the model without any adapter (no drift
     # compounds from version to version); "prior" = the model as it was before this run,
     # without the session (parent adapters); "teacher" = the teacher with the session.
@@ -144,10 +150,14 @@ def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
 class Opsd:
     name = "opsd"
 
-    def __init__(self, lessons: Sequence[Lesson], anchors: Sequence[str], cfg: OpsdConfig | None = None):
+    def __init__(self, lessons: Sequence[Lesson], anchors: Sequence[str], cfg: OpsdConfig | None = None,
+                 avoid: Sequence[str] = ()):
+        """`avoid`: evaluation prompts that self-written anchors (OpsdConfig.self_anchors) must
+        not resemble, beside the general questions and drift anchors they never resemble."""
         if not lessons:
             raise ValueError("OPSD needs at least one lesson")
-        self.lessons, self.anchors = list(lessons), list(anchors)
+        self.lessons, self.anchors, self.avoid = list(lessons), list(anchors), list(avoid)
+        self.self_written: list[str] = []
         self.cfg = cfg or OpsdConfig()
         self.prefixes: list[Prefix] = []
         self.probes: list[_Probe] = []
@@ -159,7 +169,8 @@ class Opsd:
         # turn and the answer, after the cached session) / what scoring the others did cost.
         self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0, "uninformative": 0,
                        "given": 0, "reused": 0, "scored": 0, "given_scored": 0,
-                       "teacher_tokens_saved": 0, "teacher_tokens_scored": 0}
+                       "teacher_tokens_saved": 0, "teacher_tokens_scored": 0,
+                       "self_anchors": 0, "self_anchors_dropped": 0}
         self.tokens_student = 0
         self.tokens_teacher = 0
 
@@ -183,7 +194,8 @@ class Opsd:
                     self.probes.append(self._probe(tok, index, lesson, context_ids, prompt, system_len))
         if not self.probes:
             raise ValueError("the lessons have no probes: nothing to learn from")
-        for j, text in enumerate([*self.anchors, *self._reading_anchors()]):
+        self.self_written = self._self_written(trainer)
+        for j, text in enumerate([*self.anchors, *self.self_written, *self._reading_anchors()]):
             index = j % len(self.lessons)
             probe = self._probe(tok, index, self.lessons[index], self.prefixes[index].ids,
                                 PracticePrompt(text, "anchor"), system_len)
@@ -205,6 +217,24 @@ class Opsd:
         if common_suffix(full, student_ids) < len(student_ids) - system_len:
             raise AssertionError("teacher and student render the probe turn differently")
         return _Probe(index, prompt, student_ids, full[len(context_ids):])
+
+    def _self_written(self, trainer: Trainer) -> list[str]:
+        """OpsdConfig.self_anchors prompts the base model writes (learn/self_anchors.py), none
+        naming a fact of the sessions or resembling the fixed anchors or `avoid`."""
+        if self.cfg.self_anchors <= 0:
+            return []
+        facts: set[str] = set()
+        for lesson in self.lessons:
+            facts |= anchors(material(lesson.context))
+        started = time.time()
+        with trainer.base():
+            texts, counts = self_written(trainer.lm, self.cfg.self_anchors, trainer.cfg.seed,
+                                         avoid=[*self.avoid, *self.anchors], facts=facts,
+                                         batch=2 * self.cfg.batch)
+        self.counts["self_anchors"] = len(texts)
+        self.counts["self_anchors_dropped"] = counts["written"] - len(texts)
+        trainer.report("self-written anchors", "prompts", len(texts), self.cfg.self_anchors, started)
+        return texts
 
     def _reading_anchors(self) -> list[str]:
         """In-context reading of the sessions' own sentences: the passage is in the prompt,

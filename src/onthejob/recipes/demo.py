@@ -102,7 +102,8 @@ def run_demo(demo: Demo) -> int:
                                                                 probe_kinds=demo.practice,
                                                                 span_phrasings=demo.span_phrasings))
     print(f"   {outcome.status}: {outcome.message}")
-    seen = [*outcome.metrics.get("training_probes", []), *DEMO_TURNS,
+    seen = [*outcome.metrics.get("training_probes", []), *outcome.metrics.get("self_anchors", []),
+            *DEMO_TURNS,
             *(m.content for m in store.messages(tenant, session.id))]
     assert_unseen([q for q, _ in DEMO_CHECKS], seen)
     print("   (checked: no question asked below appears in the session or its training prompts)")
