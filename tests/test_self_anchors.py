@@ -1,4 +1,5 @@
-"""Anchor prompts the base model writes itself (learn/self_anchors.py) and their place in OPSD."""
+"""Prompts the base model writes itself (learn/self_anchors.py): more anchors, and the ordinary
+prompts on which a review's words are taught as an instruction (learn/lesson.py review_lesson)."""
 
 from dataclasses import dataclass
 
@@ -119,3 +120,69 @@ def test_resembles_agrees_with_the_f1_of_evaluate():
                  "How many legs does an insect have?", "Write a story about a dragon."]:
         want = any(sa.normalize(o) in sa.normalize(text) or f1(text, o) >= 0.5 for o in others)
         assert sa.resembles(text, others) == want
+
+
+def test_a_reviews_words_are_taught_as_an_instruction_on_ordinary_prompts(monkeypatch):
+    from onthejob.learn.lesson import REVIEW_HEADER, default_system
+    from onthejob.learn.opsd import planned_probes
+
+    lm = tiny_model(seed=5)
+    seeds = []
+
+    def fake_self_written(lm_, n, seed, *, avoid, facts, batch):
+        seeds.append(seed)
+        return [f"Write a line for banner {k}." for k in range(n)], {"written": n}
+
+    monkeypatch.setattr(opsd_module, "self_written", fake_self_written)
+    words = "Always call our product Nimbus."
+    reviewed = Lesson("s1", CONTEXT, ["What is the codename?"], review=words)
+    silent = Lesson("s2", CONTEXT, ["When does it ship?"])
+    cfg = OpsdConfig(teacher_tokens=4, review_prompts=3, reading_anchors=0)
+    assert planned_probes([reviewed, silent], cfg) == 2 + 3
+    assert planned_probes([reviewed, silent], OpsdConfig()) == 2
+    trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+    rule = Opsd([reviewed, silent], [], cfg)
+    rule.prepare(trainer)
+    assert [x.session_id for x in rule.lessons] == ["s1", "s2", "s1:review"]
+    [system] = rule.lessons[2].context
+    assert system["role"] == "system" and system["content"] == \
+        f"{default_system(lm.tokenizer)}\n\n{REVIEW_HEADER} {words}".strip()
+    review_probes = [i for i, p in enumerate(rule.probes) if p.prompt.kind == "review"]
+    assert [rule.probes[i].prompt.text for i in review_probes] == rule.review_written == \
+        [f"Write a line for banner {k}." for k in range(3)]
+    assert all(rule.probes[i].lesson == 2 and not rule.probes[i].anchor for i in review_probes)
+    assert all(i in rule.targets for i in review_probes)  # the teacher answered each
+    assert rule.counts["review_prompts"] == 3 and len(seeds) == 1
+    with torch.no_grad():
+        loss, _ = rule.step(trainer, 0)
+    assert float(loss) >= 0
+    # no review words, or no review prompts asked for: no review lesson
+    plain = Opsd([silent], [], cfg)
+    plain.prepare(trainer)
+    assert len(plain.lessons) == 1 and plain.review_written == []
+
+
+def test_consolidation_gives_each_lesson_its_reviews_words(tmp_path, tiny_lm):
+    from onthejob.learn.consolidate import (
+        ConsolidateOptions,
+        build_lessons,
+        lessons_from_json,
+        lessons_to_json,
+    )
+    from onthejob.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'review.db'}")
+    store.create_tenant("acme")
+    words = "Always call our product Nimbus."
+    sessions = []
+    for review in (words, ""):
+        s = store.create_session("acme")
+        store.add_message("acme", s.id, "user", CONTEXT[0]["content"])
+        store.add_message("acme", s.id, "assistant", CONTEXT[1]["content"])
+        store.set_review("acme", s.id, "up", review)
+        sessions.append(store.get_session("acme", s.id))
+    lessons = build_lessons(tiny_lm, store, sessions, ConsolidateOptions(probe_kinds=("rule",)))
+    assert [x.review for x in lessons] == [words, ""]
+    assert words in lessons[0].context[-2]["content"]  # and read after the session, as before
+    assert [x.review for x in lessons_from_json(lessons_to_json(lessons))] == [words, ""]
+    store.close()

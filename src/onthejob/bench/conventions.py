@@ -70,10 +70,16 @@ from onthejob.learn.gate import (
     general_set,
     reading_accuracy,
 )
-from onthejob.learn.lesson import Lesson, review_turns
+from onthejob.learn.lesson import (
+    REVIEW_HEADER,
+    Lesson,
+    default_system,  # noqa: F401 (the bench's name for it; tests use it)
+    instruction_messages,
+    review_turns,
+)
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress, report_rate
 from onthejob.learn.notes import Notes
-from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
+from onthejob.learn.opsd import Opsd, OpsdConfig, planned_probes, steps_for_visits
 from onthejob.learn.practice import PracticePrompt, assert_unseen, replayed
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
@@ -83,7 +89,6 @@ METHODS = ("opsd", "sft", "notes")
 FORMS = ("statement", "correction", "mixed")
 ACK = "Understood. I will do that from now on."  # scripted, after an up-front statement
 MEMORY_HEADER = "What you remember about the team you work for:"
-REVIEW_HEADER = "The user's feedback on this session, to keep to from now on:"
 REVIEWS = ("none", "rule", "rule-after")
 GATE_HELD = 4  # retention chain: train prompts held back from training for the gate
 
@@ -126,22 +131,9 @@ class ConventionsConfig:
 # -- prompts and replies ------------------------------------------------------------------------
 
 
-def default_system(tokenizer) -> str:
-    """The system prompt the chat template puts in when none is given ("" if it puts none)."""
-    probe = "\x00probe\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
-                                         add_generation_prompt=False)
-    start = text.find("<|im_start|>system\n")
-    if start < 0 or start > text.find(probe):
-        return ""
-    body = text[start + len("<|im_start|>system\n"):]
-    return body[: body.find("<|im_end|>")]
-
-
 def memory_messages(tokenizer, rule: str) -> list[dict]:
     """The memory row's context: the template's own system prompt plus the rule's words."""
-    system = default_system(tokenizer)
-    return [{"role": "system", "content": f"{system}\n\n{MEMORY_HEADER} {rule}".strip()}]
+    return instruction_messages(tokenizer, MEMORY_HEADER, rule)
 
 
 def context_tokens(tokenizer, context: Sequence[dict]) -> int:
@@ -287,13 +279,13 @@ class Taught:
         where there is one) and its practice prompts less `held_back`."""
         practice = [p for p in self.practice if p.text not in set(held_back)]
         return Lesson(f"convention-{self.convention.id}", self.teacher_context(),
-                      [p.text for p in practice], practice=practice)
+                      [p.text for p in practice], practice=practice,
+                      review=self.convention.rule if self.review or self.feedback else "")
 
 
 def review_messages(tokenizer, words: str) -> list[dict]:
     """The review's words in the teacher's system prompt (after the template's own)."""
-    system = default_system(tokenizer)
-    return [{"role": "system", "content": f"{system}\n\n{REVIEW_HEADER} {words}".strip()}]
+    return instruction_messages(tokenizer, REVIEW_HEADER, words)
 
 
 def _form(cfg_form: str, k: int) -> str:
@@ -393,7 +385,7 @@ def train(cfg: ConventionsConfig, lm: LoadedModel, lesson: Lesson, method: str,
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
         bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
-        steps = steps_for_visits(len(lesson.probes), cfg.visits, cfg.opsd)
+        steps = steps_for_visits(planned_probes([lesson], cfg.opsd), cfg.visits, cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16,
                                           log_every=10), parent=parent)
         rule = _rule(method, [lesson], lm, cfg)
@@ -725,7 +717,7 @@ def _shared(cfg: ConventionsConfig, c: Convention, keep: Path, clock: _Clock) ->
     lessons = [replace(t.lesson(), session_id=f"shared-{k}") for k, t in enumerate(taught)]
     t0 = time.time()
     with PeakMemory(lm.device):
-        steps = steps_for_visits(sum(len(x.probes) for x in lessons), cfg.visits, cfg.opsd)
+        steps = steps_for_visits(planned_probes(lessons, cfg.opsd), cfg.visits, cfg.opsd)
         bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
         trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16))
         trainer.run(Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd, avoid=eval_prompts()))

@@ -175,6 +175,11 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="also hold N prompts the base model writes itself as a user would to "
                    "its own answers, beside the 64 fixed anchors; none resembles a general "
                    "question or names a session fact (default %(default)s: the fixed ones only)")
+    p.add_argument("--review-prompts", type=_count, default=rec.review_prompts, metavar="N",
+                   help="also teach each review's words as an instruction: N ordinary prompts "
+                   "the base model writes, answered by the teacher that reads only the review "
+                   "in its system prompt (default %(default)s: the review is read after the "
+                   "session only)")
     p.add_argument("--anchor-target", default=rec.anchor_target, choices=ANCHOR_TARGETS,
                    help="what anchors are held to: the base model (no drift compounds over "
                    "versions), the model before the run (prior) or the teacher "
@@ -227,7 +232,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
                       anchor_share=args.anchor_share, anchor_target=args.anchor_target,
-                      self_anchors=args.self_anchors,
+                      self_anchors=args.self_anchors, review_prompts=args.review_prompts,
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False),

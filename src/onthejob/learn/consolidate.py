@@ -42,7 +42,7 @@ from onthejob.learn.gate import (
 from onthejob.learn.lesson import Lesson, check_fits, kept_answers, teacher_context
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, print_progress
 from onthejob.learn.notes import Notes
-from onthejob.learn.opsd import Opsd, OpsdConfig, steps_for_visits
+from onthejob.learn.opsd import Opsd, OpsdConfig, planned_probes, steps_for_visits
 from onthejob.learn.practice import (
     KINDS,
     PHRASES_PER_SENTENCE,
@@ -147,9 +147,11 @@ def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
         messages = store.messages(s.tenant, s.id)
         review = store.get_review(s.tenant, s.id)
         kept, stale = kept_answers(messages, store.kept_logprobs(s.tenant, s.id), served_with)
-        lessons.append(lesson_from(lm, s.id, teacher_context(messages, review.text if review else ""),
+        words = review.text if review else ""
+        lessons.append(lesson_from(lm, s.id, teacher_context(messages, words),
                                    opts.probe_kinds, opts.held_out_share, opts.train.seed, kept,
                                    span_phrasings=opts.span_phrasings))
+        lessons[-1].review = words
         elapsed = time.time() - started
         eta = elapsed / n * (len(sessions) - n)
         if say is not None:
@@ -293,7 +295,8 @@ def consolidate(store: Store, lm: LoadedModel, tenant: str, opts: ConsolidateOpt
                 lessons = build_lessons(lm, store, sessions, opts, say, phases.observe,
                                         served_with=teacher)
                 write_json(saved, lessons_to_json(lessons))
-        n_probes = sum(len(x.probes) for x in lessons)
+        n_probes = planned_probes(lessons, opts.opsd) if opts.method == "opsd" else \
+            sum(len(x.probes) for x in lessons)
         if opts.visits:
             steps = min(steps_for_visits(n_probes, opts.visits, opts.opsd), MAX_AUTO_STEPS)
             opts = replace(opts, train=replace(opts.train, steps=steps))
@@ -489,6 +492,7 @@ def train_and_gate(store: Store, lm: LoadedModel, tenant: str, owner: str | None
                                               getattr(rule, "tokens_teacher", 0)),
                "training_probes": [q for lesson in lessons for q in lesson.probes],
                "self_anchors": list(getattr(rule, "self_written", [])),
+               "review_prompts": list(getattr(rule, "review_written", [])),
                "sessions_by_tenant": by_tenant})
     status, reason, adapter = register_candidate(store, lm, opts.scope, owner, opts.method, run_id,
                                                  [s.id for s in sessions], parent, verdict, by_tenant)

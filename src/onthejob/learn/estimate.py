@@ -45,9 +45,10 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
     """The units of work of a consolidation, counted without generating anything."""
     from onthejob.learn.consolidate import MIN_HELD_OUT  # consolidate imports this module
 
-    tokens = rule = written = held = sentences = 0
+    tokens = rule = written = held = sentences = reviewed = 0
     for s in sessions:
         review = store.get_review(s.tenant, s.id)
+        reviewed += bool(review and review.text.strip())
         context = teacher_context(store.messages(s.tenant, s.id), review.text if review else "")
         tokens += len(render_ids(lm.tokenizer, context, add_generation_prompt=False))
         made = practice_prompts(None, context, opts.probe_kinds)  # the rule-made kinds only
@@ -60,7 +61,9 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
         written += model_made
         sentences += n_sent
         held += max(MIN_HELD_OUT, round(units * opts.held_out_share)) if units > 1 and opts.held_out_share else 0
-    probes = max(rule + written - held, 1)
+    # with --review-prompts, that many more a reviewed session (upper bound: some are dropped)
+    review_prompts = opts.opsd.review_prompts * reviewed if opts.method == "opsd" else 0
+    probes = max(rule + written - held + review_prompts, 1)
     steps = opts.train.steps
     if opts.visits:
         from onthejob.learn.consolidate import MAX_AUTO_STEPS
@@ -68,7 +71,8 @@ def count_work(lm: LoadedModel, store: Store, sessions: Sequence[Session], opts)
         steps = min(steps_for_visits(probes, opts.visits, opts.opsd), MAX_AUTO_STEPS)
     opsd = opts.method == "opsd"
     teacher = probes * (1 + opts.opsd.teacher_samples) if opsd and opts.opsd.teacher_mix > 0 else 0
-    anchors = (len(TRAINING_ANCHORS) + opts.opsd.reading_anchors * len(sessions)) if opsd else 0
+    anchors = (len(TRAINING_ANCHORS) + opts.opsd.self_anchors
+               + opts.opsd.reading_anchors * len(sessions)) if opsd else 0
     return {"sessions": len(sessions), "context_tokens": tokens, "rule_prompts": rule,
             "written_prompts": written, "sentences": sentences, "probes": probes, "held": held,
             "steps": steps, "teacher_answers": teacher, "anchor_answers": anchors,

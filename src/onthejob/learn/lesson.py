@@ -37,6 +37,9 @@ class Lesson:
     # Kept log-probs (store/logprobs.py's encoding) of the context's answers, by their index
     # in `context`: the inference compute that produced them, for the teacher to reuse.
     kept: dict[int, bytes] = field(default_factory=dict)
+    # The review's words (none: ""). OPSD with `review_prompts` also teaches them as an
+    # instruction, on ordinary prompts (`review_lesson`).
+    review: str = ""
 
     def prompts(self) -> list[PracticePrompt]:
         """Every training probe, as a PracticePrompt (known answers attached where known)."""
@@ -48,6 +51,39 @@ def teacher_context(messages: Sequence[StoredMessage], review_text: str = "") ->
     """Teacher context: the store's one context rule (`store.context_messages`: a compaction
     replaces what came before it), then the reviewer's words."""
     return [*store_context(messages), *review_turns(review_text)]
+
+
+# How the review's words read as the teacher's instruction (`review_lesson`).
+REVIEW_HEADER = "The user's feedback on this session, to keep to from now on:"
+
+
+def default_system(tokenizer) -> str:
+    """The system prompt the chat template puts in when none is given ("" if it puts none)."""
+    probe = "\x00probe\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                         add_generation_prompt=False)
+    start = text.find("<|im_start|>system\n")
+    if start < 0 or start > text.find(probe):
+        return ""
+    body = text[start + len("<|im_start|>system\n"):]
+    return body[: body.find("<|im_end|>")]
+
+
+def instruction_messages(tokenizer, header: str, words: str) -> list[Message]:
+    """A system message: the template's own system prompt, then `header` and `words`."""
+    system = default_system(tokenizer)
+    return [{"role": "system", "content": f"{system}\n\n{header} {words}".strip()}]
+
+
+def review_lesson(tokenizer, lesson: Lesson, prompts: Sequence[str]) -> Lesson:
+    """The review's words taught as an instruction: a lesson whose teacher reads only them,
+    in its system prompt, and answers `prompts` (ordinary ones, nothing of the session), so
+    that what the reviewer asked for ("always call it Nimbus") holds everywhere, not only
+    where the session's own answers showed it. A review that asks nothing of the sort
+    ("good, remember the codename") leaves those answers as the model gives them anyway."""
+    practice = [PracticePrompt(text, "review") for text in prompts]
+    return Lesson(f"{lesson.session_id}:review", instruction_messages(tokenizer, REVIEW_HEADER, lesson.review),
+                  [p.text for p in practice], practice=practice)
 
 
 def review_turns(review_text: str) -> list[Message]:

@@ -52,7 +52,7 @@ import torch
 
 from onthejob.learn.divergence import per_token, per_token_top
 from onthejob.learn.evaluate import contains
-from onthejob.learn.lesson import Lesson, check_fits
+from onthejob.learn.lesson import Lesson, check_fits, review_lesson
 from onthejob.learn.loop import Trainer
 from onthejob.learn.practice import PracticePrompt, anchors, informative, material
 from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
@@ -93,6 +93,11 @@ class OpsdConfig:
     # ones: so many more ordinary prompts held still that the adapter cannot keep the fixed
     # ones and drift everywhere else. 0: the fixed anchors only.
     self_anchors: int = 0
+    # The review's words taught as an instruction (learn/lesson.py `review_lesson`): for each
+    # session whose review has words, this many ordinary prompts the base model writes itself,
+    # answered by the teacher that reads only the review in its system prompt. 0: the review's
+    # words are read only after the session, as part of its teacher's context.
+    review_prompts: int = 0
     # What anchor rows are pulled toward: "base" = the model without any adapter (no drift
     # compounds from version to version); "prior" = the model as it was before this run,
     # without the session (parent adapters); "teacher" = the teacher with the session.
@@ -114,6 +119,13 @@ class OpsdConfig:
                              f"{', '.join(TEACHER_FROM)}")
         if not 0.0 <= self.teacher_mix <= 1.0 or not 0.0 <= self.on_policy_from <= 1.0:
             raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
+
+
+def planned_probes(lessons: Sequence[Lesson], cfg: OpsdConfig) -> int:
+    """The lesson probes OPSD will train on: the lessons' own and, with `review_prompts`,
+    that many more for each lesson whose review has words (for a budget in visits)."""
+    return sum(len(x.probes) for x in lessons) + cfg.review_prompts * sum(
+        1 for x in lessons if x.review.strip())
 
 
 def steps_for_visits(n_probes: int, visits: float, cfg: OpsdConfig) -> int:
@@ -158,6 +170,7 @@ class Opsd:
             raise ValueError("OPSD needs at least one lesson")
         self.lessons, self.anchors, self.avoid = list(lessons), list(anchors), list(avoid)
         self.self_written: list[str] = []
+        self.review_written: list[str] = []
         self.cfg = cfg or OpsdConfig()
         self.prefixes: list[Prefix] = []
         self.probes: list[_Probe] = []
@@ -170,7 +183,7 @@ class Opsd:
         self.counts = {"teacher_answers": 0, "kept": 0, "missed_span": 0, "span_fallback": 0, "uninformative": 0,
                        "given": 0, "reused": 0, "scored": 0, "given_scored": 0,
                        "teacher_tokens_saved": 0, "teacher_tokens_scored": 0,
-                       "self_anchors": 0, "self_anchors_dropped": 0}
+                       "self_anchors": 0, "self_anchors_dropped": 0, "review_prompts": 0}
         self.tokens_student = 0
         self.tokens_teacher = 0
 
@@ -184,6 +197,8 @@ class Opsd:
         self._tok, self._device = tok, lm.device
         self._eot = min(end_of_turn_ids(tok) - {None})
         system_len = _system_prefix_len(tok)
+        self.self_written = self._self_written(trainer)
+        self._add_review_lessons(trainer)
         with self._teacher(trainer):
             for index, lesson in enumerate(self.lessons):
                 check_fits(lm, lesson, room=64 + max(self.cfg.max_new_tokens, self.cfg.teacher_tokens))
@@ -194,7 +209,6 @@ class Opsd:
                     self.probes.append(self._probe(tok, index, lesson, context_ids, prompt, system_len))
         if not self.probes:
             raise ValueError("the lessons have no probes: nothing to learn from")
-        self.self_written = self._self_written(trainer)
         for j, text in enumerate([*self.anchors, *self.self_written, *self._reading_anchors()]):
             index = j % len(self.lessons)
             probe = self._probe(tok, index, self.lessons[index], self.prefixes[index].ids,
@@ -223,18 +237,41 @@ class Opsd:
         naming a fact of the sessions or resembling the fixed anchors or `avoid`."""
         if self.cfg.self_anchors <= 0:
             return []
-        facts: set[str] = set()
-        for lesson in self.lessons:
-            facts |= anchors(material(lesson.context))
         started = time.time()
         with trainer.base():
             texts, counts = self_written(trainer.lm, self.cfg.self_anchors, trainer.cfg.seed,
-                                         avoid=[*self.avoid, *self.anchors], facts=facts,
+                                         avoid=[*self.avoid, *self.anchors], facts=self._facts(),
                                          batch=2 * self.cfg.batch)
         self.counts["self_anchors"] = len(texts)
         self.counts["self_anchors_dropped"] = counts["written"] - len(texts)
         trainer.report("self-written anchors", "prompts", len(texts), self.cfg.self_anchors, started)
         return texts
+
+    def _facts(self) -> set[str]:
+        """The sessions' fact words (learn/practice.py `anchors`): what ordinary prompts must
+        not name."""
+        facts: set[str] = set()
+        for lesson in self.lessons:
+            facts |= anchors(material(lesson.context))
+        return facts
+
+    def _add_review_lessons(self, trainer: Trainer) -> None:
+        """OpsdConfig.review_prompts: a review lesson (learn/lesson.py `review_lesson`) for each
+        lesson whose review has words, all on one set of prompts the base model writes, none
+        of them an anchor or resembling `avoid`."""
+        reviewed = [x for x in self.lessons if x.review.strip()]
+        if self.cfg.review_prompts <= 0 or not reviewed:
+            return
+        started = time.time()
+        with trainer.base():
+            texts, _ = self_written(trainer.lm, self.cfg.review_prompts, trainer.cfg.seed + 1_000,
+                                    avoid=[*self.avoid, *self.anchors, *self.self_written],
+                                    facts=self._facts(), batch=2 * self.cfg.batch)
+        self.review_written = texts
+        self.counts["review_prompts"] = len(texts) * len(reviewed)
+        trainer.report("review prompts", "prompts", len(texts), self.cfg.review_prompts, started)
+        if texts:
+            self.lessons += [review_lesson(trainer.lm.tokenizer, x, texts) for x in reviewed]
 
     def _reading_anchors(self) -> list[str]:
         """In-context reading of the sessions' own sentences: the passage is in the prompt,
@@ -280,7 +317,8 @@ class Opsd:
                 kept = [a for a in answers[i] if a]
                 # open prompts: only answers that tell a fact of the session (informative_only)
                 facts = (material_anchors(self.probes[i].lesson)
-                         if cfg.informative_only and not prompt.answer else None)
+                         if cfg.informative_only and not prompt.answer and prompt.kind != "review"
+                         else None)
                 if facts is not None:
                     told = [a for a in kept
                             if informative(tok.decode(a, skip_special_tokens=True), prompt.text, facts)]

@@ -8,6 +8,9 @@ is rendered up to where a user's words begin and the model continues it (the use
 finds likely, after Magpie, Xu et al. 2024). Some turns are started with a question word,
 so that short questions, the form of the lessons' practice prompts, are among them.
 
+The same prompts carry a review's words as an instruction (OpsdConfig.review_prompts,
+learn/lesson.py `review_lesson`): ordinary prompts on which the teacher reads only the review.
+
 Nothing the model writes here may resemble what measures forgetting: a prompt is dropped when
 it contains, or shares half its words with (token F1 >= 0.5), a general question
 (data/general.json), a drift anchor (DEFAULT_ANCHORS) or any text the caller names; and when

@@ -103,6 +103,7 @@ def run_demo(demo: Demo) -> int:
                                                                 span_phrasings=demo.span_phrasings))
     print(f"   {outcome.status}: {outcome.message}")
     seen = [*outcome.metrics.get("training_probes", []), *outcome.metrics.get("self_anchors", []),
+            *outcome.metrics.get("review_prompts", []),
             *DEMO_TURNS,
             *(m.content for m in store.messages(tenant, session.id))]
     assert_unseen([q for q, _ in DEMO_CHECKS], seen)
