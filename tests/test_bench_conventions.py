@@ -257,15 +257,17 @@ def test_bench_conventions_resumes_from_its_work_folder(tmp_path, tiny_dir):
     assert again["methods"] == first["methods"]
 
 
-@pytest.mark.parametrize("review,order", [("rule", "the review's words, then the session"),
-                                          ("rule-after", "the session, then the review's words")])
-def test_a_review_adds_the_teachers_own_adherence_row(tmp_path, tiny_dir, review, order):
+@pytest.mark.parametrize("review,order,extra", [
+    ("rule", "the review's words, then the session", []),
+    ("rule-after", "the session, then the review's words", ["--review-prompts", "2"])])
+def test_a_review_adds_the_teachers_own_adherence_row(tmp_path, tiny_dir, review, order, extra):
     out = tmp_path / "out"
     assert main(["bench", "conventions", "--smoke", "--model", tiny_dir, "--threads", "1",
                  "--conventions", "members", "--methods", "opsd", "--retention", "0",
-                 "--no-isolation", "--review", review, "--out", str(out) + "/"]) == 0
+                 "--no-isolation", "--review", review, *extra, "--out", str(out) + "/"]) == 0
     result = json.loads((out / "report.json").read_text())
     row = result["conventions"][0]
     assert 0.0 <= row["teacher"] <= 1.0 and result["teacher"] == row["teacher"]
     assert len(row["replies"]["teacher"]) == 16
     assert f"| teacher ({order}) |" in (out / "report.md").read_text()
+    assert result["config"]["opsd"]["review_prompts"] == (2 if extra else 0)
