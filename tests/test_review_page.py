@@ -453,3 +453,18 @@ def test_store_reviews_of_and_the_reviewed_filter(tmp_path):
     assert unreviewed == {world.bluefin, world.probe}
     assert {s.id for s in store.list_sessions("acme", reviewed=True)} == {world.learned}
     store.close()
+
+
+def test_figures_are_found_at_any_depth_and_never_outside_the_folder(tmp_path):
+    from onthejob.serve.web.pages import figure_files
+
+    png = b"\x89PNG\r\n\x1a\n"
+    folder = tmp_path / "results"
+    (folder / "run" / "p1").mkdir(parents=True)
+    (folder / "top.png").write_bytes(png)
+    (folder / "run" / "p1" / "joint.png").write_bytes(png)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "private.png").write_bytes(png)
+    (folder / "link").symlink_to(outside, target_is_directory=True)
+    assert set(figure_files(folder)) == {"top.png", "run/p1/joint.png"}

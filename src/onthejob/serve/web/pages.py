@@ -79,11 +79,13 @@ def _redirect(path: str, **query: Any) -> RedirectResponse:
 
 
 def figure_files(folder: Path | None) -> dict[str, Path]:
-    """The PNG plots under `folder` (and one level of subfolders), by their relative name."""
+    """The PNG plots under `folder`, at any depth (a benchmark's report folder may hold one
+    folder per run), by their relative name; none that resolves outside the folder."""
     if folder is None:
         return {}
-    found = sorted([*folder.glob("*.png"), *folder.glob("*/*.png")])
-    return {p.relative_to(folder).as_posix(): p for p in found if p.is_file()}
+    root = folder.resolve()
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*.png"))
+            if p.is_file() and p.resolve().is_relative_to(root)}
 
 
 def add_review_pages(app: FastAPI, ctx: ServerContext, figures: Path | None = None) -> None:
