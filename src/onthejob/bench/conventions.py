@@ -38,6 +38,7 @@ Parts, sized by options:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -361,9 +362,11 @@ def check_unseen(t: Taught, extra_training: Sequence[str] = ()) -> None:
 # -- consolidation ------------------------------------------------------------------------------
 
 
-def eval_prompts() -> list[str]:
-    """Every convention's evaluation prompts: no self-written anchor may resemble one."""
-    return [p for c in load(kept_only=False) for p in c.eval]
+@functools.cache
+def eval_prompts() -> tuple[str, ...]:
+    """Every convention's evaluation prompts: no self-written anchor may resemble one (read
+    from the conventions file once)."""
+    return tuple(p for c in load(kept_only=False) for p in c.eval)
 
 
 def _rule(method: str, lessons: Sequence[Lesson], lm: LoadedModel, cfg: ConventionsConfig):

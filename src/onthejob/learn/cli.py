@@ -117,18 +117,18 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
                    "the MLP only (default %(default)s)")
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
+def _at_least(low: int):
+    """An argparse type: an integer of at least `low`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+    parse.__name__ = "int"  # argparse says "invalid int value: 'x'" for a non-number
+    return parse
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
+_count, _positive = _at_least(0), _at_least(1)
 
 
 def lora_spec(args: argparse.Namespace) -> LoraSpec:

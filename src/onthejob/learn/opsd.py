@@ -197,8 +197,9 @@ class Opsd:
         self._tok, self._device = tok, lm.device
         self._eot = min(end_of_turn_ids(tok) - {None})
         system_len = _system_prefix_len(tok)
-        self.self_written = self._self_written(trainer)
-        self._add_review_lessons(trainer)
+        facts = self._facts()  # the sessions' own, before any review lesson joins them
+        self.self_written = self._self_written(trainer, facts)
+        self._add_review_lessons(trainer, facts)
         with self._teacher(trainer):
             for index, lesson in enumerate(self.lessons):
                 check_fits(lm, lesson, room=64 + max(self.cfg.max_new_tokens, self.cfg.teacher_tokens))
@@ -232,7 +233,7 @@ class Opsd:
             raise AssertionError("teacher and student render the probe turn differently")
         return _Probe(index, prompt, student_ids, full[len(context_ids):])
 
-    def _self_written(self, trainer: Trainer) -> list[str]:
+    def _self_written(self, trainer: Trainer, facts: set[str]) -> list[str]:
         """OpsdConfig.self_anchors prompts the base model writes (learn/self_anchors.py), none
         naming a fact of the sessions or resembling the fixed anchors or `avoid`."""
         if self.cfg.self_anchors <= 0:
@@ -240,7 +241,7 @@ class Opsd:
         started = time.time()
         with trainer.base():
             texts, counts = self_written(trainer.lm, self.cfg.self_anchors, trainer.cfg.seed,
-                                         avoid=[*self.avoid, *self.anchors], facts=self._facts(),
+                                         avoid=[*self.avoid, *self.anchors], facts=facts,
                                          batch=2 * self.cfg.batch)
         self.counts["self_anchors"] = len(texts)
         self.counts["self_anchors_dropped"] = counts["written"] - len(texts)
@@ -255,7 +256,7 @@ class Opsd:
             facts |= anchors(material(lesson.context))
         return facts
 
-    def _add_review_lessons(self, trainer: Trainer) -> None:
+    def _add_review_lessons(self, trainer: Trainer, facts: set[str]) -> None:
         """OpsdConfig.review_prompts: a review lesson (learn/lesson.py `review_lesson`) for each
         lesson whose review has words, all on one set of prompts the base model writes, none
         of them an anchor or resembling `avoid`."""
@@ -266,7 +267,7 @@ class Opsd:
         with trainer.base():
             texts, _ = self_written(trainer.lm, self.cfg.review_prompts, trainer.cfg.seed + 1_000,
                                     avoid=[*self.avoid, *self.anchors, *self.self_written],
-                                    facts=self._facts(), batch=2 * self.cfg.batch)
+                                    facts=facts, batch=2 * self.cfg.batch)
         self.review_written = texts
         self.counts["review_prompts"] = len(texts) * len(reviewed)
         trainer.report("review prompts", "prompts", len(texts), self.cfg.review_prompts, started)

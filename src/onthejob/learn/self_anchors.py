@@ -85,15 +85,14 @@ def self_written(lm: LoadedModel, n: int, seed: int = 0, *, avoid: Sequence[str]
     view) writes itself, none resembling `forbidden_texts(avoid)` or naming one of `facts`
     (the session's fact words, learn/practice.py `anchors`); and the counts of what was written and
     dropped. Sampled at temperature 1 with `seed`; at most four rounds of `n` tries."""
+    counts = dict.fromkeys(("written", "unfinished", "size", "duplicate", "resembles",
+                            "names_fact"), 0)
     if n <= 0:
-        return [], {"written": 0, "unfinished": 0, "size": 0, "duplicate": 0, "resembles": 0,
-                    "names_fact": 0}
+        return [], counts
     tok = lm.tokenizer
     head = user_turn_ids(tok)
     forbidden = _Keys(forbidden_texts(avoid))
     facts = {normalize(f) for f in facts} - {""}
-    counts = {"written": 0, "unfinished": 0, "size": 0, "duplicate": 0, "resembles": 0,
-              "names_fact": 0}
     out: list[str] = []
     seen: set[str] = set()
     for round_ in range(4):
@@ -109,17 +108,18 @@ def self_written(lm: LoadedModel, n: int, seed: int = 0, *, avoid: Sequence[str]
                 counts["written"] += 1
                 text = (s + done.text).strip() if s else done.text.strip()
                 text = re.sub(r"\s+", " ", text)
+                key = normalize(text)
                 if done.finish_reason != "stop":
                     counts["unfinished"] += 1
                 elif not MIN_WORDS <= len(text.split()) <= MAX_WORDS:
                     counts["size"] += 1
-                elif normalize(text) in seen:
+                elif key in seen:
                     counts["duplicate"] += 1
                 elif resembles(text, forbidden):
                     counts["resembles"] += 1
-                elif facts & set(normalize(text).split()):
+                elif facts & set(key.split()):
                     counts["names_fact"] += 1
                 else:
-                    seen.add(normalize(text))
+                    seen.add(key)
                     out.append(text + ANSWER_HINT if s and text.endswith("?") else text)
     return out[:n], counts
