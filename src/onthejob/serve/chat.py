@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from onthejob.model import Completion, ContextLengthError, SamplingParams
+from onthejob.model.threads import run_in_thread
 from onthejob.serve.engine import Engine
 from onthejob.serve.turns import (
     DEFAULT_KEEP_TOP_K,
@@ -163,10 +164,11 @@ class ChatSession:
         self.say(f"[dreaming about this session: mode {mode}, budget {budget}; this takes a "
                  "while (progress below)]")
         try:
-            with self.engine.lock:
-                out = dream(self.store, self.engine.lm, self.tenant.name, self.session_id,
-                            DreamOptions(mode=mode, budget=budget),
-                            say=lambda s: self.say(f"[{s}]"))
+            with self.engine.lock:  # in a thread that ends, to keep the engine fast after
+                out = run_in_thread(lambda: dream(  # (model/threads.py)
+                    self.store, self.engine.lm, self.tenant.name, self.session_id,
+                    DreamOptions(mode=mode, budget=budget), say=lambda s: self.say(f"[{s}]")),
+                    "onthejob-dream")
         except (ValueError, NotFound) as exc:
             self.say(f"[cannot dream: {exc}]")
             return

@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
+from onthejob.model.threads import run_in_thread
 from onthejob.serve.errors import APIError
 from onthejob.serve.http import Principal, ServerContext, read_json
 from onthejob.serve.schemas import Strict
@@ -94,8 +95,11 @@ class DreamJobs:
         from onthejob.dream.run import dream
 
         try:
-            dream(self.ctx.store, self._model(), tenant, session_id, opts,
-                  say=lambda s: log.info("dream %s: %s", run_id, s), run_id=run_id)
+            # in a thread that ends, so that the pool's thread keeps no OpenMP helpers that
+            # would slow the engine thread afterwards (model/threads.py)
+            run_in_thread(lambda: dream(self.ctx.store, self._model(), tenant, session_id, opts,
+                                        say=lambda s: log.info("dream %s: %s", run_id, s),
+                                        run_id=run_id), "onthejob-dream")
         except Exception as exc:  # noqa: BLE001 - recorded on the run, which the client polls
             log.exception("dream run %s failed", run_id)
             if self.ctx.store.get_run(run_id).status != "failed":
