@@ -137,6 +137,70 @@ def test_bfloat16_decoding_is_opt_in_and_close(lm):
     assert [c.logprobs[0] for c in rounded] != pytest.approx(first, abs=1e-6)
 
 
+def test_int8_quantization_rounds_each_weight_to_its_channel_scale():
+    from onthejob.model.decoder import dequantize_int8, quantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=gen) * torch.linspace(0.01, 3.0, 48)[:, None]
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (48,)
+    assert int(q.abs().max()) <= 127 and (q.abs().amax(dim=1) >= 126).all()  # range used
+    back = dequantize_int8(q, scales)
+    # within half a step of its own channel's scale (the scale itself is rounded to bf16)
+    assert ((back - w).abs() <= scales.float()[:, None] * 0.5 + 1e-6).all()
+
+
+@pytest.mark.skipif(not importlib.import_module("onthejob.model.decoder").int8_works(),
+                    reason="this torch has no weight-only int8 kernel")
+def test_int8_decoding_is_close_and_both_kernels_compute_the_same_weights(lm, monkeypatch):
+    from onthejob.model import decoder
+
+    prompts = _prompts(lm)
+    exact = generate(lm, prompts, SamplingParams(max_tokens=1))
+    lm.decode_dtype = decoder.INT8
+    rounded = generate(lm, prompts, SamplingParams(max_tokens=1))
+    qkv = lm.decoder_cache.layers[0].qkv
+    rows, wide = decoder.int8_plan(lm.device)
+    assert qkv.q8 is not None and qkv.q8[0].dtype == torch.int8 and qkv.dtype == wide
+    assert qkv.int8_rows == rows
+    first = [c.logprobs[0] for c in exact]
+    assert [c.logprobs[0] for c in rounded] == pytest.approx(first, abs=0.1)
+    assert [c.logprobs[0] for c in rounded] != pytest.approx(first, abs=1e-6)
+    # one row at a time (the int8 kernel) and all rows at once (the wide copy of the same
+    # quantized weights): the same products, up to bf16 rounding
+    x = torch.randn(rows + 3, qkv.q8[0].shape[1])
+    many = qkv(x).float()
+    alone = torch.cat([qkv(row[None]) for row in x]).float()
+    assert torch.allclose(many, alone, atol=0.05, rtol=0.02)
+
+
+def test_int8_plan_follows_native_bf16(monkeypatch):
+    from onthejob.model import decoder
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(decoder, "native_bf16", lambda device: True)
+    assert decoder.int8_plan(cpu) == (decoder.INT8_ROWS_NATIVE_BF16, torch.bfloat16)
+    monkeypatch.setattr(decoder, "native_bf16", lambda device: False)
+    assert decoder.int8_plan(cpu) == (decoder.INT8_ROWS_EMULATED_BF16, torch.float32)
+
+
+@pytest.mark.skipif(not importlib.import_module("onthejob.model.decoder").int8_works(),
+                    reason="this torch has no weight-only int8 kernel")
+def test_int8_decoding_follows_an_adapter_in_training(lm):
+    """A live adapter is added unmerged to the int8 products: moving it moves the answers."""
+    from onthejob.model import decoder
+
+    attach(lm, "student", LoraSpec(rank=4), trainable=True)
+    lm.decode_dtype = decoder.INT8
+    prompts = _prompts(lm)
+    before = generate(lm, prompts, SamplingParams(max_tokens=1))
+    _randomize_lora(lm, 0.5, seed=3)
+    after = generate(lm, prompts, SamplingParams(max_tokens=1))
+    assert lm.decoder_cache.layers[0].qkv.live
+    assert [c.logprobs[0] for c in after] != pytest.approx([c.logprobs[0] for c in before],
+                                                          abs=1e-3)
+
+
 def test_unsupported_adapters_fall_back_to_transformers(lm):
     from peft import LoraConfig
 

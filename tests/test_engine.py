@@ -114,20 +114,90 @@ def test_two_tenants_streaming_at_once_each_get_their_own_adapter(lm_and_adapter
     assert engine.batches_run == 3 * 12  # three batches stepped in turn
 
 
-def test_auto_precision_keeps_float32_unless_bf16_is_native_and_faster(monkeypatch):
+def test_precision_checks_say_what_cannot_run_and_what_is_emulated(monkeypatch):
+    from onthejob.model import engine as eng
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(eng, "native_bf16", lambda device: False)
+    assert eng.precision_problem("float32", cpu) is None
+    assert eng.precision_problem("bfloat16", cpu) is None  # emulated, but it runs
+    assert "emulated" in eng.precision_warning("bfloat16", cpu)
+    assert eng.precision_warning("float32", cpu) is None
+    assert "unknown precision" in eng.precision_problem("fp8", cpu)
+    monkeypatch.setattr(eng, "int8_works", lambda: False)
+    assert "_weight_int8pack_mm" in eng.precision_problem("int8", cpu)
+    monkeypatch.setattr(eng, "int8_works", lambda: True)
+    assert eng.precision_problem("int8", cpu) is None
+    monkeypatch.setattr(eng, "native_bf16", lambda device: True)
+    assert eng.precision_warning("bfloat16", cpu) is None
+
+
+def test_auto_precision_keeps_float32_unless_a_lower_one_is_faster_at_batch_1_and_8(monkeypatch):
     from onthejob.model import engine as eng
 
     lm = tiny_model(seed=0)
-    monkeypatch.setattr(eng, "native_bf16", lambda device: False)
-    assert eng.pick_precision(lm) == ("float32", {})  # emulated bf16: never timed, never chosen
-    monkeypatch.setattr(eng, "native_bf16", lambda device: True)
-    # a real measurement on this machine: both rates positive, the choice follows them
+    monkeypatch.setattr(eng, "int8_works", lambda: False)
+    monkeypatch.setattr(eng, "PRECISIONS", {"float32": torch.float32, "int8": torch.int8})
+    assert eng.pick_precision(lm) == ("float32", {})  # nothing lower can run: nothing timed
+    monkeypatch.undo()
+    # a real measurement on this machine: every rate positive, the choice follows them
     name, rates = eng.pick_precision(lm)
-    assert set(rates) == {"float32", "bfloat16"} and min(rates.values()) > 0
-    assert name == ("bfloat16" if rates["bfloat16"] >= eng.AUTO_MARGIN * rates["float32"]
-                    else "float32")
+    usable = {"float32", "bfloat16"} | ({"int8"} if eng.int8_works() else set())
+    assert set(rates) == usable | {f"{n}@{eng.AUTO_BATCH}" for n in usable}
+    assert min(rates.values()) > 0
+    good = [n for n in usable - {"float32"} if rates[n] >= eng.AUTO_MARGIN * rates["float32"]
+            and rates[f"{n}@8"] >= rates["float32@8"]]
+    assert name == (max(good, key=rates.__getitem__) if good else "float32")
     assert lm.decode_dtype == torch.float32  # timing leaves the model as it was
-    for bf16, want in ((100.0, "float32"), (115.0, "bfloat16")):  # 1.0x and 1.15x float32's
-        monkeypatch.setattr(eng, "decode_rate", lambda lm, dtype, bf16=bf16: (
-            bf16 if dtype == torch.bfloat16 else 100.0))
+    monkeypatch.setattr(eng, "int8_works", lambda: True)
+    # rates against float32's 100 at batch 1 and 400 at batch 8
+    for bf16, int8, want in (((100, 900), (105, 900), "float32"),  # not 1.1x faster alone
+                             ((115, 900), (105, 900), "bfloat16"),
+                             ((115, 900), (180, 900), "int8"),
+                             ((200, 300), (180, 900), "int8"),  # bf16 slower in a batch
+                             ((200, 300), (180, 390), "float32")):
+        table = {torch.bfloat16: bf16, torch.int8: int8, torch.float32: (100, 400)}
+        monkeypatch.setattr(eng, "decode_rate", lambda lm, dtype, batch=1, table=table: (
+            float(table[dtype][batch > 1])))
         assert eng.pick_precision(lm)[0] == want
+
+
+def test_run_in_thread_returns_or_raises_in_the_caller_and_its_thread_ends():
+    from onthejob.model.threads import run_in_thread
+
+    seen = []
+    assert run_in_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+    with pytest.raises(KeyError, match="boom"):
+        run_in_thread(lambda: {}["boom"])
+
+
+def test_auto_precision_times_off_the_main_thread(monkeypatch):
+    """Timing in the main thread would leave it an OpenMP pool that slows the engine thread
+    afterwards (model/threads.py)."""
+    from onthejob.model import engine as eng
+
+    where = []
+    monkeypatch.setattr(eng, "decode_rate", lambda lm, dtype, batch=1: (
+        where.append(threading.current_thread()) or 100.0))
+    eng.pick_precision(tiny_model(seed=0))
+    assert where and threading.main_thread() not in where
+
+
+def test_serve_warns_of_emulated_bf16_and_refuses_a_missing_int8_kernel(monkeypatch, capsys):
+    import argparse
+
+    from onthejob.model import engine as eng
+    from onthejob.serve.cli import _backend
+
+    monkeypatch.setattr(eng, "native_bf16", lambda device: False)
+    monkeypatch.setattr(eng, "int8_works", lambda: False)
+    lm = tiny_model(seed=0)
+    assert _backend(argparse.Namespace(engine="torch", precision="int8"), lm) is None
+    err = capsys.readouterr().err
+    assert "--precision int8 needs torch's CPU weight-only int8 kernel" in err
+    assert "use float32" in err
+    assert _backend(argparse.Namespace(engine="torch", precision="bfloat16"), lm) is not None
+    assert "emulated on this CPU" in capsys.readouterr().err
+    assert _backend(argparse.Namespace(engine="torch", precision="float32"), lm) is not None
+    assert capsys.readouterr().err == ""

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--model", default="default", help="'default' (the embedded model), 'tiny' "
                     "or a local model directory (default: default)")
     st.add_argument("--engine", default="torch", help="the server's --engine (default: torch)")
-    st.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
+    st.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16", "int8"),
                     help="the server's --precision (default: %(default)s, `onthejob serve`'s)")
     st.add_argument("--batching", default="continuous,per-call",
                     help="comma-separated server --batching modes (default: continuous,per-call)")

@@ -118,8 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "torch (at each of --precisions), llamacpp (llama.cpp on the shipped GGUF, "
                    "once; its greedy answers are compared with torch float32's) "
                    "(default %(default)s)")
-    g.add_argument("--precisions", default="float32,bfloat16",
-                   help="comma-separated; bfloat16 is skipped where the CPU lacks native bf16")
+    g.add_argument("--precisions", default="float32,bfloat16,int8",
+                   help="comma-separated torch precisions (float32, bfloat16, int8); those that "
+                   "cannot run here (no int8 kernel) are skipped, saying why "
+                   "(default: %(default)s)")
     g.add_argument("--batches", default="1,8,32")
     g.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     g.add_argument("--repeats", type=int, default=3, help="calls per figure (the median is kept)")
@@ -208,7 +210,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from onthejob.bench.generate import compare, markdown, run
-    from onthejob.model.engine import ENGINES, OPTIONAL, native_bf16
+    from onthejob.model.engine import ENGINES, OPTIONAL, PRECISIONS, precision_problem
 
     for name in names(args.engine):
         if name in OPTIONAL and name not in ENGINES:
@@ -220,9 +222,16 @@ def _generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     precisions = names(args.precisions)
-    if "bfloat16" in precisions and not native_bf16(torch.device("cpu")):
-        print("bfloat16 skipped: this CPU has no native bf16 (emulated bf16 is slower)")
-        precisions.remove("bfloat16")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        print(f"error: --precisions {args.precisions!r}: choose from {', '.join(PRECISIONS)}",
+              file=sys.stderr)
+        return 2
+    for name in list(precisions):
+        problem = precision_problem(name, torch.device("cpu"))
+        if problem:
+            print(f"{name} skipped: {problem}")
+            precisions.remove(name)
     if args.before and not Path(args.before).exists():
         print(f"--before {args.before} does not exist yet: it is read when this run is done "
               "(the before measurement may still be running)")

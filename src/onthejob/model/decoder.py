@@ -13,6 +13,12 @@ built vocabulary logits for every prompt position. Here a step is the plain arit
   *live*: applied unmerged at every step from its current values, as PEFT computes it, so
   an optimizer step costs no rebuild; projections made of unchanged tensors are reused
   when the adapter state changes;
+- with `dtype` torch.int8 (`--precision int8`) the merged weights are quantized to int8
+  with one scale per output channel and multiplied by bf16 activations (weight-only int8):
+  a decode step then reads a quarter of float32's bytes. Products of more rows (prefill, big
+  batches) go through the same quantized weights held dequantized, in bf16 where bf16 is
+  native, else float32, where those products beat the int8 kernel (int8_plan;
+  docs/RESULTS.md, "Weight-only int8");
 - tensor version counters see every in-place update, so the cached state is never stale;
 - the KV cache is allocated once per call and written in place; grouped-query attention
   runs on the cache as it is (no repeated key/value copies); only the last position's
@@ -26,7 +32,9 @@ falls back to the transformers forward.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +44,17 @@ from onthejob.model.load import LoadedModel
 
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
          ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+# lm.decode_dtype for weight-only int8: int8 weights, bf16 activations.
+INT8 = torch.int8
+# Up to `rows` rows a product uses the int8 kernel; more use a "wide" copy of the same
+# quantized weights, in bf16 where bf16 is native, else float32. Measured on the default
+# model's shapes, 2 threads, ms for the linear layers of one model pass:
+# - Xeon with avx512_bf16: int8 14.9 vs bf16 24.8 at 1 row, 46.4 vs 32.9 at 8 rows;
+# - AMD EPYC, AVX2 only: int8 6.0 / 35.3 / 64.5 / 127.6 at 1 / 8 / 16 / 32 rows, float32
+#   38.9 / 81.2 / 129.6 / 132.8 (emulated bf16 422.6 at 32 rows); a whole batch of 32
+#   decoded slower with int8 kernels than with float32 (96.8 vs 116.2 tokens/s).
+INT8_ROWS_NATIVE_BF16 = 4
+INT8_ROWS_EMULATED_BF16 = 16
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
           "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
@@ -133,12 +152,61 @@ def _same(a: tuple, b: tuple) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 weight, bf16 scales) with weight ~= q * scale.
+    The scales are rounded to bf16 first (the kernel takes them so), then the weight is
+    rounded against the rounded scales, so q * scale is what every kernel computes with."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is native on `device` (CUDA with bf16, or a CPU with AVX512-BF16
+    or AMX); elsewhere it is emulated: it still halves the bytes a product reads, but its
+    arithmetic is slower than float32's."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def int8_plan(device: torch.device) -> tuple[int, torch.dtype]:
+    """For weight-only int8 on `device`: up to how many rows the int8 kernel runs, and the
+    dtype of the dequantized copy that takes more rows (see INT8_ROWS_NATIVE_BF16)."""
+    if native_bf16(device):
+        return INT8_ROWS_NATIVE_BF16, torch.bfloat16
+    return INT8_ROWS_EMULATED_BF16, torch.float32
+
+
 class _Proj:
     """One (fused) projection: its merged weight, prepacked for oneDNN where that works, else
-    the plain tensor for F.linear; plus the live adapters added to its output columns."""
+    the plain tensor for F.linear; plus the live adapters added to its output columns. With
+    dtype INT8 the weight is quantized (`q8`, multiplied with bf16 activations up to
+    `int8_rows` rows) and `weight`/`packed` hold its dequantized copy in the wide dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  pack: bool, source: list) -> None:
+        self.q8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int8_rows = 0
+        if dtype == INT8:
+            self.q8 = quantize_int8(weight)
+            self.int8_rows, dtype = int8_plan(weight.device)
+            weight = dequantize_int8(*self.q8)
         weight = weight.to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
         self.dtype, self.source = dtype, source
@@ -152,11 +220,16 @@ class _Proj:
         return twin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        low = x.to(self.dtype)
-        if self.packed is None:
-            out = F.linear(low, self.weight, self.bias)
+        if self.q8 is not None and x.numel() <= self.int8_rows * x.shape[-1]:
+            small = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+            out = torch.ops.aten._weight_int8pack_mm(small, *self.q8)
+            if self.bias is not None:
+                out = out + self.bias
+            out = out.view(*x.shape[:-1], out.shape[-1])
+        elif self.packed is None:
+            out = F.linear(x.to(self.dtype), self.weight, self.bias)
         else:
-            flat = low.reshape(-1, x.shape[-1])
+            flat = x.to(self.dtype).reshape(-1, x.shape[-1])
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
             out = out.view(*x.shape[:-1], out.shape[-1])
         for a, b, scaling, first, last in self.live:
@@ -167,6 +240,23 @@ class _Proj:
 
 
 _PACKING: dict[torch.dtype, bool] = {}
+_INT8: list[bool] = []
+
+
+def int8_works() -> bool:
+    """Whether this torch has the weight-only int8 kernel and it computes what F.linear does
+    with the dequantized weight (checked once)."""
+    if not _INT8:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(96, 64, generator=gen)
+            x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
+            proj = _Proj(w, None, INT8, False, [])
+            want = F.linear(x.float(), dequantize_int8(*proj.q8))
+            _INT8.append(torch.allclose(proj(x).float(), want, atol=5e-2, rtol=5e-2))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8.append(False)
+    return _INT8[0]
 
 
 def packing_works(dtype: torch.dtype) -> bool:
@@ -206,7 +296,11 @@ class FastDecoder:
         cfg = model.config
         self.dtype = dtype
         on_cpu = model.lm_head.weight.device.type == "cpu"
-        self.pack = (on_cpu and packing_works(dtype)) if pack is None else pack
+        if dtype == INT8 and not int8_works():
+            raise ValueError("weight-only int8 needs torch's _weight_int8pack_mm kernel, which "
+                             "this torch build lacks: use --precision float32 or bfloat16")
+        compute = int8_plan(model.lm_head.weight.device)[1] if dtype == INT8 else dtype
+        self.pack = (on_cpu and packing_works(compute)) if pack is None else pack
         self.live_ids = dict(live_ids or {})  # id -> tensor (held, so the id stays its own)
         self.key = state_key(lm, dtype, self.live_ids)
         self.heads = cfg.num_attention_heads
@@ -278,6 +372,9 @@ class FastDecoder:
         cos, sin = self.rope(positions)
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         group, half = h // kvh, d // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2], value for value (negation is
+        # exact): two operations a layer instead of four.
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         # Query heads grouped by the key/value head they share (head i uses kv head i // group,
         # as transformers' repeat_kv has it): (batch, kv heads, group * time, dim).
         if group > 1:
@@ -286,7 +383,7 @@ class FastDecoder:
             y = _rms(x, layer.norm1, self.eps)
             qkv = layer.qkv(y).float().view(b, t, h + 2 * kvh, d).transpose(1, 2)
             qk = qkv[:, : h + kvh]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qk = qk * cos + qk.roll(half, -1) * sin
             k_cache[:, :, start:end] = qk[:, h:]
             v_cache[:, :, start:end] = qkv[:, h + kvh:]
             q = qk[:, :h].reshape(b, kvh, group * t, d)
@@ -303,8 +400,9 @@ class FastDecoder:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # The same operations, in the same order, as LlamaRMSNorm (float32 throughout).
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    # LlamaRMSNorm (float32 throughout) as one fused operation instead of six; it computes the
+    # same values as weight * (x * rsqrt(mean(x^2) + eps)) (the tests compare the two paths).
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def decoder_for(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> FastDecoder | None:

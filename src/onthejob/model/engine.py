@@ -20,12 +20,22 @@ import torch
 
 from onthejob.model.adapters import use_adapter
 from onthejob.model.batching import DecodeBatch
-from onthejob.model.decoder import FastDecoder, decoder_for, unsupported
+from onthejob.model.decoder import (
+    INT8,
+    FastDecoder,
+    decoder_for,
+    int8_works,
+    native_bf16,
+    unsupported,
+)
 from onthejob.model.generate import Completion, SamplingParams, generate, stream
 from onthejob.model.load import LoadedModel
+from onthejob.model.threads import run_in_thread
 
 AdapterPaths = Sequence[str | os.PathLike]
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# float32 reproduces the model exactly; bfloat16 reads half its bytes a decode step; int8
+# (weight-only: int8 weights with a scale per output channel, bf16 activations) a quarter.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": INT8}
 
 
 class GenerationEngine(Protocol):
@@ -116,50 +126,75 @@ OPTIONAL = {"llamacpp": "pip install llama-cpp-python==0.3.36 (built from source
                         "and a C++ compiler)"}
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 arithmetic is native on `device` (CUDA with bf16, or a CPU with AVX512-BF16
-    or AMX); elsewhere it is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def precision_problem(name: str, device: torch.device) -> str | None:
+    """Why precision `name` cannot run on `device` (None when it can). bf16 runs everywhere
+    on a CPU (emulated where it is not native: see precision_warning); int8 needs torch's
+    CPU kernel."""
+    if name not in PRECISIONS:
+        return f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}"
+    if name == "bfloat16" and device.type == "cuda" and not native_bf16(device):
+        return "this GPU has no bf16 arithmetic: use float32"
+    if name == "int8" and (device.type != "cpu" or not int8_works()):
+        return ("int8 needs torch's CPU weight-only int8 kernel (_weight_int8pack_mm), which "
+                "this torch build or device lacks: use float32 or bfloat16")
+    return None
 
 
-AUTO_MARGIN = 1.1  # bf16 is chosen when it decodes at least this many times faster
+def precision_warning(name: str, device: torch.device) -> str | None:
+    """What a user should know before running precision `name` on `device`, if anything."""
+    if name == "bfloat16" and not native_bf16(device):
+        return ("bf16 arithmetic is emulated on this CPU (no avx512_bf16 or amx_bf16): it "
+                "decodes one stream faster than float32 (half the bytes) but batches of more "
+                "than a few rows slower; `onthejob bench generate` measures both here")
+    return None
+
+
+AUTO_MARGIN = 1.1  # a lower precision is chosen when it decodes at least this many times faster
+AUTO_BATCH = 8  # ... and is not slower than float32 at this batch (concurrent streams)
 _PROBE = "Count from one to one hundred in words, separated by commas."
 
 
-def decode_rate(lm: LoadedModel, dtype: torch.dtype, tokens: int = 24) -> float:
-    """Greedy tokens per second at batch 1 with the matrix products in `dtype`, after a short
-    warm-up: what one stream of the server gets, measured on this machine now."""
+def decode_rate(lm: LoadedModel, dtype: torch.dtype, tokens: int = 24, batch: int = 1) -> float:
+    """Greedy tokens per second (all rows together) at `batch` rows with the matrix products
+    in `dtype`, after a short warm-up, measured on this machine now."""
     from onthejob.model.chat import render_ids
 
     before = lm.decode_dtype
-    prompt = render_ids(lm.tokenizer, [{"role": "user", "content": _PROBE}])
+    prompts = [render_ids(lm.tokenizer, [{"role": "user", "content": _PROBE}])] * batch
     try:
         lm.decode_dtype = dtype
-        generate(lm, [prompt], SamplingParams(max_tokens=4))
+        generate(lm, prompts, SamplingParams(max_tokens=4))
         started = time.perf_counter()
-        done = generate(lm, [prompt], SamplingParams(max_tokens=tokens))[0]
-        return len(done.token_ids) / max(time.perf_counter() - started, 1e-9)
+        done = generate(lm, prompts, SamplingParams(max_tokens=tokens))
+        count = sum(len(c.token_ids) for c in done)
+        return count / max(time.perf_counter() - started, 1e-9)
     finally:
         lm.decode_dtype = before
 
 
 def pick_precision(lm: LoadedModel) -> tuple[str, dict[str, float]]:
-    """`--precision auto`: float32 where bf16 is not native; else whichever of the two decodes
-    faster here (bfloat16 only when at least AUTO_MARGIN times float32's rate), with the
-    measured rates (tokens/s at batch 1)."""
-    if not native_bf16(lm.device):
+    """`--precision auto`: float32 where no lower precision can run (precision_problem); else
+    the one that decodes one stream fastest here, a lower one only when at least AUTO_MARGIN
+    times float32's rate at batch 1 and at least float32's at batch AUTO_BATCH. Returns the
+    choice and the measured rates (tokens/s), keyed "name" (batch 1) and "name@8"."""
+    usable = [n for n in PRECISIONS if precision_problem(n, lm.device) is None]
+    if usable == ["float32"]:
         return "float32", {}
-    rates = {name: decode_rate(lm, dtype) for name, dtype in PRECISIONS.items()}
-    fast = rates["bfloat16"] >= AUTO_MARGIN * rates["float32"]
-    return ("bfloat16" if fast else "float32"), rates
+    rates: dict[str, float] = {}
+
+    def measure() -> None:
+        for name in usable:
+            rates[name] = decode_rate(lm, PRECISIONS[name])
+            rates[f"{name}@{AUTO_BATCH}"] = decode_rate(lm, PRECISIONS[name], batch=AUTO_BATCH)
+
+    # in a thread that ends: run in the main thread, it would slow the engine thread that
+    # serves afterwards (model/threads.py)
+    run_in_thread(measure, "onthejob-precision")
+    lm.decoder_cache = None  # the timing's weights are not kept
+    good = [n for n in usable if n != "float32"
+            and rates[n] >= AUTO_MARGIN * rates["float32"]
+            and rates[f"{n}@{AUTO_BATCH}"] >= rates[f"float32@{AUTO_BATCH}"]]
+    return (max(good, key=rates.__getitem__) if good else "float32"), rates
 
 
 def make_engine(name: str, lm: LoadedModel, precision: str = "float32") -> GenerationEngine:

@@ -38,7 +38,8 @@ class LoadedModel:
     name: str
     path: str
     # Precision of generation's matrix products (the KV cache and norms stay float32):
-    # float32 reproduces the model exactly; bfloat16 halves the bytes read per step.
+    # float32 reproduces the model exactly; bfloat16 halves the bytes read per step; torch.int8
+    # is weight-only int8 with bf16 activations (model/decoder.py).
     decode_dtype: torch.dtype = torch.float32
     # The fast decoder's merged weights for the current adapter state (model/decoder.py).
     decoder_cache: object = field(default=None, repr=False, compare=False)

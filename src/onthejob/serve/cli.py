@@ -97,31 +97,39 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                         "llama-cpp-python) (default: %(default)s)")
     parser.add_argument("--precision", default="float32", choices=["auto", *sorted(PRECISIONS)],
                         help="the torch engine's matrix products: float32 reproduces the model "
-                        "exactly; bfloat16 reads half the bytes a step, faster where the CPU has "
-                        "native bf16 (see docs/results/generate-quiet.md); auto times both at "
-                        "start-up (about two seconds) and keeps bfloat16 only where bf16 is "
-                        "native and at least 1.1x faster at batch 1; measured here, auto picked "
-                        "bfloat16 and the server then streamed at half float32's rate "
-                        "(docs/results/streams-auto.md), so float32 stays the default "
+                        "exactly; bfloat16 reads half the bytes a step and int8 (weight-only: "
+                        "int8 weights, a scale per output channel, bf16 activations) a quarter; "
+                        "which is fastest depends on the CPU (docs/RESULTS.md, 'Weight-only "
+                        "int8'); auto times them at start-up (a few seconds) and keeps the "
+                        "fastest one stream, a lower precision only where it is at least 1.1x "
+                        "float32's rate at batch 1 and no slower at batch 8 "
                         "(default %(default)s)")
 
 
 def _backend(args: argparse.Namespace, lm):
     """The chosen GenerationEngine, or None (after saying why) when it cannot run here."""
-    from onthejob.model.engine import make_engine, native_bf16, pick_precision
+    from onthejob.model.engine import (
+        make_engine,
+        pick_precision,
+        precision_problem,
+        precision_warning,
+    )
 
     if args.precision == "auto" and args.engine == "torch":
         args.precision, rates = pick_precision(lm)
         measured = ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-        print(f"precision {args.precision}: " + (f"measured tokens/s at batch 1: {measured}"
-              if rates else "bf16 is not native here"), file=sys.stderr, flush=True)
+        print(f"precision {args.precision}: " + (f"measured tokens/s ('@8': batch 8, else "
+              f"batch 1): {measured}" if rates else "no lower precision can run here"),
+              file=sys.stderr, flush=True)
     elif args.precision == "auto":
         args.precision = "float32"  # other engines have their own number formats
-    if args.precision == "bfloat16" and not native_bf16(lm.device):
-        print("error: --precision bfloat16 needs native bf16 arithmetic (a CUDA GPU, or a CPU "
-              "with avx512_bf16 or amx_bf16); without it bf16 is emulated and slower than "
-              "float32: use --precision float32", file=sys.stderr)
+    problem = precision_problem(args.precision, lm.device) if args.engine == "torch" else None
+    if problem:
+        print(f"error: --precision {problem}", file=sys.stderr)
         return None
+    warning = precision_warning(args.precision, lm.device) if args.engine == "torch" else None
+    if warning:
+        print(f"note: --precision {args.precision}: {warning}", file=sys.stderr, flush=True)
     try:
         return make_engine(args.engine, lm, precision=args.precision)
     except (ValueError, RuntimeError) as exc:
