@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from onthejob.bench.generate import compare, markdown, run
 from onthejob.cli import main
 
@@ -41,3 +43,14 @@ def test_the_shared_context_figure_compares_encoding_it_once_with_every_row_whol
     assert r["shared_tok_s"] > 0 and r["whole_tok_s"] > 0 and r["speedup"] > 0
     assert r["identical"] == 16  # the same tokens either way
     assert "Teacher rows" in (tmp_path / "shared.md").read_text()
+
+
+@pytest.mark.slow  # compiles the tiny model's decode steps
+def test_compiled_runs_are_measured_beside_eager_and_agree(tiny_dir):
+    result = run("torch", ["float32"], batches=[1, 8], tokens=4, repeats=1, model=tiny_dir,
+                 compiled=True)
+    assert list(result["runs"]) == ["torch float32", "torch float32 compiled"]
+    compiled = result["runs"]["torch float32 compiled"]
+    assert compiled["compile_s"] > 0 and "compile_s" not in result["runs"]["torch float32"]
+    assert result["agreement"]["torch float32 compiled"]["identical"] == "8/8"
+    assert "torch float32 compiled: compiled in " in markdown(result, None, "cmd", "cmd")

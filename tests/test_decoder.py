@@ -273,3 +273,33 @@ def test_a_prefix_every_prompt_shares_is_encoded_once_with_the_same_results(lm, 
         assert prefilled[-1] == 0
         assert_same(once, whole)
         monkeypatch.setattr(gen_module, "SHARED_MIN", 32)
+
+
+@pytest.mark.slow  # compiling takes a minute or two on 2 cores
+def test_compiled_steps_match_eager_and_are_shared_by_every_adapter(lm):
+    """--compile: the same greedy tokens and log-probabilities as the eager steps, at batch 1
+    and 4; a second adapter (another tenant) reuses the compiled code; a live adapter (a
+    student in training) runs eagerly."""
+    from torch._dynamo.utils import counters
+
+    from onthejob.model import decoder
+
+    prompts = _prompts(lm)
+    attach(lm, "t1", LoraSpec(rank=4), trainable=False)
+    _randomize_lora(lm, 0.3, seed=1)
+    eager = [generate(lm, prompts[:1], GREEDY), generate(lm, prompts, GREEDY)]
+    lm.decode_compiled = True
+    compiled = [generate(lm, prompts[:1], GREEDY), generate(lm, prompts, GREEDY)]
+    assert lm.decoder_cache.compiled and decoder._COMPILED
+    for got, want in zip(compiled, eager, strict=True):
+        assert_same(got, want)
+    graphs = counters["stats"]["unique_graphs"]
+    attach(lm, "t2", LoraSpec(rank=4), trainable=False)
+    _randomize_lora(lm, 0.3, seed=2)
+    activate(lm, ["t2"])
+    lm.decode_compiled = False
+    other = generate(lm, prompts, GREEDY)
+    lm.decode_compiled = True
+    assert_same(generate(lm, prompts, GREEDY), other)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+    assert other[0].token_ids != compiled[1][0].token_ids  # the adapter was switched

@@ -201,3 +201,13 @@ def test_serve_warns_of_emulated_bf16_and_refuses_a_missing_int8_kernel(monkeypa
     assert "emulated on this CPU" in capsys.readouterr().err
     assert _backend(argparse.Namespace(engine="torch", precision="float32"), lm) is not None
     assert capsys.readouterr().err == ""
+
+
+def test_compile_is_refused_for_an_engine_that_cannot_compile(capsys):
+    import argparse
+
+    from onthejob.serve.cli import _backend
+
+    args = argparse.Namespace(engine="llamacpp", precision="float32", compile=True)
+    assert _backend(args, tiny_model(seed=0)) is None
+    assert "--compile is for the torch engine" in capsys.readouterr().err

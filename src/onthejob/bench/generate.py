@@ -120,11 +120,13 @@ def measure_shared(lm, adapter: str, context_tokens: int, rows: int = 16, tokens
 
 def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = BATCHES,
         tokens: int = 32, repeats: int = 3, model: str | None = None,
-        shared_context: int = 0) -> dict:
+        shared_context: int = 0, compiled: bool = False) -> dict:
     """Measure `engine` (by name, from model/engine.py; several comma-separated, e.g.
     "torch,llamacpp", are measured in turn on the same prompts and adapter) at each precision
     (llama.cpp once, on the GGUF's own weights); engine None measures the plain generate() of
-    whatever onthejob is imported (an older checkout has no engines)."""
+    whatever onthejob is imported (an older checkout has no engines). `compiled` adds, after
+    each torch precision, the same precision with compiled decode steps (its compile time,
+    warm-up included, in the run's "compile_s")."""
     started = time.perf_counter()
     lm = load_model(model)
     load_s = time.perf_counter() - started
@@ -143,18 +145,38 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
             result["shared"] = measure_shared(lm, adapter, shared_context, tokens=tokens)
         for name in [None] if engine is None else names(engine):
             # llama.cpp runs the GGUF's own quantized weights: one run, whatever --precisions.
-            for precision in precisions if name != "llamacpp" else precisions[:1]:
+            variants = [(p, False) for p in precisions]
+            if name == "llamacpp":
+                variants = variants[:1]
+            elif compiled and name == "torch":
+                variants = [(p, c) for p in precisions for c in (False, True)]
+            for precision, compile_it in variants:
                 label, gen, close = _runner(name, precision, lm, adapter, max(batches),
                                             max(len(p) for p in prompts) + tokens)
                 try:
-                    result["runs"][label] = measure(gen, prompts, batches, tokens, repeats)
+                    compile_s = _compile(lm, gen, prompts, batches) if compile_it else None
+                    figures = measure(gen, prompts, batches, tokens, repeats)
+                    if compile_it:
+                        label, figures["compile_s"] = f"{label} compiled", compile_s
+                    result["runs"][label] = figures
                 finally:
                     close()
+                    lm.decode_compiled = False
                 use_adapter(lm, None)
                 lm.decoder_cache = None  # free this precision's weights before the next
         result["agreement"] = agreement(result["runs"])
     return result
 
+
+
+def _compile(lm, gen, prompts: list[list[int]], batches: Sequence[int]) -> float:
+    """Switch lm to compiled decode steps and compile them at every batch size measured (and
+    batch 2, the first unspecialized one), so that no timed call compiles; seconds taken."""
+    started = time.perf_counter()
+    lm.decode_compiled = True
+    for b in sorted({1, 2, *batches}):
+        gen([prompts[i % len(prompts)] for i in range(b)], SamplingParams(max_tokens=3))
+    return time.perf_counter() - started
 
 
 def _runner(engine: str | None, precision: str, lm, adapter: str, batch: int = 32,
@@ -294,6 +316,10 @@ def markdown(after: dict, before: dict | None, command: str, before_command: str
     text += (f"\nModel load (cached safetensors): {after['load_cached_s']:.2f} s. "
              "'greedy = before': of 8 prompts, how many greedy answers are token-identical to "
              "the before run's.\n")
+    for label, r in after["runs"].items():
+        if r.get("compile_s") is not None:
+            text += (f"\n{label}: compiled in {r['compile_s']:.0f} s (every batch size measured "
+                     "warmed up first; inductor's on-disk cache makes later processes faster).\n")
     for label, a in (after.get("agreement") or {}).items():
         text += (f"\nGreedy agreement, {label} vs torch float32 (same adapter, "
                  f"{after['tokens_each']} tokens): {a['identical']} identical; tokens in common "

@@ -122,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated torch precisions (float32, bfloat16, int8); those that "
                    "cannot run here (no int8 kernel) are skipped, saying why "
                    "(default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="also measure each torch precision with compiled decode steps "
+                   "(torch.compile; its compile time is reported)")
     g.add_argument("--batches", default="1,8,32")
     g.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     g.add_argument("--repeats", type=int, default=3, help="calls per figure (the median is kept)")
@@ -251,7 +254,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.only_shared:
             precisions = []
         result = run(args.engine, precisions, batches, args.tokens, args.repeats, args.model,
-                     shared_context=args.shared_context)
+                     shared_context=args.shared_context, compiled=args.compile)
         result["command"] = "onthejob " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     before = None
     if args.before:

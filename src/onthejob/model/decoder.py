@@ -19,6 +19,11 @@ built vocabulary logits for every prompt position. Here a step is the plain arit
   batches) go through the same quantized weights held dequantized, in bf16 where bf16 is
   native, else float32, where those products beat the int8 kernel (int8_plan;
   docs/RESULTS.md, "Weight-only int8");
+- with lm.decode_compiled (`--compile`) a one-token step with no live adapter runs through
+  torch.compile (inductor; dynamic shapes, so batch size and cache length do not recompile):
+  the norms, rope, casts and residuals between the products become a few fused kernels
+  instead of ~40 operations a layer, each paying the interpreter and dispatcher. It costs
+  minutes of compiling on first use (inductor caches it on disk for later processes);
 - tensor version counters see every in-place update, so the cached state is never stale;
 - the KV cache is allocated once per call and written in place; grouped-query attention
   runs on the cache as it is (no repeated key/value copies); only the last position's
@@ -193,6 +198,21 @@ def int8_plan(device: torch.device) -> tuple[int, torch.dtype]:
     return INT8_ROWS_EMULATED_BF16, torch.float32
 
 
+@torch.library.custom_op("onthejob::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: int) -> torch.Tensor:
+    """x (rows, in) times a oneDNN-prepacked weight, plus bias. An opaque operation for
+    torch.compile, whose inductor would otherwise lower it expecting the weight as a frozen
+    constant."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+      out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
 class _Proj:
     """One (fused) projection: its merged weight, prepacked for oneDNN where that works, else
     the plain tensor for F.linear; plus the live adapters added to its output columns. With
@@ -210,6 +230,7 @@ class _Proj:
         weight = weight.to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
         self.dtype, self.source = dtype, source
+        self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if pack else None
         self.weight = None if pack else weight
         self.live: list = []  # (A, B, scaling, first, last): out[..., first:last] += ...
@@ -230,7 +251,11 @@ class _Proj:
             out = F.linear(x.to(self.dtype), self.weight, self.bias)
         else:
             flat = x.to(self.dtype).reshape(-1, x.shape[-1])
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            if torch.compiler.is_compiling():
+                out = packed_linear(flat, self.packed, self.bias, self.out_features)
+            else:  # the same call without the custom operator's dispatch (~10 us)
+                out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none",
+                                                         [], "")
             out = out.view(*x.shape[:-1], out.shape[-1])
         for a, b, scaling, first, last in self.live:
             # as PEFT computes it: lora_B(lora_A(x)) * scaling, in the adapter's dtype
@@ -295,6 +320,7 @@ class FastDecoder:
         model = _inner(lm)
         cfg = model.config
         self.dtype = dtype
+        self.compiled = lm.decode_compiled
         on_cpu = model.lm_head.weight.device.type == "cpu"
         if dtype == INT8 and not int8_works():
             raise ValueError("weight-only int8 needs torch's _weight_int8pack_mm kernel, which "
@@ -365,7 +391,14 @@ class FastDecoder:
                 start: int, mask: torch.Tensor) -> torch.Tensor:
         """Run `ids` (batch, time) written at cache columns start..start+time; `mask` (batch, 1,
         time, start+time) says which cached columns each query sees. Returns the last
-        position's logits (batch, vocab) in float32."""
+        position's logits (batch, vocab) in float32. Compiled (see `compiled_step`) for
+        one-token steps when self.compiled and no adapter is live."""
+        if self.compiled and ids.shape[1] == 1 and not self.live_ids:
+            return compiled_step()(self, ids, positions, cache, start, mask)
+        return self._forward(ids, positions, cache, start, mask)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list,
+                 start: int, mask: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
         end = start + t
         x = F.embedding(ids, self.embed)
@@ -405,6 +438,18 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+_COMPILED: list = []
+
+
+def compiled_step():
+    """FastDecoder._forward through torch.compile, made once per process. Its guards are on
+    shapes and the decoder's structure, not on which weights it holds: every tenant's
+    decoder of the same precision shares the compiled code (tests/test_decoder.py)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(FastDecoder._forward, dynamic=True))
+    return _COMPILED[0]
+
+
 def decoder_for(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> FastDecoder | None:
     """The cached FastDecoder for lm's current weights and adapters (rebuilt when any of them
     changed, reusing what did not), or None when the model is not one it supports."""
@@ -414,6 +459,7 @@ def decoder_for(lm: LoadedModel, dtype: torch.dtype = torch.float32) -> FastDeco
     live = cached.live_ids if cached is not None else {}
     key = state_key(lm, dtype, live)
     if cached is not None and _same(cached.key, key):
+        cached.compiled = lm.decode_compiled
         return cached
     if cached is not None:  # adapters merged before whose weights have moved on become live
         live = {**live, **_moved(cached.key, key)}

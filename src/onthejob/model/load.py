@@ -41,6 +41,8 @@ class LoadedModel:
     # float32 reproduces the model exactly; bfloat16 halves the bytes read per step; torch.int8
     # is weight-only int8 with bf16 activations (model/decoder.py).
     decode_dtype: torch.dtype = torch.float32
+    # Whether the fast decoder's one-token steps run through torch.compile (model/decoder.py).
+    decode_compiled: bool = False
     # The fast decoder's merged weights for the current adapter state (model/decoder.py).
     decoder_cache: object = field(default=None, repr=False, compare=False)
 

@@ -104,6 +104,10 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                         "fastest one stream, a lower precision only where it is at least 1.1x "
                         "float32's rate at batch 1 and no slower at batch 8 "
                         "(default %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the torch engine's decode steps through torch.compile: faster "
+                        "steps (docs/RESULTS.md, 'Compiled decode steps') for minutes of "
+                        "compiling at start-up, fewer once inductor's cache holds them")
 
 
 def _backend(args: argparse.Namespace, lm):
@@ -130,11 +134,27 @@ def _backend(args: argparse.Namespace, lm):
     warning = precision_warning(args.precision, lm.device) if args.engine == "torch" else None
     if warning:
         print(f"note: --precision {args.precision}: {warning}", file=sys.stderr, flush=True)
+    if getattr(args, "compile", False) and args.engine != "torch":
+        print(f"error: --compile is for the torch engine, not {args.engine}", file=sys.stderr)
+        return None
     try:
-        return make_engine(args.engine, lm, precision=args.precision)
+        backend = make_engine(args.engine, lm, precision=args.precision)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    if getattr(args, "compile", False):
+        from onthejob.model.engine import warm_compiled
+
+        print("compiling the decode steps (minutes the first time on a small CPU)...",
+              file=sys.stderr, flush=True)
+        try:
+            seconds = warm_compiled(lm)
+        except Exception as exc:  # noqa: BLE001 - inductor's failures are many; said plainly
+            print(f"error: --compile failed ({type(exc).__name__}: {str(exc)[:300]}); serve "
+                  "without --compile", file=sys.stderr)
+            return None
+        print(f"compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return backend
 
 
 
