@@ -120,7 +120,8 @@ def measure_shared(lm, adapter: str, context_tokens: int, rows: int = 16, tokens
 
 def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = BATCHES,
         tokens: int = 32, repeats: int = 3, model: str | None = None,
-        shared_context: int = 0, compiled: bool = False) -> dict:
+        shared_context: int = 0, compiled: bool = False,
+        say: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """Measure `engine` (by name, from model/engine.py; several comma-separated, e.g.
     "torch,llamacpp", are measured in turn on the same prompts and adapter) at each precision
     (llama.cpp once, on the GGUF's own weights); engine None measures the plain generate() of
@@ -151,6 +152,7 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
             elif compiled and name == "torch":
                 variants = [(p, c) for p in precisions for c in (False, True)]
             for precision, compile_it in variants:
+                begun = time.perf_counter()
                 label, gen, close = _runner(name, precision, lm, adapter, max(batches),
                                             max(len(p) for p in prompts) + tokens)
                 try:
@@ -159,6 +161,11 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
                     if compile_it:
                         label, figures["compile_s"] = f"{label} compiled", compile_s
                     result["runs"][label] = figures
+                    say(f"{label}: batch 1 {figures['wall_tok_s'][str(batches[0])]:.1f} "
+                        f"tokens/s (wall), batch {batches[-1]} "
+                        f"{figures['wall_tok_s'][str(batches[-1])]:.1f}; measured in "
+                        f"{time.perf_counter() - begun:.0f} s, {time.perf_counter() - started:.0f}"
+                        " s so far")
                 finally:
                     close()
                     lm.decode_compiled = False

@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--engine", default="torch", help="the server's --engine (default: torch)")
     st.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16", "int8"),
                     help="the server's --precision (default: %(default)s, `onthejob serve`'s)")
+    st.add_argument("--compile", action="store_true",
+                    help="the server's --compile (compiled decode steps; minutes to start)")
     st.add_argument("--batching", default="continuous,per-call",
                     help="comma-separated server --batching modes (default: continuous,per-call)")
     st.add_argument("--out", default="docs/results/streams.md", help="markdown file to write "
@@ -65,7 +67,8 @@ def _streams(args: argparse.Namespace) -> int:
     results = []
     for mode in modes:
         cfg = StreamsConfig(streams=args.streams, max_tokens=args.max_tokens, model=args.model,
-                            batching=mode, engine=args.engine, precision=args.precision)
+                            batching=mode, engine=args.engine, precision=args.precision,
+                            compile=args.compile)
         try:
             results.append(run(cfg, say=lambda s: print(s, flush=True)))
         except RuntimeError as exc:

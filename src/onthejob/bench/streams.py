@@ -105,7 +105,8 @@ class StreamsConfig:
     batching: str = "continuous"
     engine: str = "torch"
     precision: str = "float32"  # the server's --precision (`onthejob serve`'s default)
-    start_timeout_s: float = 300.0
+    compile: bool = False  # the server's --compile
+    start_timeout_s: float = 300.0  # 900 s when compiling
 
 
 def chosen_precision(server_log: str) -> str:
@@ -132,9 +133,10 @@ def run(cfg: StreamsConfig, say=print) -> dict:
         say(f"starting the server ({cfg.model} model, {cfg.engine} engine, {cfg.batching} "
             f"batching) on port {port} ...")
         server = start_server(db, model_dir_for(cfg.model, scratch), port, scratch,
-                              cfg.start_timeout_s, ["--batching", cfg.batching, "--engine",
-                                                    cfg.engine, "--precision", cfg.precision,
-                                                    "--max-batch", str(max(8, cfg.streams))])
+                              max(cfg.start_timeout_s, 900.0 if cfg.compile else 0.0),
+                              ["--batching", cfg.batching, "--engine", cfg.engine, "--precision",
+                               cfg.precision, "--max-batch", str(max(8, cfg.streams)),
+                               *(["--compile"] if cfg.compile else [])])
         precision = chosen_precision((scratch / "server.log").read_text()) or cfg.precision
         say(f"the server decodes in {precision}")
         try:
@@ -162,7 +164,9 @@ def markdown(results: list[dict], command: str) -> str:
         c = r["config"]
         for part in ("one", "many"):
             s = r[part]
-            engine = c["engine"] + (f" ({r['precision']})" if r.get("precision") else "")
+            engine = c["engine"] + (f" ({r['precision']}" + (", compiled" if c.get("compile")
+                                                            else "") + ")"
+                                    if r.get("precision") else "")
             lines.append(f"| {engine} | {c['batching']} | {s['streams']} | "
                          f"{s['tokens_per_s_all']} | {s['tokens_per_s_per_stream']} | "
                          f"{r['scaling'] if part == 'many' else 1.0} | {s['ttft_p50_s']} / "

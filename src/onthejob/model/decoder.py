@@ -19,8 +19,8 @@ built vocabulary logits for every prompt position. Here a step is the plain arit
   batches) go through the same quantized weights held dequantized, in bf16 where bf16 is
   native, else float32, where those products beat the int8 kernel (int8_plan;
   docs/RESULTS.md, "Weight-only int8");
-- with lm.decode_compiled (`--compile`) a one-token step with no live adapter runs through
-  torch.compile (inductor; dynamic shapes, so batch size and cache length do not recompile):
+- with lm.decode_compiled (`--compile`) each layer of a one-token step with no live adapter
+  runs through torch.compile (inductor; dynamic shapes, so batch size and cache length do not recompile):
   the norms, rope, casts and residuals between the products become a few fused kernels
   instead of ~40 operations a layer, each paying the interpreter and dispatcher. It costs
   minutes of compiling on first use (inductor caches it on disk for later processes);
@@ -391,14 +391,8 @@ class FastDecoder:
                 start: int, mask: torch.Tensor) -> torch.Tensor:
         """Run `ids` (batch, time) written at cache columns start..start+time; `mask` (batch, 1,
         time, start+time) says which cached columns each query sees. Returns the last
-        position's logits (batch, vocab) in float32. Compiled (see `compiled_step`) for
-        one-token steps when self.compiled and no adapter is live."""
-        if self.compiled and ids.shape[1] == 1 and not self.live_ids:
-            return compiled_step()(self, ids, positions, cache, start, mask)
-        return self._forward(ids, positions, cache, start, mask)
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list,
-                 start: int, mask: torch.Tensor) -> torch.Tensor:
+        position's logits (batch, vocab) in float32. Each layer of a one-token step runs
+        compiled (see `compiled_layer`) when self.compiled and no adapter is live."""
         b, t = ids.shape
         end = start + t
         x = F.embedding(ids, self.embed)
@@ -412,24 +406,38 @@ class FastDecoder:
         # as transformers' repeat_kv has it): (batch, kv heads, group * time, dim).
         if group > 1:
             mask = mask.repeat(1, 1, group, 1) if t > 1 else mask
+        run = FastDecoder._layer
+        if self.compiled and t == 1 and not self.live_ids:
+            run = compiled_layer()
         for layer, (k_cache, v_cache) in zip(self.layers, cache, strict=True):
-            y = _rms(x, layer.norm1, self.eps)
-            qkv = layer.qkv(y).float().view(b, t, h + 2 * kvh, d).transpose(1, 2)
-            qk = qkv[:, : h + kvh]
-            qk = qk * cos + qk.roll(half, -1) * sin
-            k_cache[:, :, start:end] = qk[:, h:]
-            v_cache[:, :, start:end] = qkv[:, h + kvh:]
-            q = qk[:, :h].reshape(b, kvh, group * t, d)
-            att = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                                 attn_mask=mask)
-            att = att.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
-            x = x + layer.o(att).float()
-            y = _rms(x, layer.norm2, self.eps)
-            gu = layer.gate_up(y)
-            x = x + layer.down(self.act(gu[..., : self.intermediate])
-                               * gu[..., self.intermediate:]).float()
+            x = run(self, layer, x, cos, sin, k_cache, v_cache, start, end, mask)
         last = _rms(x[:, -1], self.norm, self.eps)
         return self.lm_head(last).float()
+
+    def _layer(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int,
+               mask: torch.Tensor) -> torch.Tensor:
+        """One decoder layer on x (batch, time, hidden), its keys and values written at cache
+        columns start..end; returns the new x."""
+        b, t = x.shape[:2]
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        group, half = h // kvh, d // 2
+        y = _rms(x, layer.norm1, self.eps)
+        qkv = layer.qkv(y).float().view(b, t, h + 2 * kvh, d).transpose(1, 2)
+        qk = qkv[:, : h + kvh]
+        qk = qk * cos + qk.roll(half, -1) * sin
+        k_cache[:, :, start:end] = qk[:, h:]
+        v_cache[:, :, start:end] = qkv[:, h + kvh:]
+        q = qk[:, :h].reshape(b, kvh, group * t, d)
+        att = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                             attn_mask=mask)
+        att = att.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+        x = x + layer.o(att).float()
+        y = _rms(x, layer.norm2, self.eps)
+        gu = layer.gate_up(y)
+        x = x + layer.down(self.act(gu[..., : self.intermediate])
+                           * gu[..., self.intermediate:]).float()
+        return x
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -441,12 +449,14 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 _COMPILED: list = []
 
 
-def compiled_step():
-    """FastDecoder._forward through torch.compile, made once per process. Its guards are on
-    shapes and the decoder's structure, not on which weights it holds: every tenant's
-    decoder of the same precision shares the compiled code (tests/test_decoder.py)."""
+def compiled_layer():
+    """FastDecoder._layer through torch.compile, made once per process. One layer, not the
+    whole step, is compiled: every layer runs the same code (30 times less to compile; the
+    whole step's graph took over ten minutes on 2 cores). Its guards are on shapes and the
+    decoder's structure, not on which weights it holds: every layer and every tenant's
+    decoder of a precision share the compiled code (tests/test_decoder.py)."""
     if not _COMPILED:
-        _COMPILED.append(torch.compile(FastDecoder._forward, dynamic=True))
+        _COMPILED.append(torch.compile(FastDecoder._layer, dynamic=True))
     return _COMPILED[0]
 
 
