@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from onthejob.model.load import LoadedModel
+from onthejob.model.threads import run_in_thread
 
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
          ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -270,35 +271,43 @@ _INT8: list[bool] = []
 
 def int8_works() -> bool:
     """Whether this torch has the weight-only int8 kernel and it computes what F.linear does
-    with the dequantized weight (checked once)."""
+    with the dequantized weight (checked once, in a thread that ends: the kernel starts an
+    OpenMP team, which in the main thread would slow the engine thread; model/threads.py)."""
     if not _INT8:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            w = torch.randn(96, 64, generator=gen)
-            x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
-            proj = _Proj(w, None, INT8, False, [])
-            want = F.linear(x.float(), dequantize_int8(*proj.q8))
-            _INT8.append(torch.allclose(proj(x).float(), want, atol=5e-2, rtol=5e-2))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _INT8.append(False)
+        _INT8.append(run_in_thread(_check_int8, "onthejob-int8-check"))
     return _INT8[0]
+
+
+def _check_int8() -> bool:
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 64, generator=gen)
+        x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
+        proj = _Proj(w, None, INT8, False, [])
+        want = F.linear(x.float(), dequantize_int8(*proj.q8))
+        return torch.allclose(proj(x).float(), want, atol=5e-2, rtol=5e-2)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def packing_works(dtype: torch.dtype) -> bool:
     """Whether oneDNN weight prepacking is available in this torch build and computes the same
-    products as F.linear (checked once per dtype)."""
+    products as F.linear (checked once per dtype, in a thread that ends, as int8_works)."""
     if dtype not in _PACKING:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            w = torch.randn(96, 64, generator=gen).to(dtype)
-            x = torch.randn(5, 64, generator=gen).to(dtype)
-            proj = _Proj(w, None, dtype, True, [])
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
-            _PACKING[dtype] = torch.allclose(proj(x).float(), F.linear(x, w).float(), atol=tol,
-                                             rtol=tol)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _PACKING[dtype] = False
+        _PACKING[dtype] = run_in_thread(lambda: _check_packing(dtype), "onthejob-pack-check")
     return _PACKING[dtype]
+
+
+def _check_packing(dtype: torch.dtype) -> bool:
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 64, generator=gen).to(dtype)
+        x = torch.randn(5, 64, generator=gen).to(dtype)
+        proj = _Proj(w, None, dtype, True, [])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        return torch.allclose(proj(x).float(), F.linear(x, w).float(), atol=tol, rtol=tol)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 @dataclass
