@@ -156,7 +156,11 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
                 label, gen, close = _runner(name, precision, lm, adapter, max(batches),
                                             max(len(p) for p in prompts) + tokens)
                 try:
-                    compile_s = _compile(lm, gen, prompts, batches) if compile_it else None
+                    compile_s = None
+                    if compile_it:  # every batch size measured, so that no timed call compiles
+                        from onthejob.model.engine import warm_compiled
+
+                        compile_s = warm_compiled(lm, (1, 2, *batches))
                     figures = measure(gen, prompts, batches, tokens, repeats)
                     if compile_it:
                         label, figures["compile_s"] = f"{label} compiled", compile_s
@@ -174,16 +178,6 @@ def run(engine: str | None, precisions: Sequence[str], batches: Sequence[int] = 
         result["agreement"] = agreement(result["runs"])
     return result
 
-
-
-def _compile(lm, gen, prompts: list[list[int]], batches: Sequence[int]) -> float:
-    """Switch lm to compiled decode steps and compile them at every batch size measured (and
-    batch 2, the first unspecialized one), so that no timed call compiles; seconds taken."""
-    started = time.perf_counter()
-    lm.decode_compiled = True
-    for b in sorted({1, 2, *batches}):
-        gen([prompts[i % len(prompts)] for i in range(b)], SamplingParams(max_tokens=3))
-    return time.perf_counter() - started
 
 
 def _runner(engine: str | None, precision: str, lm, adapter: str, batch: int = 32,

@@ -164,9 +164,9 @@ def markdown(results: list[dict], command: str) -> str:
         c = r["config"]
         for part in ("one", "many"):
             s = r[part]
-            engine = c["engine"] + (f" ({r['precision']}" + (", compiled" if c.get("compile")
-                                                            else "") + ")"
-                                    if r.get("precision") else "")
+            how = [r["precision"]] if r.get("precision") else []
+            how += ["compiled"] if c.get("compile") else []
+            engine = c["engine"] + (f" ({', '.join(how)})" if how else "")
             lines.append(f"| {engine} | {c['batching']} | {s['streams']} | "
                          f"{s['tokens_per_s_all']} | {s['tokens_per_s_per_stream']} | "
                          f"{r['scaling'] if part == 'many' else 1.0} | {s['ttft_p50_s']} / "

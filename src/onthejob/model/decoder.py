@@ -266,16 +266,14 @@ class _Proj:
 
 
 _PACKING: dict[torch.dtype, bool] = {}
-_INT8: list[bool] = []
 
 
+@functools.cache
 def int8_works() -> bool:
     """Whether this torch has the weight-only int8 kernel and it computes what F.linear does
     with the dequantized weight (checked once, in a thread that ends: the kernel starts an
     OpenMP team, which in the main thread would slow the engine thread; model/threads.py)."""
-    if not _INT8:
-        _INT8.append(run_in_thread(_check_int8, "onthejob-int8-check"))
-    return _INT8[0]
+    return run_in_thread(_check_int8, "onthejob-int8-check")
 
 
 def _check_int8() -> bool:

@@ -197,18 +197,19 @@ def pick_precision(lm: LoadedModel) -> tuple[str, dict[str, float]]:
     return (max(good, key=rates.__getitem__) if good else "float32"), rates
 
 
-def warm_compiled(lm: LoadedModel) -> float:
-    """Switch lm to compiled decode steps (model/decoder.py) and compile them now, at batch 1
-    and 2 (the first is specialized, the second covers every larger batch up to the int8
-    threshold), off the main thread; returns the seconds it took. On failure lm is left
-    uncompiled and the error raised."""
+def warm_compiled(lm: LoadedModel, batches: Sequence[int] = (1, 2)) -> float:
+    """Switch lm to compiled decode steps (model/decoder.py) and compile them now, at each of
+    `batches` (batch 1 is specialized; batch 2 covers every larger one up to the int8
+    threshold), off the main thread; returns the seconds it took. The compiled code does not
+    depend on the adapter, so it is warm for every tenant. On failure lm is left uncompiled
+    and the error raised."""
     from onthejob.model.chat import render_ids
 
     prompt = render_ids(lm.tokenizer, [{"role": "user", "content": _PROBE}])
     started = time.perf_counter()
     lm.decode_compiled = True
     try:
-        for rows in (1, 2):
+        for rows in sorted(set(batches)):
             run_in_thread(lambda rows=rows: generate(lm, [prompt] * rows,
                                                      SamplingParams(max_tokens=3)))
     except Exception:

@@ -148,7 +148,8 @@ def _backend(args: argparse.Namespace, lm):
         print("compiling the decode steps (minutes the first time on a small CPU)...",
               file=sys.stderr, flush=True)
         try:
-            seconds = warm_compiled(lm)
+            # the widest batch too: beyond the int8 threshold it is another compiled graph
+            seconds = warm_compiled(lm, (1, 2, getattr(args, "max_batch", 1)))
         except Exception as exc:  # noqa: BLE001 - inductor's failures are many; said plainly
             print(f"error: --compile failed ({type(exc).__name__}: {str(exc)[:300]}); serve "
                   "without --compile", file=sys.stderr)
