@@ -7,7 +7,7 @@ from onthejob.learn.divergence import per_token
 from onthejob.learn.drift import AnchorDrift
 from onthejob.learn.evaluate import contains, f1, normalize
 from onthejob.learn.lesson import ContextTooLongError, Lesson, teacher_context
-from onthejob.learn.loop import TrainConfig, Trainer
+from onthejob.learn.loop import TrainConfig, Trainer, lr_factor
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig
 from onthejob.learn.probes import cloze_probes, probe_quality, sentences
@@ -104,6 +104,26 @@ def test_sgd_moves_each_adapter_weight_in_proportion_to_its_gradient_adam_does_n
     assert moved["adamw"][1] == pytest.approx(-1e-2, rel=1e-2)  # as far, for a millionth of it
     with pytest.raises(ValueError, match="unknown optimizer"):
         TrainConfig(optimizer="lion")
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_a_tenth_constant_stays():
+    steps = 100
+    cos = [lr_factor("cosine", k, steps) for k in range(steps)]
+    assert cos[0] == pytest.approx(0.2) and cos[4] == pytest.approx(1.0)  # 5 warmup steps
+    assert all(a >= b for a, b in zip(cos[4:], cos[5:], strict=False))  # then only down
+    assert cos[-1] == pytest.approx(0.1)
+    assert [lr_factor("constant", k, steps) for k in range(steps)] == [1.0] * steps
+    with pytest.raises(ValueError, match="learning-rate schedule"):
+        TrainConfig(lr_schedule="linear-ish")
+
+
+def test_the_loop_sets_each_steps_learning_rate_from_the_schedule():
+    lm = tiny_model(seed=2)
+    history = Trainer(lm, TrainConfig(steps=6, lr=1e-2, bf16=False, lr_schedule="cosine")
+                      ).run(Sft([_lesson()], lm.tokenizer))
+    assert [h["lr"] for h in history] == pytest.approx(
+        [1e-2 * lr_factor("cosine", k, 6) for k in range(6)])
+    assert history[-1]["lr"] == pytest.approx(1e-3)
 
 
 def test_anchor_rows_are_held_to_the_base_model_by_default():

@@ -105,6 +105,7 @@ class KnowledgeConfig:
     steps: int = 20  # used when visits is None
     visits: float | None = 8.0  # the budget: visits per practice prompt (steps follow from it)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # learn/loop.py LR_SCHEDULES
     seed: int = 0
     seeds: int = 1  # seed, seed + 1, ...
     max_questions: int = 15
@@ -396,6 +397,7 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Se
             n = sum(len(x.probes) for x in lessons)
             steps = steps_for_visits(n, cfg.visits * (2 if method == "dream" else 1), cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps or cfg.steps, lr=lr, seed=seed, bf16=bf16,
+                                          lr_schedule=cfg.lr_schedule,
                                           log_every=10), parent=parent,
                           stack_below=stack_below)
         rule = _rule(method, lessons, lm, cfg, [q for s in group for q in s.questions])

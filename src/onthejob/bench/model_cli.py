@@ -11,7 +11,12 @@ from pathlib import Path
 
 from onthejob.bench import finite, names
 from onthejob.envs.cli import bench_subparsers
-from onthejob.learn.cli import add_opsd_options, add_practice_option, opsd_options
+from onthejob.learn.cli import (
+    add_lr_schedule_option,
+    add_opsd_options,
+    add_practice_option,
+    opsd_options,
+)
 
 # Default sizes of `bench knowledge` (fit 60 minutes on 2 CPU cores: docs/BENCHMARKS.md) and --smoke.
 SIZES = {"sessions": 2, "seeds": 2, "steps": 6, "visits": 8.0, "lrs": "3e-3", "sequential": 10,
@@ -62,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"same for every method (0: --steps; default {SIZES['visits']})")
     k.add_argument("--lr", type=float, default=1e-3,
                    help="learning rate, consolidate's default (default %(default)s)")
+    add_lr_schedule_option(k)
     k.add_argument("--lrs", default=None,
                    help="extra learning rates for sft and opsd, comma-separated, first seed only: "
                         f"the gain-vs-forgetting sweep ('' for none; default {SIZES['lrs']})")
@@ -175,7 +181,7 @@ def _knowledge(args: argparse.Namespace) -> int:
                           span_phrasings=args.span_phrasings,
                           **({} if args.phrases is None else {"phrases_per_sentence": args.phrases}),
                           methods=names(args.methods), steps=sizes["steps"],
-                          visits=sizes["visits"] or None, lr=args.lr,
+                          visits=sizes["visits"] or None, lr=args.lr, lr_schedule=args.lr_schedule,
                           seed=args.seed, seeds=sizes["seeds"], max_questions=sizes["max_questions"],
                           sequential=sizes["sequential"],
                           sequential_methods=names(args.sequential_methods), lrs=lrs,

@@ -18,7 +18,7 @@ from onthejob.learn.consolidate import (
 )
 from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
-from onthejob.learn.loop import OPTIMIZERS, TrainConfig
+from onthejob.learn.loop import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
 from onthejob.learn.practice import KINDS, SPAN_PHRASINGS
 from onthejob.model.adapters import LORA_MODULES, LoraSpec
@@ -110,11 +110,19 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
                    help="adamw moves every adapter weight about lr a step; sgd (momentum 0.9) "
                    "moves each in proportion to its gradient, so it wants a larger --lr "
                    "(default %(default)s)")
+    add_lr_schedule_option(p)
     p.add_argument("--rank", type=_positive, default=16, help="LoRA rank; alpha is twice the rank "
                    "(default %(default)s)")
     p.add_argument("--lora-modules", default="all", choices=sorted(LORA_MODULES),
                    help="the layers the adapter touches: all linear layers, attention only or "
                    "the MLP only (default %(default)s)")
+
+
+def add_lr_schedule_option(p: argparse.ArgumentParser) -> None:
+    """--lr-schedule: the learning rate over the run (learn/loop.py lr_factor)."""
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                   help="constant: --lr every step; cosine: a short warmup, then a decay to a "
+                   "tenth of --lr by the last step (default %(default)s)")
 
 
 def _at_least(low: int):
@@ -243,7 +251,8 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
     return ConsolidateOptions(
         method=args.method, scope=args.scope, session_ids=args.sessions, dry_run=args.dry_run,
         train=TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed,
-                          lora=lora_spec(args), optimizer=args.optimizer),
+                          lora=lora_spec(args), optimizer=args.optimizer,
+                          lr_schedule=args.lr_schedule),
         visits=None if args.steps else args.visits, probe_kinds=args.practice,
         span_phrasings=args.span_phrasings,
         opsd=opsd_options(args), gate=gate_options(args))
@@ -358,7 +367,7 @@ def _demo(args: argparse.Namespace) -> int:
     from onthejob.recipes.demo import Demo, run_demo
 
     budget = TrainConfig(steps=args.steps or 100, lr=args.lr, seed=args.seed, lora=lora_spec(args),
-                         optimizer=args.optimizer)
+                         optimizer=args.optimizer, lr_schedule=args.lr_schedule)
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
                          divergence=args.divergence, practice=args.practice,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -48,14 +49,35 @@ class TrainConfig:
     # normalizes it away), so a short run moves the weights that do not matter as far as those
     # that do; "sgd" (momentum 0.9): each weight moves in proportion to its gradient.
     optimizer: str = "adamw"
+    # The learning rate over the run: "constant" (lr every step) or "cosine" (a linear warmup
+    # over the first WARMUP_SHARE of the steps, then a cosine decay to MIN_LR_SHARE of lr), so
+    # that the last steps, which decide what the adapter keeps, are small.
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one "
+                             f"of {', '.join(LR_SCHEDULES)}")
 
 
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+WARMUP_SHARE = 0.05
+MIN_LR_SHARE = 0.1
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The share of the peak learning rate used at `step` (0-based) of `steps`."""
+    if schedule == "constant" or steps <= 1:
+        return 1.0
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Rule(Protocol):
@@ -156,13 +178,16 @@ class Trainer:
         started = time.time()
         for step in range(start_step, self.cfg.steps):
             self.student()
+            lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, step, self.cfg.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss, metrics = rule.step(self, step)
             loss.backward()
             norm = self.apply_gradients()
             metrics = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(norm),
-                       **metrics}
+                       "lr": lr, **metrics}
             if drift is not None:
                 metrics["kl_to_base"] = drift(self)
             done = step + 1 - start_step
