@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -151,6 +152,9 @@ def precision_warning(name: str, device: torch.device) -> str | None:
 
 AUTO_MARGIN = 1.1  # a lower precision is chosen when it decodes at least this many times faster
 AUTO_BATCH = 8  # ... and is not slower than float32 at this batch (concurrent streams)
+# Each rate is the median of this many timings, taken in turns (float32, bf16, int8, float32,
+# ...) so that a noisy moment of the machine falls on all the precisions alike.
+AUTO_REPEATS = 3
 _PROBE = "Count from one to one hundred in words, separated by commas."
 
 
@@ -176,21 +180,25 @@ def pick_precision(lm: LoadedModel) -> tuple[str, dict[str, float]]:
     """`--precision auto`: float32 where no lower precision can run (precision_problem); else
     the one that decodes one stream fastest here, a lower one only when at least AUTO_MARGIN
     times float32's rate at batch 1 and at least float32's at batch AUTO_BATCH. Returns the
-    choice and the measured rates (tokens/s), keyed "name" (batch 1) and "name@8"."""
+    choice and the measured rates (tokens/s, each the median of AUTO_REPEATS timings), keyed
+    "name" (batch 1) and "name@8"."""
     usable = [n for n in PRECISIONS if precision_problem(n, lm.device) is None]
     if usable == ["float32"]:
         return "float32", {}
-    rates: dict[str, float] = {}
+    timings: dict[str, list[float]] = {}
 
     def measure() -> None:
-        for name in usable:
-            rates[name] = decode_rate(lm, PRECISIONS[name])
-            rates[f"{name}@{AUTO_BATCH}"] = decode_rate(lm, PRECISIONS[name], batch=AUTO_BATCH)
+        for _ in range(AUTO_REPEATS):
+            for name in usable:
+                for key, batch in ((name, 1), (f"{name}@{AUTO_BATCH}", AUTO_BATCH)):
+                    timings.setdefault(key, []).append(
+                        decode_rate(lm, PRECISIONS[name], batch=batch))
 
     # in a thread that ends: run in the main thread, it would slow the engine thread that
     # serves afterwards (model/threads.py)
     run_in_thread(measure, "onthejob-precision")
     lm.decoder_cache = None  # the timing's weights are not kept
+    rates = {key: statistics.median(values) for key, values in timings.items()}
     good = [n for n in usable if n != "float32"
             and rates[n] >= AUTO_MARGIN * rates["float32"]
             and rates[f"{n}@{AUTO_BATCH}"] >= rates[f"float32@{AUTO_BATCH}"]]
