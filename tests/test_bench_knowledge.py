@@ -126,6 +126,14 @@ def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_pat
         assert 0.0 <= joint["coverage"] <= 1.0
         assert bc["covered"]["questions"] == pytest.approx(6 * joint["coverage"])
     assert joint["articles"] == [0, 1, 2]
+    # practice recall: the training prompts with a known span, asked after training (and of
+    # the base before it): a share of the same prompts, named in the report
+    base_recall = joint["base_practice_recall"]
+    assert 0 < base_recall["prompts"] <= sum(joint["practice_prompts"])
+    for m in ("opsd", "sft"):
+        r = joint["methods"][m]["practice_recall"]
+        assert r["prompts"] == base_recall["prompts"] and 0.0 <= r["recall"] <= 1.0
+    assert "Practice recall:" in md and "; the base " in md
     # what a run stopped before its report would have left: the joint methods done so far
     partial = json.loads((out / "report-partial.json").read_text())
     assert partial["joint"]["methods"]["sft"]["after"] == joint["methods"]["sft"]["after"]
@@ -228,3 +236,28 @@ def test_stacked_rounds_train_a_fresh_adapter_over_the_frozen_earlier_ones(tmp_p
     assert len(stack["rounds"]) == 1 and stack["cost"]["steps"] == 4
     # a child is one adapter; a stack of two rounds is served as both
     assert stack["cost"]["adapter_bytes"] > 1.9 * child["cost"]["adapter_bytes"]
+
+
+def test_practice_recall_asks_the_trained_prompts_with_a_known_span_without_their_hint(monkeypatch):
+    from types import SimpleNamespace
+
+    from onthejob.bench import knowledge as kb
+    from onthejob.learn.evaluate import ANSWER_HINT, QaResult
+    from onthejob.learn.practice import PracticePrompt
+
+    practice = [PracticePrompt("When was it built?" + ANSWER_HINT, "rule", answer="1889"),
+                PracticePrompt("Who built it?" + ANSWER_HINT, "span", answer="Eiffel"),
+                PracticePrompt("What do you know about Paris?", "topic"),  # no known span
+                PracticePrompt("Not trained?" + ANSWER_HINT, "rule", answer="x")]  # not a probe
+    session = SimpleNamespace(practice=practice, probes=[p.text for p in practice[:3]])
+    asked = []
+
+    def fake_answer(lm, questions, golds, batch=16):
+        asked.extend(zip(questions, golds, strict=True))
+        right = [g == "1889" for g in golds]
+        return QaResult(["1889" if r else "no" for r in right], right, [float(r) for r in right])
+
+    monkeypatch.setattr(kb, "answer", fake_answer)
+    assert kb.practice_recall(None, [session]) == {"prompts": 2, "recall": 0.5}
+    assert asked == [("When was it built?", "1889"), ("Who built it?", "Eiffel")]
+    assert kb.practice_recall(None, [SimpleNamespace(practice=[], probes=[])])["prompts"] == 0

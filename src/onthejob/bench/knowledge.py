@@ -53,7 +53,7 @@ from onthejob.bench.measures import (
 )
 from onthejob.learn.consolidate import lesson_from
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
-from onthejob.learn.evaluate import QaResult, answer
+from onthejob.learn.evaluate import ANSWER_HINT, QaResult, answer
 from onthejob.learn.gate import general_set
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
@@ -295,6 +295,8 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     sessions = [_measure_session(lm, i, a, cfg, log) for i, a in enumerate(articles)]
     _, forgetting_base = evaluate(lm, [], (reading_items, general_items))
     forgetting_base["kl_to_base"] = 0.0
+    # what the base answers of the joint sessions' own training prompts (practice recall's floor)
+    base_recall = practice_recall(lm, sessions[:n_joint]) if n_joint else {"prompts": 0}
     log(f"base forgetting probes: reading {forgetting_base['reading']:.1%} "
         f"({len(reading_items)} items), general {forgetting_base['general']:.1%} "
         f"({len(general_items)} questions)")
@@ -334,6 +336,10 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
                    f"{f['reading']:.3f} (base {forgetting_base['reading']:.3f}), general "
                    f"{f['general']:.3f} (base {forgetting_base['general']:.3f}), KL "
                    f"{f['kl_to_base']:.3f}, {j['cost']['seconds']:.0f} s")
+        if j.get("practice_recall", {}).get("prompts"):
+            log(f"    practice recall: {j['practice_recall']['recall']:.3f} of "
+                f"{j['practice_recall']['prompts']} training prompts with a known span answered "
+                f"without context")
         for name, c in by_coverage(sessions[:n_joint], j.get("correct")).items():
             log(f"    {name} questions ({c['questions']}): base {c['base']:.3f}, in context "
                 f"{c['in_context']:.3f}, after {c['after']:.3f}, transfer {c['transfer_ratio']:.3f}")
@@ -344,6 +350,8 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
                        time.time() - started, n_indep,
                        {"reading_items": len(reading_items), "general_items": len(general_items)})
     result["joint"] = summarize_joint(sessions[:n_joint], joint, forgetting_base)
+    if result["joint"]:
+        result["joint"]["base_practice_recall"] = base_recall
     return result
 
 
@@ -578,6 +586,7 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
         cost = _sum_costs([c for _, c in spent])
         with trainer.frozen_student():
             got, forgetting = evaluate(lm, sessions, probes_ctx)
+            recall = practice_recall(lm, sessions)
         forgetting = {"reading": float("nan"), "general": float("nan"), **forgetting,
                       "kl_to_base": _kl(history)}
         with tempfile.TemporaryDirectory() as tmp:
@@ -590,8 +599,21 @@ def _joint(cfg: KnowledgeConfig, sessions: Sequence[Session], method: str, probe
             "after_f1": [g.mean_f1 for g in got], "after_em": [g.mean_exact for g in got],
             "answers": [g.answers for g in got], "correct": [list(g.correct) for g in got],
             "forgetting": forgetting, "cost": cost, "rounds": rounds,
-            "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
+            "practice_recall": recall, "kl_curve": [h.get("kl_to_base", 0.0) for h in history],
             "loss_curve": [h["loss"] for h in history]}
+
+
+def practice_recall(lm: LoadedModel, sessions: Sequence[Session], batch: int = 16) -> dict:
+    """The model's no-context answers to the training prompts whose answer span is known (rule
+    and span kinds): the share that contain the span. Beside the transfer ratio (paraphrases
+    training never saw) it tells a student that did not fit its own lessons from one that fit
+    them and did not generalize."""
+    asked = [(p.text.removesuffix(ANSWER_HINT), p.answer) for s in sessions
+             for p in s.practice if p.answer and p.text in set(s.probes)]
+    if not asked:
+        return {"prompts": 0, "recall": float("nan")}
+    got = answer(lm, [q for q, _ in asked], [a for _, a in asked], batch=batch)
+    return {"prompts": len(asked), "recall": _mean([float(c) for c in got.correct])}
 
 
 def batches(items: Sequence, rounds: int) -> list[list]:
@@ -648,7 +670,7 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "kl_to_base": j["forgetting"]["kl_to_base"],
             "cost": {**j["cost"], "seconds_per_session": j["cost"]["seconds"] / len(sessions)},
             "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"],
-            "rounds": j.get("rounds", []),
+            "rounds": j.get("rounds", []), "practice_recall": j.get("practice_recall"),
             "by_coverage": by_coverage(sessions, j.get("correct"))}
     return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
             "articles": [s.number for s in sessions],

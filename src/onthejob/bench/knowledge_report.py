@@ -307,6 +307,16 @@ def _joint_lines(joint: dict, cfg: dict) -> list[str]:
                      f"{_f(bc[k]['transfer_ratio'])}"
                      for k in ("covered", "uncovered")]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    base = joint.get("base_practice_recall") or {}
+    recall = [(m, v["practice_recall"]) for m, v in joint["methods"].items()
+              if (v.get("practice_recall") or {}).get("prompts")]
+    if recall:
+        lines += ["", "Practice recall: the training prompts with a known answer span, asked "
+                  "without context after training; the share answered with the span (fit, "
+                  "beside transfer's generalization): " + "; ".join(
+                      f"{m} {_f(r['recall'], '.1%')} of {r['prompts']}" for m, r in recall)
+                  + (f"; the base {_f(base['recall'], '.1%')}" if base.get("prompts") else "")
+                  + "."]
     methods = list(joint["methods"])
     numbers = joint.get("articles") or joint["sessions"]
     lines += ["", "| # | article | base | in context | " + " | ".join(methods) + " |",
