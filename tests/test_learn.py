@@ -1,3 +1,4 @@
+import math
 from datetime import UTC
 
 import pytest
@@ -124,6 +125,27 @@ def test_the_loop_sets_each_steps_learning_rate_from_the_schedule():
     assert [h["lr"] for h in history] == pytest.approx(
         [1e-2 * lr_factor("cosine", k, 6) for k in range(6)])
     assert history[-1]["lr"] == pytest.approx(1e-3)
+
+
+def test_label_weight_adds_the_answer_tokens_cross_entropy_on_lesson_rows_only():
+    from onthejob.learn.opsd import _label_loss
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]))
+    loss = _label_loss(logits, [[0, 1], [2]], [True, False])
+    assert loss.tolist() == pytest.approx([-math.log(0.5), -math.log(0.8), 0.0])
+    with pytest.raises(ValueError, match="label_weight"):
+        OpsdConfig(label_weight=-1.0)
+    # in a real step the term raises the lesson loss by about the weight x the answer's CE
+    losses = {}
+    for w in (0.0, 1.0):
+        lm = tiny_model(seed=3)
+        trainer = Trainer(lm, TrainConfig(steps=1, lr=0.0, bf16=False))
+        rule = Opsd([_lesson()], [], OpsdConfig(prompts_per_step=2, label_weight=w,
+                                                teacher_tokens=6))
+        rule.prepare(trainer)
+        trainer.rng.seed(0)
+        losses[w] = rule.step(trainer, 0)[1]["lesson_loss"]
+    assert losses[1.0] > losses[0.0] + 1.0  # a random model's CE on real tokens is large
 
 
 def test_anchor_rows_are_held_to_the_base_model_by_default():

@@ -196,6 +196,10 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="who reads the session as the teacher: the parent version (its "
                    "adapters) or the base model, so that a parent's drift does not pass into "
                    "the next version's targets (default %(default)s)")
+    p.add_argument("--label-weight", type=float, default=rec.label_weight,
+                   help="add this weight x the cross-entropy on the teacher's stored answer "
+                   "tokens to the divergence on lesson rows (0: the divergence alone; "
+                   "default %(default)s)")
     p.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
                    help="OPSD rows per step (default %(default)s)")
     p.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
@@ -244,7 +248,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False),
-                      informative_only=args.informative_only)
+                      informative_only=args.informative_only, label_weight=args.label_weight)
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:

@@ -34,7 +34,8 @@ Each step:
   5. rows: a stored teacher answer (teacher rows, the default), or the student's own sample
      (on-policy rows: with probability 1 - `teacher_mix`, or every row once `on_policy_from`
      of the steps are done), which the teacher scores live with the session in front;
-  6. loss = mean over lesson rows of (mean over the row's answer tokens of D) + `anchor_weight`
+  6. loss = mean over lesson rows of (mean over the row's answer tokens of D, plus
+     `label_weight` x the cross-entropy on the stored answer's own tokens) + `anchor_weight`
      x the same over anchor rows, D the divergence between the student's next-token
      distribution and the teacher's: forward KL by default (it can raise a token the student
      gives ~0 probability; reverse KL on the student's samples cannot), reverse KL or
@@ -49,6 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from onthejob.learn.divergence import per_token, per_token_top
 from onthejob.learn.evaluate import contains
@@ -89,6 +91,11 @@ class OpsdConfig:
     informative_only: bool = False
     anchor_share: float = 0.25
     anchor_weight: float = 1.0
+    # Cross-entropy on the stored answer's own tokens, added with this weight to the divergence
+    # on lesson rows (not anchors): forward KL to an unsure teacher leaves the student as unsure,
+    # so its greedy answer may still miss the fact; the label term makes the kept answer (which
+    # contains the known span, or is the span) the student's own. 0: the divergence alone.
+    label_weight: float = 0.0
     # Anchor prompts the base model writes itself (learn/self_anchors.py), beside the fixed
     # ones: so many more ordinary prompts held still that the adapter cannot keep the fixed
     # ones and drift everywhere else. 0: the fixed anchors only.
@@ -119,6 +126,8 @@ class OpsdConfig:
                              f"{', '.join(TEACHER_FROM)}")
         if not 0.0 <= self.teacher_mix <= 1.0 or not 0.0 <= self.on_policy_from <= 1.0:
             raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
+        if self.label_weight < 0:
+            raise ValueError(f"label_weight must be >= 0 (got {self.label_weight})")
 
 
 def planned_probes(lessons: Sequence[Lesson], cfg: OpsdConfig) -> int:
@@ -478,6 +487,9 @@ class Opsd:
             per_tok = per_token_top(logits, torch.cat([t.top_ids for _, t in stored]),
                                     torch.cat([t.top_logprobs for _, t in stored]),
                                     cfg.divergence, cfg.beta)
+            if cfg.label_weight:
+                per_tok = per_tok + cfg.label_weight * _label_loss(
+                    logits, responses, [not self.probes[i].anchor for i, _ in stored])
             losses += _row_means(per_tok, [len(r) for r in responses], [p.anchor for p in
                                                                         (self.probes[i] for i, _ in stored)])
             n_tokens += sum(len(r) for r in responses)
@@ -529,6 +541,16 @@ class Opsd:
                     parts[k] = logits[offset: offset + len(responses[k])]
                     offset += len(responses[k])
         return torch.cat([parts[k] for k in range(len(rows))])
+
+
+def _label_loss(logits: torch.Tensor, responses: Sequence[Sequence[int]],
+                lesson: Sequence[bool]) -> torch.Tensor:
+    """Per response token: the student's cross-entropy on the token itself on lesson rows, 0 on
+    anchor rows (they stay held by the divergence alone)."""
+    targets = torch.tensor([t for r in responses for t in r], device=logits.device)
+    mask = torch.tensor([on for r, on in zip(responses, lesson, strict=True) for _ in r],
+                        device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits.float(), targets, reduction="none") * mask
 
 
 def _row_means(per_tok: torch.Tensor, lengths: Sequence[int],
