@@ -608,8 +608,11 @@ def practice_recall(lm: LoadedModel, sessions: Sequence[Session], batch: int = 1
     and span kinds): the share that contain the span. Beside the transfer ratio (paraphrases
     training never saw) it tells a student that did not fit its own lessons from one that fit
     them and did not generalize."""
-    asked = [(p.text.removesuffix(ANSWER_HINT), p.answer) for s in sessions
-             for p in s.practice if p.answer and p.text in set(s.probes)]
+    asked = []
+    for s in sessions:
+        trained = set(s.probes)
+        asked += [(p.text.removesuffix(ANSWER_HINT), p.answer) for p in s.practice
+                  if p.answer and p.text in trained]
     if not asked:
         return {"prompts": 0, "recall": float("nan")}
     got = answer(lm, [q for q, _ in asked], [a for _, a in asked], batch=batch)
