@@ -56,7 +56,6 @@ from onthejob.bench.convention_checks import KEEP_AT, Convention, by_ids, load
 from onthejob.bench.measures import (
     PeakMemory,
     adapter_bytes,
-    bf16_is_fast,
     general_right,
     reading_prompt,
     reading_set,
@@ -85,6 +84,7 @@ from onthejob.learn.practice import PracticePrompt, assert_unseen, replayed
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import save, use_adapter
+from onthejob.model.decoder import native_bf16
 
 METHODS = ("opsd", "sft", "notes")
 FORMS = ("statement", "correction", "mixed")
@@ -387,7 +387,7 @@ def train(cfg: ConventionsConfig, lm: LoadedModel, lesson: Lesson, method: str,
     same budget for every method: the steps that give OPSD's prompts `visits` visits."""
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
-        bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        bf16 = native_bf16(lm.device) if cfg.bf16 is None else cfg.bf16
         steps = steps_for_visits(planned_probes([lesson], cfg.opsd), cfg.visits, cfg.opsd)
         trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16,
                                           log_every=10), parent=parent)
@@ -721,7 +721,7 @@ def _shared(cfg: ConventionsConfig, c: Convention, keep: Path, clock: _Clock) ->
     t0 = time.time()
     with PeakMemory(lm.device):
         steps = steps_for_visits(planned_probes(lessons, cfg.opsd), cfg.visits, cfg.opsd)
-        bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        bf16 = native_bf16(lm.device) if cfg.bf16 is None else cfg.bf16
         trainer = Trainer(lm, TrainConfig(steps=steps, lr=cfg.lr, seed=cfg.seed, bf16=bf16))
         trainer.run(Opsd(lessons, list(TRAINING_ANCHORS), cfg.opsd, avoid=eval_prompts()))
         kl = AnchorDrift()(trainer)

@@ -45,7 +45,6 @@ import torch
 from onthejob.bench.measures import (
     PeakMemory,
     adapter_bytes,
-    bf16_is_fast,
     general_right,
     kv_cache_bytes,
     reading_prompt,
@@ -72,6 +71,7 @@ from onthejob.learn.probes import probe_quality
 from onthejob.learn.sft import Sft
 from onthejob.model import LoadedModel, SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import save
+from onthejob.model.decoder import native_bf16
 
 SPLITS = {"dev": (0, 200), "test": (200, 400)}
 # The ablation of the learning rule (issue 13): what each variant changes in OpsdConfig.
@@ -282,7 +282,7 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
     if "compact" in cfg.methods and (n_indep or n_seq):
         raise ValueError("compact trains nothing: use it in the joint part only (--sessions 0 "
                          "--sequential 0 --joint N)")
-    bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
+    bf16 = native_bf16(cfg.device) if cfg.bf16 is None else cfg.bf16
     budget = f"{cfg.visits:g} visits per practice prompt" if cfg.visits else f"{cfg.steps} steps"
     log(f"{len(articles)} sessions ({cfg.split} split); {total} trainings of {budget} "
         + (f"({cfg.joint_steps} steps for joint ones) " if n_joint and cfg.joint_steps else "") +
@@ -397,7 +397,7 @@ def _train(cfg: KnowledgeConfig, lm: LoadedModel, session: Session | Sequence[Se
     group = [session] if isinstance(session, Session) else list(session)
     t0 = time.time()
     with PeakMemory(lm.device) as peak:
-        bf16 = bf16_is_fast(lm.device) if cfg.bf16 is None else cfg.bf16
+        bf16 = native_bf16(lm.device) if cfg.bf16 is None else cfg.bf16
         lessons = [s.lesson() for s in group]
         if steps is None and cfg.visits:
             # One budget for every method: the steps that give OPSD's prompts `visits` visits
@@ -834,7 +834,7 @@ def summarize(cfg: KnowledgeConfig, sessions: Sequence[Session], runs: list[dict
                 row["methods"][m] = {**mine[0], "after_by_seed": [r["after"] for r in mine]}
         rows.append(row)
 
-    bf16 = bf16_is_fast(cfg.device) if cfg.bf16 is None else cfg.bf16
+    bf16 = native_bf16(cfg.device) if cfg.bf16 is None else cfg.bf16
     return {"config": {**asdict(cfg), "methods": list(cfg.methods), "bf16_used": bf16,
                        "sequential_methods": list(cfg.sequential_methods), "lrs": list(cfg.lrs)},
             "seeds": list(seeds), "questions": total, "base": base, "in_context": ceiling,

@@ -137,9 +137,9 @@ def estimate(store: Store, lm: LoadedModel, sessions: Sequence[Session], opts) -
         training = work["steps"] * rates["s_per_step"]
         gate = 2 * rates.get("gate_after_s", 0.0)
     else:
-        from onthejob.learn.loop import fast_bf16
+        from onthejob.model.decoder import native_bf16
 
-        bf16 = fast_bf16(lm.device) if opts.train.bf16 is None else opts.train.bf16
+        bf16 = native_bf16(lm.device) if opts.train.bf16 is None else opts.train.bf16
         context = work["context_tokens"] // max(work["sessions"], 1)
         cal = calibrate(lm, rows=batch, context_tokens=context, bf16=bf16)
         step_s, fwd = cal["decode_s_per_step"], cal["forward_s"]

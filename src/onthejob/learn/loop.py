@@ -26,6 +26,7 @@ import torch.distributed as dist
 from onthejob import faults
 from onthejob.model import LoadedModel
 from onthejob.model.adapters import LoraSpec, activate, attach
+from onthejob.model.decoder import native_bf16
 
 log = logging.getLogger(__name__)
 STUDENT = "student"
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, lm: LoadedModel, cfg: TrainConfig, parent: str | os.PathLike | None = None,
                  stack_below: Sequence[str | os.PathLike] = ()):
         self.lm, self.cfg = lm, cfg
-        self.bf16 = fast_bf16(lm.device) if cfg.bf16 is None else cfg.bf16
+        self.bf16 = native_bf16(lm.device) if cfg.bf16 is None else cfg.bf16
         self.rng = random.Random(cfg.seed + rank())
         torch.manual_seed(cfg.seed)
         # Adapters stacked below (the shared adapter) stay frozen in every view but the base.
@@ -267,19 +268,6 @@ def report_rate(what: str, unit: str, done: int, total: int, started: float) -> 
           file=sys.stderr, flush=True)
     return {"what": what, "unit": unit, "done": done, "total": total, "rate": round(rate, 3),
             "eta_s": round(eta, 1)}
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 arithmetic is native here (not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def rank() -> int:

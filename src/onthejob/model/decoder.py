@@ -172,10 +172,13 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 arithmetic is native on `device` (CUDA with bf16, or a CPU with AVX512-BF16
     or AMX); elsewhere it is emulated: it still halves the bytes a product reads, but its
-    arithmetic is slower than float32's."""
+    arithmetic is slower than float32's (a 237x576 by 576x1536 matmul took 104 ms in bf16
+    against 14 ms in float32 on an AVX2-only AMD EPYC, one thread). Training's bf16 autocast
+    and the decoder's int8 plan both follow it."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
