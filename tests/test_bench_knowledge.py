@@ -134,6 +134,13 @@ def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_pat
         r = joint["methods"][m]["practice_recall"]
         assert r["prompts"] == base_recall["prompts"] and 0.0 <= r["recall"] <= 1.0
     assert "Practice recall:" in md and "; the base " in md
+    # fit and transfer: the covered questions whose lesson was asked, split by whether it was
+    # fit; the two parts are never more than the covered questions
+    for m in ("opsd", "sft"):
+        bf = joint["methods"][m]["by_fit"]
+        assert bf["fit"]["questions"] + bf["unfit"]["questions"] <= (
+            joint["methods"][m]["by_coverage"]["covered"]["questions"])
+    assert "Fit and transfer:" in md
     # what a run stopped before its report would have left: the joint methods done so far
     partial = json.loads((out / "report-partial.json").read_text())
     assert partial["joint"]["methods"]["sft"]["after"] == joint["methods"]["sft"]["after"]
@@ -258,6 +265,32 @@ def test_practice_recall_asks_the_trained_prompts_with_a_known_span_without_thei
         return QaResult(["1889" if r else "no" for r in right], right, [float(r) for r in right])
 
     monkeypatch.setattr(kb, "answer", fake_answer)
-    assert kb.practice_recall(None, [session]) == {"prompts": 2, "recall": 0.5}
+    got = kb.practice_recall(None, [session])
+    assert (got["prompts"], got["recall"]) == (2, 0.5)
+    assert got["by_kind"] == {"rule": {"prompts": 1, "recall": 1.0},
+                              "span": {"prompts": 1, "recall": 0.0}}
+    assert got["spans"] == [[["1889", True], ["Eiffel", False]]]
     assert asked == [("When was it built?", "1889"), ("Who built it?", "Eiffel")]
     assert kb.practice_recall(None, [SimpleNamespace(practice=[], probes=[])])["prompts"] == 0
+
+
+def test_by_fit_splits_covered_questions_by_whether_their_lesson_was_answered():
+    from types import SimpleNamespace
+
+    from onthejob.bench import knowledge as kb
+
+    def qa(*right):
+        return SimpleNamespace(correct=list(right))
+
+    session = SimpleNamespace(golds=["1889", "Gustave Eiffel", "Paris"],
+                              base=qa(False, False, False), in_context=qa(True, True, False))
+    recall = {"spans": [[["1889", True], ["Eiffel", False], ["the tower", True]]]}
+    got = kb.by_fit([session], recall, [[True, False, False]])
+    # 1889: its lesson was answered (fit), and the question after training too
+    assert got["fit"] == {"questions": 1, "base": 0.0, "in_context": 1.0, "after": 1.0,
+                          "transfer_ratio": 1.0}
+    # "Eiffel" matches "Gustave Eiffel" (F1 0.67) and was not answered: not fit; "Paris" has
+    # no lesson and is in neither part
+    assert got["unfit"]["questions"] == 1 and got["unfit"]["after"] == 0.0
+    assert kb.by_fit([session], None, [[True, False, False]]) == {}
+    assert kb.by_fit([session], recall, None) == {}

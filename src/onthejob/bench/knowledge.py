@@ -52,7 +52,7 @@ from onthejob.bench.measures import (
 )
 from onthejob.learn.consolidate import lesson_from
 from onthejob.learn.drift import TRAINING_ANCHORS, AnchorDrift
-from onthejob.learn.evaluate import ANSWER_HINT, QaResult, answer
+from onthejob.learn.evaluate import ANSWER_HINT, QaResult, answer, f1
 from onthejob.learn.gate import general_set
 from onthejob.learn.lesson import Lesson
 from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, print_progress
@@ -340,8 +340,11 @@ def run(cfg: KnowledgeConfig, log: Callable[[str], None] = print,
             log(f"    practice recall: {j['practice_recall']['recall']:.3f} of "
                 f"{j['practice_recall']['prompts']} training prompts with a known span answered "
                 f"without context")
-        for name, c in by_coverage(sessions[:n_joint], j.get("correct")).items():
-            log(f"    {name} questions ({c['questions']}): base {c['base']:.3f}, in context "
+        for name, c in [*by_coverage(sessions[:n_joint], j.get("correct")).items(),
+                        *by_fit(sessions[:n_joint], j.get("practice_recall"),
+                                j.get("correct")).items()]:
+            label = {"fit": "covered, lesson fit,", "unfit": "covered, lesson not fit,"}.get(name, name)
+            log(f"    {label} questions ({c['questions']}): base {c['base']:.3f}, in context "
                 f"{c['in_context']:.3f}, after {c['after']:.3f}, transfer {c['transfer_ratio']:.3f}")
         if partial is not None:
             partial({"joint": summarize_joint(sessions[:n_joint], joint, forgetting_base),
@@ -608,15 +611,53 @@ def practice_recall(lm: LoadedModel, sessions: Sequence[Session], batch: int = 1
     and span kinds): the share that contain the span. Beside the transfer ratio (paraphrases
     training never saw) it tells a student that did not fit its own lessons from one that fit
     them and did not generalize."""
-    asked = []
-    for s in sessions:
+    asked, owner = [], []
+    for k, s in enumerate(sessions):
         trained = set(s.probes)
-        asked += [(p.text.removesuffix(ANSWER_HINT), p.answer) for p in s.practice
-                  if p.answer and p.text in trained]
+        mine = [p for p in s.practice if p.answer and p.text in trained]
+        asked += mine
+        owner += [k] * len(mine)
     if not asked:
         return {"prompts": 0, "recall": float("nan")}
-    got = answer(lm, [q for q, _ in asked], [a for _, a in asked], batch=batch)
-    return {"prompts": len(asked), "recall": _mean([float(c) for c in got.correct])}
+    got = answer(lm, [p.text.removesuffix(ANSWER_HINT) for p in asked], [p.answer for p in asked],
+                 batch=batch)
+    by_kind = {}
+    for kind in sorted({p.kind for p in asked}):
+        hits = [float(c) for p, c in zip(asked, got.correct, strict=True) if p.kind == kind]
+        by_kind[kind] = {"prompts": len(hits), "recall": _mean(hits)}
+    # Per session, the spans asked and whether each was answered: what `by_fit` joins to the
+    # evaluation questions whose gold answer is one of them.
+    spans: list[list[list]] = [[] for _ in sessions]
+    for k, p, c in zip(owner, asked, got.correct, strict=True):
+        spans[k].append([p.answer, bool(c)])
+    return {"prompts": len(asked), "recall": _mean([float(c) for c in got.correct]),
+            "by_kind": by_kind, "spans": spans}
+
+
+def by_fit(sessions: Sequence[Session], recall: dict | None,
+           correct: Sequence[Sequence[bool]] | None, threshold: float = 0.5) -> dict:
+    """The covered questions apart by whether the student fit their lesson: "fit" where some
+    trained prompt whose span matches the gold answer (token F1 >= threshold) was answered with
+    its span after training, "unfit" where none was. Transfer in the fit part is what a
+    student that learned its lessons carries to paraphrases; in the unfit part it had nothing
+    to carry. Measured only."""
+    spans = (recall or {}).get("spans")
+    if correct is None or not spans or len(spans) != len(sessions):
+        return {}
+    rows: dict[str, list] = {"fit": [], "unfit": []}
+    for s, c, mine in zip(sessions, correct, spans, strict=True):
+        for i, gold in enumerate(s.golds):
+            matching = [right for span, right in mine if f1(span, gold) >= threshold]
+            if matching:
+                rows["fit" if any(matching) else "unfit"].append(
+                    (s.base.correct[i], s.in_context.correct[i], c[i]))
+    out = {}
+    for name, got in rows.items():
+        n = len(got)
+        base, ceil, after = (sum(r[k] for r in got) / n if n else float("nan") for k in range(3))
+        out[name] = {"questions": n, "base": base, "in_context": ceil, "after": after,
+                     "transfer_ratio": _ratio(after, base, ceil) if n else float("nan")}
+    return out
 
 
 def batches(items: Sequence, rounds: int) -> list[list]:
@@ -674,7 +715,8 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "cost": {**j["cost"], "seconds_per_session": j["cost"]["seconds"] / len(sessions)},
             "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"],
             "rounds": j.get("rounds", []), "practice_recall": j.get("practice_recall"),
-            "by_coverage": by_coverage(sessions, j.get("correct"))}
+            "by_coverage": by_coverage(sessions, j.get("correct")),
+            "by_fit": by_fit(sessions, j.get("practice_recall"), j.get("correct"))}
     return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
             "articles": [s.number for s in sessions],
             "questions": n_q, "base_per_session": [sum(s.base.correct) for s in sessions],

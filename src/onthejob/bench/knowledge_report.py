@@ -317,6 +317,25 @@ def _joint_lines(joint: dict, cfg: dict) -> list[str]:
                       f"{m} {_f(r['recall'], '.1%')} of {r['prompts']}" for m, r in recall)
                   + (f"; the base {_f(base['recall'], '.1%')}" if base.get("prompts") else "")
                   + "."]
+        kinds = [(m, r["by_kind"]) for m, r in recall if r.get("by_kind")]
+        if kinds:
+            lines += ["", "By kind of prompt: " + "; ".join(
+                f"{m} " + ", ".join(f"{k} {_f(v['recall'], '.1%')} of {v['prompts']}"
+                                    for k, v in bk.items()) for m, bk in kinds) + "."]
+    fit = [(m, v["by_fit"]) for m, v in joint["methods"].items() if v.get("by_fit")]
+    if fit:
+        lines += ["", "Fit and transfer: the covered questions apart by whether a trained prompt "
+                  "for their gold answer was answered with its span after training (the lesson "
+                  "was fit) or none was; transfer in the fit part is what fitting carries to "
+                  "paraphrases.", "",
+                  "| method | fit: questions | in context | after | transfer | "
+                  "not fit: questions | in context | after | transfer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m, bf in fit:
+            cells = [f"{bf[k]['questions']} | {_f(bf[k]['in_context'], '.1%')} | "
+                     f"{_f(bf[k]['after'], '.1%')} | {_f(bf[k]['transfer_ratio'])}"
+                     for k in ("fit", "unfit")]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     methods = list(joint["methods"])
     numbers = joint.get("articles") or joint["sessions"]
     lines += ["", "| # | article | base | in context | " + " | ".join(methods) + " |",
