@@ -68,7 +68,7 @@ def test_smoke_writes_consistent_report_json_and_plots(tmp_path, tiny_dir):
     seq = result["sequential"]["opsd"]
     assert [len(row) for row in seq["correct"]] == [1, 2]
     assert len(seq["retention"]) == 2 and seq["versions"][1]["parent"] == 1
-    assert set(seq["forgetting"]) == {"reading", "general", "kl_to_base"}
+    assert set(seq["forgetting"]) == {"reading", "general", "general_answers", "kl_to_base"}
     assert result["probe_sizes"] == {"reading_items": 2, "general_items": 3}
     md = (out / "report.md").read_text()
     for name in ("transfer.png", "retention.png", "gain-vs-forgetting.png"):
@@ -141,6 +141,11 @@ def test_joint_consolidates_several_sessions_into_one_adapter_per_method(tmp_pat
         assert bf["fit"]["questions"] + bf["unfit"]["questions"] <= (
             joint["methods"][m]["by_coverage"]["covered"]["questions"])
     assert "Fit and transfer:" in md
+    # the general questions each method lost are listed, each right on the base
+    for m in ("opsd", "sft"):
+        lost = joint["methods"][m]["general_lost"]
+        right_before = {q for q, _, r in result["forgetting_base"]["general_answers"] if r}
+        assert all(q in right_before for q, _, _ in lost)
     # what a run stopped before its report would have left: the joint methods done so far
     partial = json.loads((out / "report-partial.json").read_text())
     assert partial["joint"]["methods"]["sft"]["after"] == joint["methods"]["sft"]["after"]
@@ -294,3 +299,14 @@ def test_by_fit_splits_covered_questions_by_whether_their_lesson_was_answered():
     assert got["unfit"]["questions"] == 1 and got["unfit"]["after"] == 0.0
     assert kb.by_fit([session], None, [[True, False, False]]) == {}
     assert kb.by_fit([session], recall, None) == {}
+
+
+def test_general_lost_lists_what_was_right_before_and_wrong_after():
+    from onthejob.bench import knowledge as kb
+
+    before = {"general_answers": [["Capital of France?", "Paris", True],
+                                  ["2 + 2?", "5", False], ["Largest ocean?", "Pacific", True]]}
+    after = {"general_answers": [["Capital of France?", "Lyon", False],
+                                 ["2 + 2?", "4", True], ["Largest ocean?", "the Pacific", True]]}
+    assert kb.general_lost(before, after) == [["Capital of France?", "Paris", "Lyon"]]
+    assert kb.general_lost({}, after) == []

@@ -449,9 +449,21 @@ def evaluate(lm: LoadedModel, sessions: Sequence[Session], probes_ctx=None,
     forgetting = {}
     if probes_ctx is not None:
         forgetting["reading"] = _mean([float(c) for c in got.correct[r0:g0]])
-        forgetting["general"] = _mean([float(c) for c in general_right(got.answers[g0:],
-                                                                       general_items)])
+        right = general_right(got.answers[g0:], general_items)
+        forgetting["general"] = _mean([float(c) for c in right])
+        # Each general question with the answer given and whether it counted: what a drop is
+        # made of (`general_lost`).
+        forgetting["general_answers"] = [[it["question"], a, r] for it, a, r in
+                                         zip(general_items, got.answers[g0:], right, strict=True)]
     return per_session, forgetting
+
+
+def general_lost(before: dict, after: dict) -> list[list[str]]:
+    """The general questions answered right before training and wrong after it, each as
+    [question, answer before, answer after]."""
+    pairs = zip(before.get("general_answers") or [], after.get("general_answers") or [],
+                strict=False)
+    return [[q, a0, a1] for (q, a0, r0), (_, a1, r1) in pairs if r0 and not r1]
 
 
 def _kl(history: list) -> float:
@@ -716,7 +728,8 @@ def summarize_joint(sessions: Sequence[Session], joint: dict, forgetting_base: d
             "kl_curve": j["kl_curve"], "loss_curve": j["loss_curve"], "answers": j["answers"],
             "rounds": j.get("rounds", []), "practice_recall": j.get("practice_recall"),
             "by_coverage": by_coverage(sessions, j.get("correct")),
-            "by_fit": by_fit(sessions, j.get("practice_recall"), j.get("correct"))}
+            "by_fit": by_fit(sessions, j.get("practice_recall"), j.get("correct")),
+            "general_lost": general_lost(forgetting_base, j["forgetting"])}
     return {"sessions": [s.index for s in sessions], "titles": [s.title for s in sessions],
             "articles": [s.number for s in sessions],
             "questions": n_q, "base_per_session": [sum(s.base.correct) for s in sessions],

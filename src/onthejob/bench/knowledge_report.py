@@ -336,6 +336,14 @@ def _joint_lines(joint: dict, cfg: dict) -> list[str]:
                      f"{_f(bf[k]['after'], '.1%')} | {_f(bf[k]['transfer_ratio'])}"
                      for k in ("fit", "unfit")]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lost = [(m, v["general_lost"]) for m, v in joint["methods"].items() if v.get("general_lost")]
+    if lost:
+        lines += ["", "General questions lost (right on the base, wrong after; the answers before "
+                  "and after, cut at 80 characters):", ""]
+        for m, rows in lost:
+            lines += [f"- {m}: " + "; ".join(
+                f"\"{q}\" {_cut(a0)!r} -> {_cut(a1)!r}" for q, a0, a1 in rows[:8])
+                + (f"; and {len(rows) - 8} more" if len(rows) > 8 else "")]
     methods = list(joint["methods"])
     numbers = joint.get("articles") or joint["sessions"]
     lines += ["", "| # | article | base | in context | " + " | ".join(methods) + " |",
@@ -385,3 +393,8 @@ def _relative(path: str, md_dir: str | None) -> str:
         return str(Path(path).resolve().relative_to(Path(md_dir).resolve()))
     except ValueError:
         return str(Path(path).resolve())
+
+
+def _cut(text: str, n: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
