@@ -52,29 +52,6 @@ def test_prefix_cache_scoring_equals_full_forward():
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_bucketed_scoring_equals_one_padded_batch_in_the_rows_order():
-    from onthejob.learn.scoring import bucketed_response_logits
-
-    lm = tiny_model(seed=1)
-    tok = lm.tokenizer
-    prompts = [render_ids(tok, [{"role": "user", "content": q}]) for q in
-               ("Hi?", "What is the codename of the project we spoke about?", "When?",
-                "Who leads the team that ships the release next spring?", "Why?")]
-    responses = [[300, 301], [400], [500, 501, 502], [600, 601], [700]]
-    with torch.no_grad():
-        want = response_logits(lm, prompts, responses)
-        for groups in (1, 2, 3, 5, 9):
-            got = bucketed_response_logits(lm, prompts, responses, groups)
-            assert got.shape == want.shape
-            assert torch.allclose(got, want, atol=1e-4), groups
-    # gradients reach the weights through every group
-    lm.model.zero_grad()
-    bucketed_response_logits(lm, prompts, responses, 2).sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.model.parameters())
-    with pytest.raises(ValueError):
-        bucketed_response_logits(lm, prompts, responses[:2], 2)
-
-
 def _stored(seq, role, content, kind="message"):
     from datetime import datetime
 
@@ -169,22 +146,6 @@ def test_label_weight_adds_the_answer_tokens_cross_entropy_on_lesson_rows_only()
         trainer.rng.seed(0)
         losses[w] = rule.step(trainer, 0)[1]["lesson_loss"]
     assert losses[1.0] > losses[0.0] + 1.0  # a random model's CE on real tokens is large
-
-
-def test_micro_batches_give_the_same_step_loss_as_one_padded_batch():
-    with pytest.raises(ValueError, match="micro_batches"):
-        OpsdConfig(micro_batches=0)
-    losses = {}
-    for groups in (1, 2):
-        lm = tiny_model(seed=3)
-        trainer = Trainer(lm, TrainConfig(steps=1, lr=0.0, bf16=False))
-        rule = Opsd([_lesson()], ["Say hi.", "Name a color of the sky at noon."],
-                    OpsdConfig(prompts_per_step=4, micro_batches=groups, teacher_tokens=6))
-        rule.prepare(trainer)
-        trainer.rng.seed(0)
-        loss, metrics = rule.step(trainer, 0)
-        losses[groups] = (float(loss), metrics["lesson_loss"], metrics["anchor_loss"])
-    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
 
 
 def test_anchor_rows_are_held_to_the_base_model_by_default():

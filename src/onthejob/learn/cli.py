@@ -202,9 +202,6 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    "default %(default)s)")
     p.add_argument("--prompts-per-step", type=int, default=rec.prompts_per_step,
                    help="OPSD rows per step (default %(default)s)")
-    p.add_argument("--micro-batches", type=int, default=rec.micro_batches,
-                   help="run a step's rows sorted by length in this many forward passes, each "
-                   "padded to its own longest row; the loss is the same (default %(default)s)")
     p.add_argument("--sample-tokens", type=int, default=rec.max_new_tokens,
                    help="length of each on-policy sample (default %(default)s)")
     p.add_argument("--top-k", type=int, default=rec.top_k,
@@ -251,8 +248,7 @@ def opsd_options(args: argparse.Namespace) -> OpsdConfig:
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,
                       top_k=args.top_k, reuse_kept=not getattr(args, "rescore_kept", False),
-                      informative_only=args.informative_only, label_weight=args.label_weight,
-                      micro_batches=args.micro_batches)
+                      informative_only=args.informative_only, label_weight=args.label_weight)
 
 
 def _options(args: argparse.Namespace) -> ConsolidateOptions:

@@ -57,12 +57,7 @@ from onthejob.learn.evaluate import contains
 from onthejob.learn.lesson import Lesson, check_fits, review_lesson
 from onthejob.learn.loop import Trainer
 from onthejob.learn.practice import PracticePrompt, anchors, informative, material
-from onthejob.learn.scoring import (
-    Prefix,
-    bucketed_response_logits,
-    encode_prefix,
-    response_logits,
-)
+from onthejob.learn.scoring import Prefix, encode_prefix, response_logits
 from onthejob.learn.self_anchors import self_written
 from onthejob.model import SamplingParams, generate, render_ids
 from onthejob.model.chat import end_of_turn_ids
@@ -121,9 +116,6 @@ class OpsdConfig:
     teacher_from: str = "parent"
     reading_anchors: int = 2  # per session: in-context reading of its own sentences
     batch: int = 16  # generation and scoring batch in preparation
-    # A step's stored rows sorted by length and run in this many forward passes, each padded
-    # to its own longest row (learn/scoring.py bucketed_response_logits). 1: one padded batch.
-    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.anchor_target not in ANCHOR_TARGETS:
@@ -134,8 +126,6 @@ class OpsdConfig:
                              f"{', '.join(TEACHER_FROM)}")
         if not 0.0 <= self.teacher_mix <= 1.0 or not 0.0 <= self.on_policy_from <= 1.0:
             raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
-        if self.micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1 (got {self.micro_batches})")
         if self.label_weight < 0:
             raise ValueError(f"label_weight must be >= 0 (got {self.label_weight})")
 
@@ -493,7 +483,7 @@ class Opsd:
         if stored:
             prompts = [self.probes[i].student_ids for i, _ in stored]
             responses = [t.response for _, t in stored]
-            logits = bucketed_response_logits(lm, prompts, responses, cfg.micro_batches)
+            logits = response_logits(lm, prompts, responses)
             per_tok = per_token_top(logits, torch.cat([t.top_ids for _, t in stored]),
                                     torch.cat([t.top_logprobs for _, t in stored]),
                                     cfg.divergence, cfg.beta)

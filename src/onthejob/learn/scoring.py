@@ -71,29 +71,6 @@ def response_logits(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     return _head(lm)(hidden[select])
 
 
-def bucketed_response_logits(lm: LoadedModel, prompts: Sequence[Sequence[int]],
-                             responses: Sequence[Sequence[int]], groups: int = 1) -> torch.Tensor:
-    """`response_logits` with the rows sorted by length and run in `groups` passes, each padded
-    only to its own longest row; the logits come back in the rows' own order. A step's rows
-    differ in length (a 16-row batch of practice prompts is about a quarter padding), and a
-    CPU pays for every padded token."""
-    if groups <= 1 or len(prompts) < 2:
-        return response_logits(lm, prompts, responses)
-    if len(prompts) != len(responses):
-        raise ValueError("prompts and responses differ in number")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    size = -(-len(order) // groups)
-    per_row: dict[int, torch.Tensor] = {}
-    for start in range(0, len(order), size):
-        part = order[start:start + size]
-        logits = response_logits(lm, [prompts[i] for i in part], [responses[i] for i in part])
-        at = 0
-        for i in part:
-            per_row[i] = logits[at:at + len(responses[i])]
-            at += len(responses[i])
-    return torch.cat([per_row[i] for i in range(len(prompts))])
-
-
 def _inner(lm: LoadedModel):
     model = lm.model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
