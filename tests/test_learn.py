@@ -164,6 +164,20 @@ def test_anchor_rows_are_held_to_the_base_model_by_default():
         losses[target] = float(loss)
         assert metrics["anchor_loss"] == pytest.approx(float(loss))
     assert OpsdConfig().anchor_target == "base"
+    # --anchor-weight scales the anchor rows' part of the loss, and only that part
+    lm = tiny_model(seed=6)
+    trainer = Trainer(lm, TrainConfig(steps=1, bf16=False))
+    rule = Opsd([_lesson()], ["Say hi.", "Name a color."],
+                OpsdConfig(prompts_per_step=2, samples_per_prompt=1, max_new_tokens=4,
+                           teacher_tokens=4, anchor_share=1.0, anchor_target="teacher",
+                           anchor_weight=3.0))
+    rule.prepare(trainer)
+    with torch.no_grad():
+        loss, metrics = rule.step(trainer, 0)
+    assert float(loss) == pytest.approx(3.0 * metrics["anchor_loss"], rel=1e-5)
+    assert metrics["anchor_loss"] == pytest.approx(losses["teacher"], rel=1e-4)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        OpsdConfig(anchor_weight=-0.5)
     assert abs(losses["base"]) < 1e-7 and abs(losses["prior"]) < 1e-7 < losses["teacher"]
     with pytest.raises(ValueError, match="anchor target"):
         OpsdConfig(anchor_target="bogus")

@@ -179,6 +179,9 @@ def add_opsd_options(p: argparse.ArgumentParser) -> None:
                    help="teacher samples per probe beside its greedy answer (default %(default)s)")
     p.add_argument("--anchor-share", type=float, default=rec.anchor_share,
                    help="share of OPSD rows that are ordinary anchors (default %(default)s)")
+    p.add_argument("--anchor-weight", type=float, default=rec.anchor_weight,
+                   help="weight of the anchor rows' mean loss beside the lesson rows' (a larger "
+                   "one holds the model nearer the base on ordinary prompts; default %(default)s)")
     p.add_argument("--self-anchors", type=_count, default=rec.self_anchors, metavar="N",
                    help="also hold N prompts the base model writes itself as a user would to "
                    "its own answers, beside the 64 fixed anchors; none resembles a general "
@@ -243,7 +246,8 @@ def gate_options(args: argparse.Namespace) -> GateConfig:
 def opsd_options(args: argparse.Namespace) -> OpsdConfig:
     return OpsdConfig(divergence=args.divergence, teacher_mix=args.teacher_mix,
                       on_policy_from=args.on_policy_from, teacher_samples=args.teacher_samples,
-                      anchor_share=args.anchor_share, anchor_target=args.anchor_target,
+                      anchor_share=args.anchor_share, anchor_weight=args.anchor_weight,
+                      anchor_target=args.anchor_target,
                       self_anchors=args.self_anchors, review_prompts=args.review_prompts,
                       teacher_from=args.teacher_from,
                       prompts_per_step=args.prompts_per_step, max_new_tokens=args.sample_tokens,

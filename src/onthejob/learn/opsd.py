@@ -128,6 +128,8 @@ class OpsdConfig:
             raise ValueError("teacher_mix and on_policy_from must be between 0 and 1")
         if self.label_weight < 0:
             raise ValueError(f"label_weight must be >= 0 (got {self.label_weight})")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0 (got {self.anchor_weight})")
 
 
 def planned_probes(lessons: Sequence[Lesson], cfg: OpsdConfig) -> int:
