@@ -207,6 +207,9 @@ def test_first_and_stride_pick_articles_inside_the_split():
     assert article_numbers("test", 40, stride=5) == list(range(200, 400, 5))
     assert article_numbers("dev", 5, first=148) == [148, 149, 150, 151, 152]
     assert article_numbers("dev", 10, first=195) == [195, 196, 197, 198, 199]  # never past 199
+    # the extra range: no split's articles, and never the retention probes' 1000+
+    assert article_numbers("extra", 3, first=174) == [574, 575, 576]
+    assert article_numbers("extra", 9, first=598) == [998, 999]
     data = [{"title": f"t{i}", "context": "c", "questions": []} for i in range(400)]
     got = load_articles(data, "test", 3, first=1, stride=50)
     assert [a["number"] for a in got] == [201, 251, 301] and got[0]["title"] == "t201"

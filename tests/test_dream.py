@@ -120,6 +120,30 @@ def test_noun_phrases_are_the_content_words_after_an_opener():
         "signal", "1917", "Tesla", "Navy", "radio detector"]
 
 
+def test_a_sentence_without_names_gets_noun_phrases_with_bare_phrases_only():
+    from onthejob.learn.practice import practice_prompts, span_units
+    from onthejob.learn.spans import noun_phrases
+
+    bare = "In general, the running time of the best algorithm depends on the input size."
+    named = "In 1917 Tesla proposed a radio detector for the Navy."
+    text = bare + " " + named
+    # by default a sentence that names nothing gives no span, so no rule or span prompt
+    assert [a for _, a in span_units(text)] == ["1917", "Tesla", "Navy"]
+    # with bare_phrases its noun phrases are asked; a sentence with a name is unchanged
+    got = span_units(text, bare_phrases=2)
+    assert got == [(bare, "running time"), (bare, "best algorithm"),
+                   (named, "1917"), (named, "Tesla"), (named, "Navy")]
+    # phrases_per_sentence, when larger, still applies to every sentence
+    assert len(span_units(text, 4, 1, bare_phrases=2)) == 6
+    # sentence adverbials are not phrases ("In general", "for instance")
+    assert "general" not in [p for _, p in noun_phrases(bare)]
+    assert [p for _, p in noun_phrases("For instance, see the graph.")] == ["graph"]
+    prompts = practice_prompts(None, [{"role": "user", "content": bare}], ("rule",), bare_phrases=1)
+    assert [(p.kind, p.answer) for p in prompts] == [("rule", "running time")]
+    assert "what" in prompts[0].text.lower()
+    assert practice_prompts(None, [{"role": "user", "content": bare}], ("rule",)) == []
+
+
 def test_split_sentences_keeps_abbreviations_and_any_capital():
     text = ("Tesla was wrong but Émile Girardeau noted it in 1953. The U.S. Army built it in "
             "St. Louis. Short one. Władysław Szpilman played there in 1939.")

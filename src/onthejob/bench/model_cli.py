@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and cost. Writes markdown, JSON and PNG plots. Protocol and default sizes: "
                         "docs/BENCHMARKS.md.")
     k.add_argument("--data", default=DEFAULT_DATA, help="squad_seal_val.json (default: %(default)s)")
-    k.add_argument("--split", default="test", choices=("dev", "test"),
-                   help="dev = articles 0-199 (tune here), test = 200-399 (report); default %(default)s")
+    k.add_argument("--split", default="test", choices=("dev", "test", "extra"),
+                   help="dev = articles 0-199 (tune here), test = 200-399 (report), extra = "
+                   "400-999 (no split's: development on subjects the dev split lacks, such as "
+                   "Steam engine 574-619 or Geology 911-935); default %(default)s")
     k.add_argument("--first", type=int, default=0,
                    help="skip this many articles of the split (default 0)")
     k.add_argument("--stride", type=int, default=1,
@@ -178,7 +180,7 @@ def _knowledge(args: argparse.Namespace) -> int:
         opsd.teacher_tokens = 8
     cfg = KnowledgeConfig(data=args.data, split=args.split, first=args.first, stride=args.stride,
                           sessions=sizes["sessions"], practice_kinds=args.practice,
-                          span_phrasings=args.span_phrasings,
+                          span_phrasings=args.span_phrasings, bare_phrases=args.bare_phrases,
                           **({} if args.phrases is None else {"phrases_per_sentence": args.phrases}),
                           methods=names(args.methods), steps=sizes["steps"],
                           visits=sizes["visits"] or None, lr=args.lr, lr_schedule=args.lr_schedule,

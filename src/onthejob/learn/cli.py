@@ -20,7 +20,7 @@ from onthejob.learn.divergence import DIVERGENCES
 from onthejob.learn.gate import GateConfig
 from onthejob.learn.loop import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from onthejob.learn.opsd import ANCHOR_TARGETS, TEACHER_FROM, OpsdConfig
-from onthejob.learn.practice import KINDS, SPAN_PHRASINGS
+from onthejob.learn.practice import BARE_PHRASES, KINDS, SPAN_PHRASINGS
 from onthejob.model.adapters import LORA_MODULES, LoraSpec
 from onthejob.store import Store, StoreError
 from onthejob.store.cli import command, db_option, plain
@@ -161,6 +161,10 @@ def add_practice_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--span-phrasings", type=_positive, default=SPAN_PHRASINGS, metavar="N",
                    help="the model's own questions per answer span (the span kind): its greedy "
                    "one, then N-1 sampled, each checked against the span (default %(default)s)")
+    p.add_argument("--bare-phrases", type=_count, default=BARE_PHRASES, metavar="N",
+                   help="noun phrases asked (rule and span kinds) of a sentence that names no "
+                   "name or number, which otherwise gives no prompt: explanatory text "
+                   "(default %(default)s)")
 
 
 def add_opsd_options(p: argparse.ArgumentParser) -> None:
@@ -262,7 +266,7 @@ def _options(args: argparse.Namespace) -> ConsolidateOptions:
                           lora=lora_spec(args), optimizer=args.optimizer,
                           lr_schedule=args.lr_schedule),
         visits=None if args.steps else args.visits, probe_kinds=args.practice,
-        span_phrasings=args.span_phrasings,
+        span_phrasings=args.span_phrasings, bare_phrases=args.bare_phrases,
         opsd=opsd_options(args), gate=gate_options(args))
 
 
@@ -379,4 +383,4 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Demo(train=budget, visits=None if args.steps else args.visits,
                          opsd=opsd_options(args), keep=args.keep, model=args.model,
                          divergence=args.divergence, practice=args.practice,
-                         span_phrasings=args.span_phrasings))
+                         span_phrasings=args.span_phrasings, bare_phrases=args.bare_phrases))

@@ -44,6 +44,7 @@ from onthejob.learn.loop import STUDENT, TrainConfig, Trainer, config_dict, prin
 from onthejob.learn.notes import Notes
 from onthejob.learn.opsd import Opsd, OpsdConfig, planned_probes, steps_for_visits
 from onthejob.learn.practice import (
+    BARE_PHRASES,
     KINDS,
     PHRASES_PER_SENTENCE,
     SPAN_PHRASINGS,
@@ -87,6 +88,7 @@ class ConsolidateOptions:
     gate: GateConfig = field(default_factory=GateConfig)
     probe_kinds: Sequence[str] = KINDS
     span_phrasings: int = SPAN_PHRASINGS  # the model's questions per answer span
+    bare_phrases: int = BARE_PHRASES  # noun phrases asked of a sentence with no name or number
     held_out_share: float = 0.25  # of the answer spans: their model-written question is held back
     # (at least MIN_HELD_OUT probes, so that the gate's learn check is not one question)
     dry_run: bool = False
@@ -106,7 +108,7 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
                 held_out_share: float = 0.25, seed: int = 0,
                 kept: dict[int, bytes] | None = None,
                 phrases_per_sentence: int = PHRASES_PER_SENTENCE,
-                span_phrasings: int = SPAN_PHRASINGS) -> Lesson:
+                span_phrasings: int = SPAN_PHRASINGS, bare_phrases: int = BARE_PHRASES) -> Lesson:
     """A lesson with its practice material (learn/practice.py). Held back for the gate: for
     `held_out_share` of the answer spans, the model's own question ("span"), while their
     rule-made questions train, so the gate asks a known fact in a phrasing training never saw
@@ -115,7 +117,7 @@ def lesson_from(lm: LoadedModel, session_id: str, context: list, kinds: Sequence
     lesson = Lesson(session_id, context, kept=dict(kept or {}))
     check_fits(lm, lesson)
     practice = practice_prompts(lm, context, kinds, phrases_per_sentence=phrases_per_sentence,
-                                span_phrasings_per_span=span_phrasings)
+                                span_phrasings_per_span=span_phrasings, bare_phrases=bare_phrases)
     rng = random.Random(seed)
     spans = sorted({p.answer for p in practice if p.kind == "span"})
     rng.shuffle(spans)
@@ -150,7 +152,8 @@ def build_lessons(lm: LoadedModel, store: Store, sessions: Sequence[Session],
         words = review.text if review else ""
         lessons.append(lesson_from(lm, s.id, teacher_context(messages, words),
                                    opts.probe_kinds, opts.held_out_share, opts.train.seed, kept,
-                                   span_phrasings=opts.span_phrasings))
+                                   span_phrasings=opts.span_phrasings,
+                                   bare_phrases=opts.bare_phrases))
         lessons[-1].review = words
         elapsed = time.time() - started
         eta = elapsed / n * (len(sessions) - n)

@@ -9,7 +9,7 @@ The prompts, for each sentence of the material:
   - per answer span (numbers, dates, names, quoted phrases, and, when asked, up to
     `phrases_per_sentence` lowercase noun phrases such as "a fluorescent screen";
     learn/spans.py), the same fact
-    asked two ways: "rule", the question made by rule in place ("... opened in what year?"),
+    asked two ways (a sentence with neither gets up to `bare_phrases` noun phrases): "rule", the question made by rule in place ("... opened in what year?"),
     and "span", the model's own question for that span (answer-typed few-shot prompt), in
     the short-answer form (" Answer in a few words."). Both keep the span they ask for, so a
     teacher answer that misses it can be dropped and the gate can score against it;
@@ -54,6 +54,14 @@ KINDS = ("rule", "span", "question", "topic", "replay")
 # transfer fell from 0.58 to 0.42 and the general drop grew from 10 to 20 points at the same
 # visits (docs/RESULTS.md, "Noun phrases").
 PHRASES_PER_SENTENCE = 0
+# Lowercase noun phrases asked of a sentence that has no name or number at all. Such sentences
+# gave no practice prompt whatever: explanatory text (how a method works, what a role does)
+# went untaught. On the test split's name-poor subjects (computational complexity, teaching)
+# the rule spans covered 23 % of the gold answers against 55-70 % on each dev subject; two
+# phrases a bare sentence raise the whole test split's rule coverage from 0.34 to 0.47 while
+# adding 7 % spans on dev (nearly every dev sentence names something; coverage 0.65 -> 0.67).
+# Off by default until its transfer and forgetting are measured (docs/results/bare-sentences/).
+BARE_PHRASES = 0
 # The model's own questions per answer span ("span" kind): its greedy question, plus the rest
 # sampled, so that a fact is asked in several phrasings, each checked against the span.
 SPAN_PHRASINGS = 1
@@ -121,20 +129,22 @@ def _opening_word(span: str, sentence: str, names: set[str]) -> bool:
 
 
 def span_units(text: str, spans_per_sentence: int = 4,
-               phrases_per_sentence: int = 0) -> list[tuple[str, str]]:
+               phrases_per_sentence: int = 0, bare_phrases: int = 0) -> list[tuple[str, str]]:
     """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first:
     up to `spans_per_sentence` numbers, dates and names, then up to `phrases_per_sentence`
-    lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date).
-    A sentence's capitalized first word is a span only where the material capitalizes it
-    elsewhere too."""
+    lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date), or
+    up to `bare_phrases` where the sentence has no name or number to ask for (when that is
+    more). A sentence's capitalized first word is a span only where the material capitalizes
+    it elsewhere too."""
     units, used = [], set()
     sentences = sentences_of(text)
     names = _inner_capitals(sentences)
     for s in sentences:
         base = [a for a in answer_spans(s) if not _opening_word(a, s, names)]
         named = [a for a in base if normalize(a) not in used][:spans_per_sentence]
+        n_plain = max(phrases_per_sentence, 0 if base else bare_phrases)
         plain = [a for a in answer_spans(s, phrases=True) if a not in base
-                 and normalize(a) not in used][:phrases_per_sentence] if phrases_per_sentence else []
+                 and normalize(a) not in used][:n_plain] if n_plain else []
         for a in named + plain:
             used.add(normalize(a))
             units.append((s, a))
@@ -234,16 +244,18 @@ def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
                      kinds: Sequence[str] = KINDS, spans_per_sentence: int = 4,
                      max_prompts: int | None = None,
                      phrases_per_sentence: int = PHRASES_PER_SENTENCE,
-                     span_phrasings_per_span: int = SPAN_PHRASINGS) -> list[PracticePrompt]:
+                     span_phrasings_per_span: int = SPAN_PHRASINGS,
+                     bare_phrases: int = BARE_PHRASES) -> list[PracticePrompt]:
     """Student prompts for one session (see the module docstring); `lm` writes the "span" and
-    "question" kinds (None: rule-made kinds only), `span_phrasings_per_span` questions a span.
-    Duplicates are dropped."""
+    "question" kinds (None: rule-made kinds only), `span_phrasings_per_span` questions a span,
+    `bare_phrases` noun phrases asked of a sentence without a name or number. Duplicates are
+    dropped."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown practice kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     text = material(context)
     out: list[PracticePrompt] = []
-    units = span_units(text, spans_per_sentence, phrases_per_sentence)
+    units = span_units(text, spans_per_sentence, phrases_per_sentence, bare_phrases)
     if "rule" in kinds:
         out += [PracticePrompt(rule_question(s, a) + ANSWER_HINT, "rule", answer=a, sentence=s)
                 for s, a in units]

@@ -104,7 +104,21 @@ _NP_STOP = _LEADERS | _JOINERS | _NP_OPENERS | {
     "each", "any", "would", "could", "should", "will", "can", "may", "might", "must", "him",
     "them", "us", "me", "if", "because", "until", "upon", "within", "around", "toward",
     "towards", "among", "via", "per", "like", "unlike", "including", "however", "often",
-    "later", "first", "again", "out", "up", "down", "off", "back", "well", "there", "too"}
+    "later", "first", "again", "out", "up", "down", "off", "back", "well", "there", "too",
+    # common verbs in the third person, seldom nouns: "the best algorithm requires ..." ends
+    # the phrase at "algorithm" (there is no tagger; plural nouns such as "specialists" stay)
+    "depends", "requires", "includes", "contains", "tends", "makes", "takes", "gives", "shows",
+    "means", "seems", "becomes", "remains", "provides", "allows", "involves", "consists",
+    "represents", "refers", "describes", "appears", "occurs", "causes", "leads", "helps", "needs",
+    "lies", "holds", "keeps", "produces", "creates", "follows", "grows", "lives", "says", "knows",
+    "gets", "goes", "comes", "begins", "continues", "reaches", "receives", "carries", "serves",
+    "whether"}
+
+
+# One-word "phrases" that are sentence adverbials ("in particular", "for instance", "in
+# general"), not a thing the sentence says anything about.
+_NP_ADVERBIAL = {"particular", "general", "instance", "example", "fact", "addition", "contrast",
+                 "turn", "short", "effect", "course", "brief", "sum", "total", "summary"}
 
 
 def noun_phrases(sentence: str, max_words: int = 4) -> list[tuple[int, str]]:
@@ -130,7 +144,8 @@ def noun_phrases(sentence: str, max_words: int = 4) -> list[tuple[int, str]]:
                        and len(run) > 1):
             run.pop()  # a trailing adverb or participle is not the phrase's head
         text = " ".join(word for _, word in run)
-        if run and len(text) >= 4 and any(len(word) >= 4 for _, word in run):
+        if (run and len(text) >= 4 and any(len(word) >= 4 for _, word in run)
+                and text.lower() not in _NP_ADVERBIAL):
             out.append((run[0][0], text))
     return out
 

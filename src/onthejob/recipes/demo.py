@@ -21,7 +21,7 @@ from onthejob.learn.consolidate import ConsolidateOptions, consolidate
 from onthejob.learn.evaluate import contains
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import OpsdConfig
-from onthejob.learn.practice import KINDS, SPAN_PHRASINGS, assert_unseen
+from onthejob.learn.practice import BARE_PHRASES, KINDS, SPAN_PHRASINGS, assert_unseen
 from onthejob.model import SamplingParams, generate, load_model, render_ids
 from onthejob.model.adapters import use_adapter
 from onthejob.store import Store
@@ -38,6 +38,7 @@ class Demo:
     divergence: str = "forward_kl"  # said in the printout (opsd.divergence is what trains)
     practice: Sequence[str] = KINDS  # the kinds of practice prompts consolidation writes
     span_phrasings: int = SPAN_PHRASINGS  # the model's questions per answer span
+    bare_phrases: int = BARE_PHRASES  # noun phrases asked of a sentence with no name or number
 
 
 DEMO_BRIEFING = (
@@ -100,7 +101,8 @@ def run_demo(demo: Demo) -> int:
     outcome = consolidate(store, lm, tenant, ConsolidateOptions(train=demo.train, visits=demo.visits,
                                                                 opsd=demo.opsd,
                                                                 probe_kinds=demo.practice,
-                                                                span_phrasings=demo.span_phrasings))
+                                                                span_phrasings=demo.span_phrasings,
+                                                                bare_phrases=demo.bare_phrases))
     print(f"   {outcome.status}: {outcome.message}")
     seen = [*outcome.metrics.get("training_probes", []), *outcome.metrics.get("self_anchors", []),
             *outcome.metrics.get("review_prompts", []),
