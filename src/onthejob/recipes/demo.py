@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from onthejob.learn.consolidate import ConsolidateOptions, consolidate
+from onthejob.learn.consolidate import VISITS, ConsolidateOptions, consolidate
 from onthejob.learn.evaluate import contains
 from onthejob.learn.loop import TrainConfig
 from onthejob.learn.opsd import OpsdConfig
@@ -31,7 +31,7 @@ from onthejob.store.context import context_messages
 @dataclass
 class Demo:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, lr=1e-3))
-    visits: float | None = 10.0  # None: train.steps as given
+    visits: float | None = VISITS  # None: train.steps as given
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
     keep: bool = False  # ONTHEJOB_HOME's own store instead of a demo folder
     model: str | None = None
