@@ -142,6 +142,12 @@ def test_a_sentence_without_names_gets_noun_phrases_with_bare_phrases_only():
     assert [(p.kind, p.answer) for p in prompts] == [("rule", "running time")]
     assert "what" in prompts[0].text.lower()
     assert practice_prompts(None, [{"role": "user", "content": bare}], ("rule",)) == []
+    # the assistant's own wording gives no bare phrase (its names and numbers still count)
+    said = [{"role": "user", "content": bare},
+            {"role": "assistant", "content": "These notes provide a comprehensive overview. "
+                                             "The limit was set in 1917."}]
+    got = [p.answer for p in practice_prompts(None, said, ("rule",), bare_phrases=2)]
+    assert got == ["running time", "best algorithm", "1917"]
 
 
 def test_split_sentences_keeps_abbreviations_and_any_capital():

@@ -80,12 +80,13 @@ class PracticePrompt:
     given_at: int = -1  # the index of `given` in the session's context (Lesson.kept's key)
 
 
-def material(context: Sequence[dict]) -> str:
+def material(context: Sequence[dict], roles: Sequence[str] = ("user", "assistant", "tool")) -> str:
     """The text a session revealed: user turns, tool observations, the assistant's answers
-    and the review, in order (the teacher's context less its system prompt)."""
+    and the review, in order (the teacher's context less its system prompt); `roles` keeps
+    only the turns of those roles."""
     parts = []
     for m in context:
-        if m["role"] in ("user", "assistant", "tool") and m["content"].strip():
+        if m["role"] in roles and m["content"].strip():
             parts.append(m["content"].removeprefix(FEEDBACK_PREFIX).strip())
     return "\n".join(parts)
 
@@ -129,20 +130,25 @@ def _opening_word(span: str, sentence: str, names: set[str]) -> bool:
 
 
 def span_units(text: str, spans_per_sentence: int = 4,
-               phrases_per_sentence: int = 0, bare_phrases: int = 0) -> list[tuple[str, str]]:
+               phrases_per_sentence: int = 0, bare_phrases: int = 0,
+               bare_from: str | None = None) -> list[tuple[str, str]]:
     """(sentence, answer span) pairs of `text`, each span once, best spans of a sentence first:
     up to `spans_per_sentence` numbers, dates and names, then up to `phrases_per_sentence`
     lowercase noun phrases (a fact is as often "a fluorescent screen" as a name or a date), or
     up to `bare_phrases` where the sentence has no name or number to ask for (when that is
-    more). A sentence's capitalized first word is a span only where the material capitalizes
-    it elsewhere too."""
+    more), and where `bare_from` is given only in its sentences (the material the user or a tool
+    supplied: the assistant's own wording, "these notes provide a comprehensive overview",
+    taught no fact). A sentence's capitalized first word is a span only where the material
+    capitalizes it elsewhere too."""
     units, used = [], set()
     sentences = sentences_of(text)
+    bare_ok = None if bare_from is None else set(sentences_of(bare_from))
     names = _inner_capitals(sentences)
     for s in sentences:
         base = [a for a in answer_spans(s) if not _opening_word(a, s, names)]
         named = [a for a in base if normalize(a) not in used][:spans_per_sentence]
-        n_plain = max(phrases_per_sentence, 0 if base else bare_phrases)
+        bare = 0 if base or (bare_ok is not None and s not in bare_ok) else bare_phrases
+        n_plain = max(phrases_per_sentence, bare)
         plain = [a for a in answer_spans(s, phrases=True) if a not in base
                  and normalize(a) not in used][:n_plain] if n_plain else []
         for a in named + plain:
@@ -255,7 +261,8 @@ def practice_prompts(lm: LoadedModel | None, context: Sequence[dict],
         raise ValueError(f"unknown practice kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     text = material(context)
     out: list[PracticePrompt] = []
-    units = span_units(text, spans_per_sentence, phrases_per_sentence, bare_phrases)
+    units = span_units(text, spans_per_sentence, phrases_per_sentence, bare_phrases,
+                       bare_from=material(context, ("user", "tool")))
     if "rule" in kinds:
         out += [PracticePrompt(rule_question(s, a) + ANSWER_HINT, "rule", answer=a, sentence=s)
                 for s, a in units]
