@@ -17,9 +17,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from onthejob.learn.evaluate import answer, contains
+from quality import general_right_of, use_precision  # the script beside this one
+
+from onthejob.learn.evaluate import answer
 from onthejob.learn.gate import general_set
-from onthejob.model.engine import PRECISIONS, precision_problem
 from onthejob.model.load import load_model
 
 DATA = "/work/shared/data/squad_seal_val.json"
@@ -55,15 +56,11 @@ def main() -> None:
     right: dict[str, dict[str, list[bool]]] = {}
     seconds: dict[str, float] = {}
     for name in names:
-        problem = precision_problem(name, lm.device)
-        if problem:
-            print(f"{name} skipped: {problem}", flush=True)
+        if not use_precision(lm, name):
             continue
-        lm.decode_dtype, lm.decoder_cache = PRECISIONS[name], None
         started = time.perf_counter()
         g = answer(lm, [it["question"] for it in general], [it["answers"][0] for it in general])
-        g_right = [any(contains(a, x) for x in it["answers"])
-                   for a, it in zip(g.answers, general, strict=True)]
+        g_right = general_right_of(g.answers, general)
         r = answer(lm, [q for q, _ in reading], [gold for _, gold in reading], batch=16)
         keys = list(sets)
         right[name] = {keys[0]: g_right,

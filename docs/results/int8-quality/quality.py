@@ -13,7 +13,23 @@ from pathlib import Path
 from onthejob.learn.evaluate import answer, contains
 from onthejob.learn.gate import general_set, retention_set
 from onthejob.model.engine import PRECISIONS, precision_problem
-from onthejob.model.load import load_model
+from onthejob.model.load import LoadedModel, load_model
+
+
+def use_precision(lm: LoadedModel, name: str) -> bool:
+    """Switch `lm`'s decoding to precision `name`; False (and why, printed) where it cannot run."""
+    problem = precision_problem(name, lm.device)
+    if problem:
+        print(f"{name} skipped: {problem}", flush=True)
+        return False
+    lm.decode_dtype, lm.decoder_cache = PRECISIONS[name], None
+    return True
+
+
+def general_right_of(answers: list[str], general: list[dict]) -> list[bool]:
+    """Per general question: whether its answer contains one of the question's answers."""
+    return [any(contains(a, x) for x in it["answers"])
+            for a, it in zip(answers, general, strict=True)]
 
 
 def main() -> None:
@@ -27,15 +43,11 @@ def main() -> None:
     reading = retention_set()
     rows, answers = [], {}
     for name in args.precisions.split(","):
-        problem = precision_problem(name, lm.device)
-        if problem:
-            print(f"{name} skipped: {problem}", flush=True)
+        if not use_precision(lm, name):
             continue
-        lm.decode_dtype, lm.decoder_cache = PRECISIONS[name], None
         started = time.perf_counter()
         g = answer(lm, [it["question"] for it in general], [it["answers"][0] for it in general])
-        g_right = sum(any(contains(a, x) for x in it["answers"])
-                      for a, it in zip(g.answers, general, strict=True))
+        g_right = sum(general_right_of(g.answers, general))
         qs = [f"{it['context']}\n\nQuestion: {it['question']}" for it in reading]
         r = answer(lm, qs, [it["answer"] for it in reading])
         answers[name] = g.answers + r.answers
