@@ -163,8 +163,8 @@ def add_practice_option(p: argparse.ArgumentParser) -> None:
                    "one, then N-1 sampled, each checked against the span (default %(default)s)")
     p.add_argument("--bare-phrases", type=_count, default=BARE_PHRASES, metavar="N",
                    help="noun phrases asked (rule and span kinds) of a sentence that names no "
-                   "name or number, which otherwise gives no prompt: explanatory text "
-                   "(default %(default)s)")
+                   "name or number, which otherwise gives no prompt: explanatory text; only "
+                   "in what the user or a tool supplied (default %(default)s)")
 
 
 def add_opsd_options(p: argparse.ArgumentParser) -> None:
