@@ -17,8 +17,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from quality import general_right_of, use_precision  # the script beside this one
+from quality import use_precision  # the script beside this one
 
+from onthejob.bench.measures import general_right, reading_prompt, reading_set
 from onthejob.learn.evaluate import answer
 from onthejob.learn.gate import general_set
 from onthejob.model.load import load_model
@@ -48,9 +49,7 @@ def main() -> None:
         parser.error("--precisions must start with float32 (the reference)")
     lm = load_model()
     general = general_set()
-    articles = json.load(open(args.data))[1000:1000 + args.reading]
-    reading = [(f"{a['context']}\n\nQuestion: {a['questions'][0]['question']}",
-                a["questions"][0]["answer"]) for a in articles]
+    reading = reading_set(json.load(open(args.data)), args.reading)
     sets = {"general (chosen: float32 right)": None, "general, stable ones": None,
             f"reading in context ({len(reading)}, unselected)": None}
     right: dict[str, dict[str, list[bool]]] = {}
@@ -60,8 +59,9 @@ def main() -> None:
             continue
         started = time.perf_counter()
         g = answer(lm, [it["question"] for it in general], [it["answers"][0] for it in general])
-        g_right = general_right_of(g.answers, general)
-        r = answer(lm, [q for q, _ in reading], [gold for _, gold in reading], batch=16)
+        g_right = general_right(g.answers, general)
+        r = answer(lm, [reading_prompt(it) for it in reading], [it["answer"] for it in reading],
+                   batch=16)
         keys = list(sets)
         right[name] = {keys[0]: g_right,
                        keys[1]: [ok for ok, it in zip(g_right, general, strict=True)

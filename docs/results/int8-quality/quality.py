@@ -10,7 +10,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from onthejob.learn.evaluate import answer, contains
+from onthejob.bench.measures import general_right
+from onthejob.learn.evaluate import answer
 from onthejob.learn.gate import general_set, retention_set
 from onthejob.model.engine import PRECISIONS, precision_problem
 from onthejob.model.load import LoadedModel, load_model
@@ -24,12 +25,6 @@ def use_precision(lm: LoadedModel, name: str) -> bool:
         return False
     lm.decode_dtype, lm.decoder_cache = PRECISIONS[name], None
     return True
-
-
-def general_right_of(answers: list[str], general: list[dict]) -> list[bool]:
-    """Per general question: whether its answer contains one of the question's answers."""
-    return [any(contains(a, x) for x in it["answers"])
-            for a, it in zip(answers, general, strict=True)]
 
 
 def main() -> None:
@@ -47,7 +42,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         g = answer(lm, [it["question"] for it in general], [it["answers"][0] for it in general])
-        g_right = sum(general_right_of(g.answers, general))
+        g_right = sum(general_right(g.answers, general))
         qs = [f"{it['context']}\n\nQuestion: {it['question']}" for it in reading]
         r = answer(lm, qs, [it["answer"] for it in reading])
         answers[name] = g.answers + r.answers

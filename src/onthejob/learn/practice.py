@@ -142,7 +142,7 @@ def span_units(text: str, spans_per_sentence: int = 4,
     capitalizes it elsewhere too."""
     units, used = [], set()
     sentences = sentences_of(text)
-    bare_ok = None if bare_from is None else set(sentences_of(bare_from))
+    bare_ok = set(sentences_of(bare_from)) if bare_phrases and bare_from is not None else None
     names = _inner_capitals(sentences)
     for s in sentences:
         base = [a for a in answer_spans(s) if not _opening_word(a, s, names)]
